@@ -1,0 +1,40 @@
+"""Configuration dataclasses: the model's shape (ModelConfig) read from GGUF/config.json metadata."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str  # "llama" | "qwen2" | "mistral"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_context: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    attention_bias: bool = False  # qwen2: q/k/v projections carry a bias
+    rope_scaling: dict | None = field(default=None, hash=False)  # llama3: {"factor", "low_freq_factor", ...}
+    sliding_window: int | None = None  # mistral v0.1 (informational; the cache enforces its own window)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+    @property
+    def num_params(self) -> int:
+        H, I, L = self.hidden_size, self.intermediate_size, self.num_layers
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        per_layer = H * q + 2 * H * kv + q * H + 3 * H * I + 2 * H + (q + 2 * kv if self.attention_bias else 0)
+        embed = self.vocab_size * H * (1 if self.tie_embeddings else 2)
+        return L * per_layer + embed + H

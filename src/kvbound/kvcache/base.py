@@ -1,0 +1,47 @@
+"""The cache interface the model sees: reserve room for a step, attend per layer, commit.
+
+The cache owns attention over what it stores, because only it knows the storage (contiguous, paged, quantized)
+and which tokens are still held; the model hands it rotated q/k and v per KV head (never repeat_kv'd).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class KVCache(ABC):
+    @property
+    @abstractmethod
+    def num_tokens(self) -> int:
+        """Tokens currently held (committed)."""
+
+    @abstractmethod
+    def begin(self, positions: torch.Tensor) -> None:
+        """Prepare a step that appends len(positions) tokens; raise before any write if they cannot fit."""
+
+    @abstractmethod
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store this step's k/v of `layer` and return attention of q over every held token.
+
+        q: (1, num_heads, T, D); k, v: (1, num_kv_heads, T, D) → (1, num_heads, T, D).
+        """
+
+    @abstractmethod
+    def end(self) -> None:
+        """Commit the tokens of the step begun by `begin`."""
+
+    @abstractmethod
+    def rollback(self, num_tokens: int) -> None:
+        """Drop the newest `num_tokens` held tokens (e.g. a turn that failed half-way)."""
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of the tensors this cache holds (reserved, not just used)."""
+
+
+def causal_mask(query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+    """Bool mask (T, S): a query sees every held key whose position is not after its own."""
+    return key_positions[None, :] <= query_positions[:, None]
