@@ -1,0 +1,19 @@
+"""kvbound — LLM chat whose memory never blows up, and that tells you where the memory goes.
+
+    from kvbound import load
+    chat = load().chat(system="Be brief.")
+    print(chat.send("Hello!").text)
+"""
+
+from kvbound.chat.session import Chat, Reply
+from kvbound.config import ModelConfig
+from kvbound.engine.sampler import SamplingParams
+from kvbound.errors import (ContextOverflowError, KvboundError, KVBudgetExceeded, MemoryBudgetExceeded,
+                            ModelFormatError, ModelNotFoundError, UnsupportedModelError)
+from kvbound.llm import LLM, load
+
+__all__ = [
+    "load", "LLM", "Chat", "Reply", "ModelConfig", "SamplingParams", "KvboundError", "ModelNotFoundError",
+    "ModelFormatError", "UnsupportedModelError", "ContextOverflowError", "KVBudgetExceeded", "MemoryBudgetExceeded",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+"""Chat sessions: messages, the session's KV cache, and turn-by-turn prefill of only the new tokens."""
+
+from kvbound.chat.session import Chat, Reply
+
+__all__ = ["Chat", "Reply"]

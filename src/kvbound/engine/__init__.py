@@ -1,0 +1,1 @@
+"""Running the model: chunked prefill, decode loop and sampling over a session's KV cache."""

@@ -1,0 +1,38 @@
+"""Prefill (in chunks, so no step sees more than `chunk` queries) and single-token decode over a KVCache."""
+
+from __future__ import annotations
+
+import torch
+
+from kvbound.kvcache.base import KVCache
+from kvbound.models.llama import LlamaModel
+
+DEFAULT_CHUNK = 512
+
+
+class Runner:
+    def __init__(self, model: LlamaModel, chunk: int = DEFAULT_CHUNK):
+        if chunk < 1:
+            raise ValueError(f"prefill chunk must be >= 1 token, got {chunk}")
+        self.model, self.chunk = model, chunk
+        self.device = model.device
+
+    def prefill(self, token_ids: list[int], start_position: int, cache: KVCache) -> torch.Tensor:
+        """Feed `token_ids` at positions start_position...; return the logits (V,) after the last one."""
+        logits = None
+        for offset in range(0, len(token_ids), self.chunk):
+            piece = token_ids[offset:offset + self.chunk]
+            ids = torch.tensor([piece], device=self.device)  # (1, T)
+            positions = torch.arange(start_position + offset, start_position + offset + len(piece), device=self.device)
+            logits = self.model(ids, positions, cache)
+        return logits[0, -1]
+
+    def score(self, token_ids: list[int], start_position: int, cache: KVCache) -> torch.Tensor:
+        """Logits (T, V) for every position of one chunk (perplexity); len(token_ids) <= chunk."""
+        ids = torch.tensor([token_ids], device=self.device)
+        positions = torch.arange(start_position, start_position + len(token_ids), device=self.device)
+        return self.model(ids, positions, cache, all_logits=True)[0]
+
+    def decode(self, token_id: int, position: int, cache: KVCache) -> torch.Tensor:
+        ids = torch.tensor([[token_id]], device=self.device)
+        return self.model(ids, torch.tensor([position], device=self.device), cache)[0, -1]
