@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from kvbound.chat.session import Chat, Reply, sampling_params
-from kvbound.config import ModelConfig
+from kvbound.config import CacheConfig, ModelConfig
 from kvbound.engine.generate import Generation, stream_tokens
 from kvbound.engine.runner import DEFAULT_CHUNK, Runner
 from kvbound.errors import ContextOverflowError
-from kvbound.kvcache.contiguous import ContiguousCache
+from kvbound.kvcache.factory import build_cache
+from kvbound.kvcache.paged import PagedCache
 from kvbound.kvcache.spec import KVSpec, parse_dtype
 from kvbound.loading import open_checkpoint
 from kvbound.models.llama import LlamaModel
@@ -74,46 +75,51 @@ class LLM:
         self.kv_spec = KVSpec.for_model(self.config, self.dtype_name)
 
     # -- sessions ---------------------------------------------------------------------------------------------
-    def new_cache(self, context: int | None = None) -> ContiguousCache:
-        capacity = self.config.max_context if context is None else int(context)
-        if not 1 <= capacity <= self.config.max_context:
-            raise ValueError(f"context must be between 1 and the model's {self.config.max_context} tokens, got {context}")
-        return ContiguousCache(self.config, capacity, dtype=self.model.dtype, device=self.device)
+    def new_cache(self, cache: CacheConfig | None = None, **options: Any) -> PagedCache:
+        """A KV cache bounded by `cache` (or CacheConfig(**options)); default: the model's full context."""
+        if cache is None:
+            cache = CacheConfig(**options)
+        elif options:
+            raise TypeError("give either a CacheConfig or cache options, not both")
+        return build_cache(self.config, cache, self.dtype_name, self.model.inv_freq, device=self.device)
 
-    def chat(self, system: str | None = None, *, context: int | None = None) -> Chat:
-        """A new conversation with its own KV cache (preallocated for `context` tokens, default the model's)."""
+    def chat(self, system: str | None = None, *, cache: CacheConfig | None = None, **options: Any) -> Chat:
+        """A new conversation with its own KV cache. Options: budget='64MiB' | tokens=N, dtype, policy, ..."""
         if system is not None and not isinstance(system, str):
             raise ValueError("system must be a string")
-        return Chat(self, self.new_cache(context), system=system or None)
+        return Chat(self, self.new_cache(cache, **options), system=system or None)
 
-    def generate(self, prompt: str, *, system: str | None = None, raw: bool = False, **sampling: Any) -> Reply:
+    def generate(self, prompt: str, *, system: str | None = None, raw: bool = False,
+                 cache: CacheConfig | None = None, **sampling: Any) -> Reply:
         """One user message through the chat template (or `raw` text completion) in a fresh cache."""
         if raw:
-            pieces = self.stream_raw(prompt, **sampling)
-            for _ in pieces:
+            for _ in self.stream_raw(prompt, cache=cache, **sampling):
                 pass
             return self.last_raw_reply
-        return self.chat(system=system).send(prompt, **sampling)
+        return self.chat(system=system, cache=cache).send(prompt, **sampling)
 
-    def stream_raw(self, prompt: str, **sampling: Any) -> Iterator[str]:
+    def stream_raw(self, prompt: str, *, cache: CacheConfig | None = None, **sampling: Any) -> Iterator[str]:
         if not isinstance(prompt, str) or not prompt:
             raise ValueError("the prompt is empty; give some text to complete")
         params = sampling_params(**sampling)
         started = time.perf_counter()
         ids = self.tokenizer.encode(prompt, add_special=True)
-        cache = self.new_cache()
-        if len(ids) + 1 > cache.capacity:
-            raise ContextOverflowError(f"the prompt is {len(ids)} tokens; the model's context is {cache.capacity} "
-                                       "tokens; shorten the prompt", needed=len(ids) + 1, available=cache.capacity)
-        logits = self.runner.prefill(ids, 0, cache)
+        kv = self.new_cache(cache)
+        if not kv.policy.evicts and len(ids) + 1 > kv.capacity:
+            raise ContextOverflowError(f"the prompt is {len(ids)} tokens and the KV cache holds {kv.capacity}; "
+                                       "shorten the prompt, raise the KV budget or choose an evicting policy",
+                                       needed=len(ids) + 1, available=kv.capacity)
+        logits = self.runner.prefill(ids, kv)
         result = Generation(prefill_s=time.perf_counter() - started)
-        yield from stream_tokens(self.runner, self.tokenizer, cache, logits, len(ids), params, ids, result)
+        yield from stream_tokens(self.runner, self.tokenizer, kv, logits, params, ids, result)
         decoded = max(len(result.token_ids) - 1, 0)
         self.last_raw_reply = Reply(
-            text=result.text, token_ids=result.token_ids, prompt_tokens=len(ids), context_tokens=cache.num_tokens,
-            kv_bytes=self.kv_spec.bytes_for(cache.num_tokens), elapsed_s=time.perf_counter() - started,
+            text=result.text, token_ids=result.token_ids, prompt_tokens=len(ids), context_tokens=kv.num_tokens,
+            kv_bytes=kv.nbytes, elapsed_s=time.perf_counter() - started,
             finish_reason=result.finish_reason, ttft_s=result.prefill_s,
-            decode_tokens_per_s=decoded / result.decode_s if result.decode_s > 0 else 0.0)
+            decode_tokens_per_s=decoded / result.decode_s if result.decode_s > 0 else 0.0,
+            receipt=asdict(kv.receipt()))
+        kv.free()
 
     def info(self) -> ModelInfo:
         c = self.config

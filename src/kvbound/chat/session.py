@@ -12,7 +12,7 @@ from kvbound.engine.sampler import SamplingParams
 from kvbound.errors import ContextOverflowError
 
 if TYPE_CHECKING:
-    from kvbound.kvcache.base import KVCache
+    from kvbound.kvcache.paged import PagedCache
     from kvbound.llm import LLM
 
 
@@ -28,7 +28,7 @@ class Reply:
     ttft_s: float = 0.0  # time to first token (the prefill)
     decode_tokens_per_s: float = 0.0
     reprefilled_tokens: int = 0  # history tokens fed again because the template rewrote earlier text
-    extra: dict[str, Any] = field(default_factory=dict)
+    receipt: dict[str, Any] = field(default_factory=dict)  # what the KV cache did this turn (see Receipt)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -42,9 +42,13 @@ def sampling_params(**kwargs: Any) -> SamplingParams:
 
 
 class Chat:
-    def __init__(self, llm: "LLM", cache: "KVCache", system: str | None = None):
+    """Segments label the cache's tokens: 0 is the system prompt, turn k (user message + reply) is k. The
+    system prompt and the current turn are always pinned; `turns` policies pin the newest turns too."""
+
+    def __init__(self, llm: "LLM", cache: "PagedCache", system: str | None = None):
         self.llm, self.cache = llm, cache
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        self.turn = 0
         self._fed_ids: list[int] = []  # every token fed to the cache, in order (the logical sequence)
         self._fed_text = ""  # the rendered text those tokens spell
         self.last_reply: Reply | None = None
@@ -58,49 +62,72 @@ class Chat:
             pass
         return self.last_reply
 
+    def _pins(self, turn: int) -> set[int]:
+        recent = getattr(self.cache.policy, "recent_turns", 0) if self.cache.policy.name.startswith("turns") else 0
+        return {0, turn, *range(max(1, turn - recent), turn)}
+
     def stream(self, text: str, **sampling: Any) -> Iterator[str]:
         """Yield the reply in text pieces; `last_reply` holds the Reply once the iterator is exhausted."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError("the message is empty; type some text to send")
         params = sampling_params(**sampling)
-        llm, tokenizer = self.llm, self.llm.tokenizer
+        llm, tokenizer, cache = self.llm, self.llm.tokenizer, self.cache
         started = time.perf_counter()
         messages = self.messages + [{"role": "user", "content": text}]
         rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        system_ids = self._system_ids(rendered) if not self._fed_ids else []
         new_ids, keep = self._delta(rendered)
+        new_ids = new_ids[len(system_ids):]
         reprefilled = len(self._fed_ids) - keep
-        needed = keep + len(new_ids)
-        capacity = getattr(self.cache, "capacity", None)
-        if capacity is not None and needed + 1 > capacity:
+        if not cache.policy.evicts and cache.num_tokens - reprefilled + len(system_ids) + len(new_ids) + 1 > cache.capacity:
+            needed = cache.num_tokens - reprefilled + len(system_ids) + len(new_ids) + 1
             raise ContextOverflowError(
-                f"this turn needs {needed} tokens of context and the cache holds {capacity} "
-                f"({self.cache.num_tokens} already used by the conversation); start a new chat, send a shorter "
-                "message, or use a KV budget with an eviction policy", needed=needed + 1, available=capacity)
+                f"this turn needs {needed} tokens of context and the KV cache holds {cache.capacity} "
+                f"({cache.num_tokens} already used by the conversation); start a new chat, send a shorter "
+                "message, raise the KV budget or choose an evicting policy", needed=needed, available=cache.capacity)
         if reprefilled:
-            self.cache.rollback(reprefilled)
+            cache.rollback(reprefilled)
             del self._fed_ids[keep:]
-        turn_start = len(self._fed_ids)
+        turn = self.turn + 1
+        cache.receipt()  # start this turn's receipt
         try:
-            logits = llm.runner.prefill(new_ids, turn_start, self.cache)
-            prefill_s = time.perf_counter() - started
-            result = Generation(prefill_s=prefill_s)
-            yield from stream_tokens(llm.runner, tokenizer, self.cache, logits, turn_start + len(new_ids), params,
-                                     self._fed_ids + new_ids, result)
+            if system_ids:
+                cache.set_segment(0, pinned={0})
+                llm.runner.prefill(system_ids, cache)
+            cache.set_segment(turn, pinned=self._pins(turn))
+            logits = llm.runner.prefill(new_ids, cache)
+            result = Generation(prefill_s=time.perf_counter() - started)
+            yield from stream_tokens(llm.runner, tokenizer, cache, logits, params,
+                                     self._fed_ids + system_ids + new_ids, result)
         except BaseException:
-            # Leave the session as it was before this turn: drop whatever this turn wrote into the cache.
-            self.cache.rollback(self.cache.num_tokens - turn_start)
+            # Leave the session usable: drop whatever this turn wrote into the cache (its tokens are pinned,
+            # so they are the newest ones), and forget a system prompt that did not make it in whole.
+            cache.rollback(cache.segment_tokens(turn))
+            if system_ids:
+                cache.rollback(cache.segment_tokens(0))
             raise
-        self._fed_ids += new_ids + result.token_ids
+        self.turn = turn
+        self._fed_ids += system_ids + new_ids + result.token_ids
         self._fed_text = rendered + tokenizer.decode(result.token_ids)
         self.messages = messages + [{"role": "assistant", "content": result.text}]
         elapsed = time.perf_counter() - started
         decoded = max(len(result.token_ids) - 1, 0)
         self.last_reply = Reply(
-            text=result.text, token_ids=result.token_ids, prompt_tokens=len(new_ids),
-            context_tokens=self.cache.num_tokens, kv_bytes=llm.kv_spec.bytes_for(self.cache.num_tokens),
-            elapsed_s=elapsed, finish_reason=result.finish_reason, ttft_s=result.prefill_s,
+            text=result.text, token_ids=result.token_ids, prompt_tokens=len(system_ids) + len(new_ids),
+            context_tokens=cache.num_tokens, kv_bytes=cache.nbytes, elapsed_s=elapsed,
+            finish_reason=result.finish_reason, ttft_s=result.prefill_s,
             decode_tokens_per_s=decoded / result.decode_s if result.decode_s > 0 else 0.0,
-            reprefilled_tokens=reprefilled)
+            reprefilled_tokens=reprefilled, receipt=asdict(cache.receipt()))
+
+    def _system_ids(self, rendered: str) -> list[int]:
+        """Tokens of the system prompt alone, when the rendered conversation starts with it (segment 0)."""
+        if not self.messages or self.messages[0]["role"] != "system":
+            return []
+        prefix = self.llm.tokenizer.apply_chat_template(self.messages[:1], add_generation_prompt=False)
+        if not rendered.startswith(prefix):
+            return []
+        ids = self.llm.tokenizer.encode(prefix)
+        return ids if self.llm.tokenizer.encode(rendered)[: len(ids)] == ids else []
 
     def _delta(self, rendered: str) -> tuple[list[int], int]:
         """Token ids to feed for `rendered`, and how many already-fed tokens stay valid.
@@ -110,6 +137,10 @@ class Chat:
         """
         tokenizer = self.llm.tokenizer
         if rendered.startswith(self._fed_text):
+            if not self._fed_text:
+                prefix = self._system_ids(rendered)
+                if prefix:  # the system prompt is tokenized on its own so it can be its own segment
+                    return prefix + tokenizer.encode(rendered[len(tokenizer.decode(prefix)):]), 0
             return tokenizer.encode(rendered[len(self._fed_text):]), len(self._fed_ids)
         full = tokenizer.encode(rendered)
         keep = 0
@@ -119,8 +150,16 @@ class Chat:
             keep += 1
         return full[keep:], keep
 
+    def memory(self) -> dict[str, int]:
+        return {"kv_bytes": self.cache.nbytes, "context_tokens": self.cache.num_tokens,
+                "capacity_tokens": self.cache.capacity}
+
+    def close(self) -> None:
+        """Give the cache's blocks back to the pool."""
+        self.cache.free()
+
     def reset(self) -> None:
         """Forget the conversation but keep the system prompt."""
         self.cache.rollback(self.cache.num_tokens)
         self.messages = [m for m in self.messages if m["role"] == "system"]
-        self._fed_ids, self._fed_text = [], ""
+        self._fed_ids, self._fed_text, self.turn = [], "", 0

@@ -26,7 +26,7 @@ class Generation:
     decode_s: float = 0.0
 
 
-def stream_tokens(runner: Runner, tokenizer: Tokenizer, cache: KVCache, logits: torch.Tensor, next_position: int,
+def stream_tokens(runner: Runner, tokenizer: Tokenizer, cache: KVCache, logits: torch.Tensor,
                   params: SamplingParams, history: list[int], result: Generation) -> Iterator[str]:
     """Continue from `logits` (the prefill's last), feeding each sampled token back; yields text pieces.
 
@@ -55,8 +55,7 @@ def stream_tokens(runner: Runner, tokenizer: Tokenizer, cache: KVCache, logits: 
                 text += decoder.flush()
                 result.finish_reason = "length"
         try:
-            logits = runner.decode(token, next_position, cache)
-            next_position += 1
+            logits = runner.decode(token, cache)
         except ContextOverflowError:
             result.token_ids.pop()  # not in the cache, so not part of the conversation
             result.finish_reason = "context_full"

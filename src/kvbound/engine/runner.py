@@ -17,22 +17,19 @@ class Runner:
         self.model, self.chunk = model, chunk
         self.device = model.device
 
-    def prefill(self, token_ids: list[int], start_position: int, cache: KVCache) -> torch.Tensor:
-        """Feed `token_ids` at positions start_position...; return the logits (V,) after the last one."""
+    def prefill(self, token_ids: list[int], cache: KVCache, chunk: int | None = None) -> torch.Tensor:
+        """Feed `token_ids` after what the cache holds; return the logits (V,) after the last one."""
+        chunk = chunk or self.chunk
         logits = None
-        for offset in range(0, len(token_ids), self.chunk):
-            piece = token_ids[offset:offset + self.chunk]
-            ids = torch.tensor([piece], device=self.device)  # (1, T)
-            positions = torch.arange(start_position + offset, start_position + offset + len(piece), device=self.device)
-            logits = self.model(ids, positions, cache)
+        for offset in range(0, len(token_ids), chunk):
+            ids = torch.tensor([token_ids[offset:offset + chunk]], device=self.device)  # (1, T)
+            logits = self.model(ids, cache)
         return logits[0, -1]
 
-    def score(self, token_ids: list[int], start_position: int, cache: KVCache) -> torch.Tensor:
-        """Logits (T, V) for every position of one chunk (perplexity); len(token_ids) <= chunk."""
+    def score(self, token_ids: list[int], cache: KVCache) -> torch.Tensor:
+        """Logits (T, V) for every position of one chunk (perplexity)."""
         ids = torch.tensor([token_ids], device=self.device)
-        positions = torch.arange(start_position, start_position + len(token_ids), device=self.device)
-        return self.model(ids, positions, cache, all_logits=True)[0]
+        return self.model(ids, cache, all_logits=True)[0]
 
-    def decode(self, token_id: int, position: int, cache: KVCache) -> torch.Tensor:
-        ids = torch.tensor([[token_id]], device=self.device)
-        return self.model(ids, torch.tensor([position], device=self.device), cache)[0, -1]
+    def decode(self, token_id: int, cache: KVCache) -> torch.Tensor:
+        return self.model(torch.tensor([[token_id]], device=self.device), cache)[0, -1]

@@ -18,8 +18,9 @@ class KVCache(ABC):
         """Tokens currently held (committed)."""
 
     @abstractmethod
-    def begin(self, positions: torch.Tensor) -> None:
-        """Prepare a step that appends len(positions) tokens; raise before any write if they cannot fit."""
+    def begin(self, num_tokens: int) -> torch.Tensor:
+        """Prepare a step that appends `num_tokens` tokens (evicting first if the policy allows) and return
+        their RoPE positions (T,); raise before any write if they cannot fit."""
 
     @abstractmethod
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

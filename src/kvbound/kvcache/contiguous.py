@@ -31,18 +31,20 @@ class ContiguousCache(KVCache):
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def begin(self, positions: torch.Tensor) -> None:
-        T = int(positions.numel())
+    def begin(self, num_tokens: int) -> torch.Tensor:
+        T = num_tokens
         if self._len + T > self.capacity:
             raise ContextOverflowError(
                 f"the KV cache holds {self.capacity} tokens: {self._len} are used and this step needs {T} more; "
                 "start a new chat, shorten the prompt, or use a bounded cache with an eviction policy",
                 needed=self._len + T, available=self.capacity)
         start = self._len
+        positions = torch.arange(start, start + T, device=self.positions.device)
         self.positions[start:start + T] = positions
         # A single query sees every held key (they are all in its past); longer steps need a positional mask.
-        mask = None if T == 1 else causal_mask(positions.to(self.positions.device), self.positions[:start + T])
+        mask = None if T == 1 else causal_mask(positions, self.positions[:start + T])
         self._step = (start, T, mask)
+        return positions
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         start, T, mask = self._step

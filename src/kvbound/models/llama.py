@@ -100,12 +100,13 @@ class LlamaModel(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                all_logits: bool = False) -> torch.Tensor:
-        """input_ids: (1, T), positions: (T,) → logits (1, T, V) if all_logits else (1, 1, V) for the last token."""
+    def forward(self, input_ids: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """input_ids: (1, T) → logits (1, T, V) if all_logits else (1, 1, V) for the last token.
+
+        The cache chooses the positions (after any eviction it does to make room)."""
+        positions = cache.begin(input_ids.shape[1])  # (T,)
         x = self.embed_tokens(input_ids)  # (1, T, hidden)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # (T, D)
-        cache.begin(positions)
         try:
             for block in self.layers:
                 x = block(x, cos, sin, cache)

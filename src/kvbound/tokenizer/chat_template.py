@@ -55,7 +55,9 @@ def validate_messages(messages: object) -> list[dict[str, Any]]:
         raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise ValueError(f"messages[{index}] must be a dict with 'role' and 'content', got {type(message).__name__}")
+            raise ValueError(
+                f"messages[{index}] must be a dict with 'role' and 'content', got {type(message).__name__}"
+            )
         role = message.get("role")
         if role not in ROLES:
             raise ValueError(f"messages[{index}]['role'] is {role!r}; expected one of {sorted(ROLES)}")
@@ -94,5 +96,6 @@ class ChatTemplate:
         return self._template.render(
             messages=validate_messages(messages),
             add_generation_prompt=add_generation_prompt,
-            **{"bos_token": self.bos_token, "eos_token": self.eos_token, **extra},
+            # transformers always passes tools/documents, so templates may test them with `is none`.
+            **{"bos_token": self.bos_token, "eos_token": self.eos_token, "tools": None, "documents": None, **extra},
         )

@@ -85,7 +85,7 @@ class Tokenizer:
         self._vocab_size = max(vocab_size or 0, backend.get_vocab_size(with_added_tokens=True))
         present = (self.token_to_id(token) for token in END_OF_TURN_TOKENS)
         self.stop_ids: set[int] = {i for i in (eos_id, *present) if i is not None}
-        bos_text, eos_text = (self._backend.id_to_token(i) or "" if i is not None else "" for i in (bos_id, eos_id))
+        bos_text, eos_text = (backend.id_to_token(i) or "" if i is not None else "" for i in (bos_id, eos_id))
         self.chat_template: ChatTemplate | None = (
             ChatTemplate(chat_template, bos_token=bos_text, eos_token=eos_text) if chat_template else None
         )
@@ -107,10 +107,10 @@ class Tokenizer:
     def from_gguf_fields(cls, fields: dict[str, object]) -> Tokenizer:
         """From GGUF metadata already read into Python values (key -> value)."""
         model = fields.get("tokenizer.ggml.model")
-        tokens = fields.get("tokenizer.ggml.tokens")
-        if not isinstance(tokens, list) or not tokens:
+        tokens = [str(token) for token in _list(fields, "tokenizer.ggml.tokens")]
+        if not tokens:
             raise ModelFormatError("GGUF has no tokenizer.ggml.tokens; the file is incomplete or not a language model")
-        token_types = list(fields.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+        token_types = [int(kind) for kind in _list(fields, "tokenizer.ggml.token_type")] or [1] * len(tokens)
         if model == "gpt2":
             backend, add_bos_default = cls._byte_level_bpe(fields, tokens), False
         elif model == "llama":
@@ -120,10 +120,11 @@ class Tokenizer:
                 f"GGUF tokenizer.ggml.model is {model!r}; kvbound reads 'gpt2' (byte-level BPE) and 'llama' "
                 "(SentencePiece BPE). Use a model with one of those tokenizers, or its HF tokenizer.json"
             )
-        backend.add_tokens(
-            [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, token_types) if k in _SPECIAL_TYPES]
-            + [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, token_types) if k == _USER_DEFINED]
-        )
+        # Added tokens are matched whole before pre-tokenization, so text like "<|im_end|>" is never split.
+        backend.add_tokens([
+            AddedToken(token, special=kind in _SPECIAL_TYPES, normalized=False)
+            for token, kind in zip(tokens, token_types) if kind in _SPECIAL_TYPES or kind == _USER_DEFINED
+        ])
         add_bos = fields.get("tokenizer.ggml.add_bos_token")
         template = fields.get("tokenizer.chat_template")
         return cls(
@@ -144,7 +145,7 @@ class Tokenizer:
                 f"{sorted(BPE_PRE_TOKENIZERS)}. Add its split regex (see llama.cpp llama-vocab.cpp) to "
                 "kvbound.tokenizer.tokenizer.BPE_PRE_TOKENIZERS"
             )
-        merges = [tuple(merge.split(" ", 1)) for merge in fields.get("tokenizer.ggml.merges") or []]
+        merges = [tuple(merge.split(" ", 1)) for merge in _list(fields, "tokenizer.ggml.merges")]
         vocab = {token: index for index, token in enumerate(tokens)}
         backend = tokenizers.Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in _IGNORE_MERGES))
         backend.pre_tokenizer = BPE_PRE_TOKENIZERS[pre]()
@@ -155,7 +156,7 @@ class Tokenizer:
     def _sentencepiece_bpe(fields: dict[str, object], tokens: list[str]) -> tokenizers.Tokenizer:
         # llama.cpp's SPM: score-ordered merges, unknown bytes fall back to <0xXX> tokens, and a space is
         # prepended to every text fragment (also after a special token, as the original sentencepiece did).
-        scores = list(fields.get("tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))])
+        scores = [float(s) for s in _list(fields, "tokenizer.ggml.scores")] or [-float(i) for i in range(len(tokens))]
         merges = _spm_merges(tokens, scores)
         unk_id = _optional_int(fields.get("tokenizer.ggml.unknown_token_id"))
         vocab = {token: index for index, token in enumerate(tokens)}
@@ -214,6 +215,11 @@ class Tokenizer:
         """Prompt text for a conversation; ChatML when the model ships no template."""
         template = self.chat_template or self._fallback_template
         return template.render(messages, add_generation_prompt=add_generation_prompt, **extra)
+
+
+def _list(fields: dict[str, object], key: str) -> list[Any]:
+    value = fields.get(key)
+    return [] if value is None else list(value)  # type: ignore[call-overload]
 
 
 def _optional_int(value: object) -> int | None:

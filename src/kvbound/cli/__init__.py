@@ -1,0 +1,1 @@
+"""Command-line interface (`kvbound ...`): app.py holds the commands, options.py the flags they share."""

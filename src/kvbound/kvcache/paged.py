@@ -1,0 +1,359 @@
+"""One sequence's view of the block pool: its block table, per-token metadata (positions, segments, pins,
+scores), the full-precision residual window of quantized caches, and attention over what it holds.
+
+Eviction is per token, uniform across layers and heads, followed by compaction: kept tokens move to the
+front of the sequence's blocks and get contiguous positions 0..n-1; moved keys are re-rotated by their
+position change (llama.cpp's K-shift), so RoPE stays consistent and positions never pass the trained
+context however long the conversation runs (StreamingLLM assigns positions within the cache the same way).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kvbound.errors import KVBudgetExceeded
+from kvbound.kvcache import quant
+from kvbound.kvcache.base import KVCache, causal_mask
+from kvbound.kvcache.pool import BlockPool
+from kvbound.kvcache.spec import FLOAT_DTYPES, format_bytes
+from kvbound.models.layers import apply_rope, rope_cos_sin
+
+UNLABELED = -1  # segment of tokens fed outside a chat (raw completion, perplexity)
+SCORE_QUERIES = 32  # queries of a step whose attention feeds the eviction scores (an observation window)
+
+
+@dataclass
+class Receipt:
+    """What the cache did during one turn (or any span the caller brackets with `receipt()`)."""
+
+    policy: str
+    evicted_tokens: int = 0
+    evicted_segments: dict[int, int] = field(default_factory=dict)  # segment → tokens evicted from it
+    quantized_tokens: int = 0
+    evictions: int = 0  # compaction events
+    kv_bytes_before: int = 0
+    kv_bytes_after: int = 0
+
+
+class PagedCache(KVCache):
+    def __init__(self, pool: BlockPool, capacity: int, inv_freq: torch.Tensor, policy=None,
+                 evict_fraction: float = 0.1):
+        spec = pool.spec
+        self.pool, self.spec, self.policy = pool, spec, policy
+        self.capacity = capacity  # tokens this sequence may hold
+        self.inv_freq = inv_freq
+        self.evict_fraction = evict_fraction
+        self.block = spec.block_size
+        dev = pool.device
+        self.table: list[int] = []
+        self.n = 0
+        self.positions = torch.zeros(capacity, dtype=torch.long, device=dev)
+        self.segments = torch.full((capacity,), UNLABELED, dtype=torch.long, device=dev)
+        self.scores = torch.zeros(capacity, dtype=torch.float32, device=dev)
+        self.pinned_segments: set[int] = set()
+        self.segment = UNLABELED
+        self.next_position = 0
+        self.compute_dtype = FLOAT_DTYPES[spec.compute_dtype]
+        if spec.quantized:  # full-precision window of the newest, partly filled block
+            shape = (spec.num_layers, spec.num_kv_heads, self.block, spec.head_dim)  # (L, n_kv, B, D)
+            self.res_k = torch.zeros(shape, dtype=self.compute_dtype, device=dev)
+            self.res_v = torch.zeros(shape, dtype=self.compute_dtype, device=dev)
+        self.receipt_log = Receipt(policy=getattr(policy, "name", "none"))
+        self._step = None
+
+    # -- accounting ---------------------------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return self.n
+
+    @property
+    def pooled_tokens(self) -> int:
+        """Tokens in pool blocks (quantized caches keep the newest partial block in the residual window)."""
+        return (self.n // self.block) * self.block if self.spec.quantized else self.n
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this sequence holds: its pool blocks plus its residual window."""
+        own = len(self.table) * self.spec.bytes_per_block
+        return own + (self.res_k.nbytes + self.res_v.nbytes if self.spec.quantized else 0)
+
+    @property
+    def used_bytes(self) -> int:
+        return self.nbytes
+
+    def receipt(self) -> Receipt:
+        """Return the receipt since the last call and start a new one."""
+        done, self.receipt_log = self.receipt_log, Receipt(policy=self.receipt_log.policy)
+        done.kv_bytes_after = self.nbytes
+        self.receipt_log.kv_bytes_before = self.nbytes
+        return done
+
+    # -- segments (chat turns) ------------------------------------------------------------------------------------
+    def set_segment(self, segment: int, pinned: set[int] | None = None) -> None:
+        """Label the tokens fed from now on; `pinned` segments are never evicted."""
+        self.segment = segment
+        if pinned is not None:
+            self.pinned_segments = set(pinned)
+
+    def segment_tokens(self, segment: int) -> int:
+        return int((self.segments[: self.n] == segment).sum())
+
+    def pinned_mask(self) -> torch.Tensor:
+        seg = self.segments[: self.n]
+        mask = torch.zeros(self.n, dtype=torch.bool, device=seg.device)
+        for s in self.pinned_segments:
+            mask |= seg == s
+        return mask
+
+    # -- the step ---------------------------------------------------------------------------------------------------
+    def begin(self, num_tokens: int) -> torch.Tensor:
+        T = num_tokens
+        if self.n + T > self.capacity:
+            self._make_room(self.n + T - self.capacity)
+        start = self.n
+        positions = torch.arange(self.next_position, self.next_position + T, device=self.positions.device)
+        self.positions[start:start + T] = positions
+        self.segments[start:start + T] = self.segment
+        self.scores[start:start + T] = 0.0
+        new_blocks = self._grow(start + T)
+        held = self._slots(start + T) if not self.spec.quantized else None
+        mask = None if T == 1 else causal_mask(positions, self.positions[: start + T])
+        self._step = (start, T, mask, held, new_blocks)
+        return positions
+
+    def _grow(self, total: int) -> list[int]:
+        pooled = total if not self.spec.quantized else (total // self.block) * self.block
+        need = self.spec.blocks_for(pooled) - len(self.table)
+        if need <= 0:
+            return []
+        ids = self.pool.allocate(need, after=self.table[-1] if self.table else None)
+        self.table += ids
+        return ids
+
+    def _slots(self, count: int) -> torch.Tensor:
+        """Pool slot of each of the first `count` tokens, in sequence order."""
+        table = torch.tensor(self.table, dtype=torch.long, device=self.positions.device)
+        offsets = torch.arange(self.block, device=table.device)
+        return (table[:, None] * self.block + offsets[None, :]).flatten()[:count]
+
+    def _contiguous(self) -> bool:
+        return all(b == self.table[0] + i for i, b in enumerate(self.table))
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        start, T, mask, held, _ = self._step
+        end = start + T
+        if self.spec.quantized:
+            keys, values = self._write_quantized(layer, start, k[0], v[0])
+        else:
+            self.pool.k[layer].index_copy_(1, held[start:end], k[0].to(self.pool.k.dtype))
+            self.pool.v[layer].index_copy_(1, held[start:end], v[0].to(self.pool.v.dtype))
+            keys, values = self._read_float(layer, end, held)
+        keys, values = keys.unsqueeze(0), values.unsqueeze(0)  # (1, n_kv, S, D)
+        if self.policy is not None and self.policy.needs_attention:
+            self._observe(layer, q[:, :, -SCORE_QUERIES:], keys, mask[-SCORE_QUERIES:] if mask is not None else None)
+        if keys.dtype != q.dtype:
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+
+    def end(self) -> None:
+        start, T, _, _, _ = self._step
+        if self.spec.quantized:
+            before = start // self.block
+            self.receipt_log.quantized_tokens += ((start + T) // self.block - before) * self.block
+        self.n = start + T
+        self.next_position += T
+        self._step = None
+
+    def rollback(self, num_tokens: int) -> None:
+        """Drop the newest `num_tokens` tokens (a failed turn); 0 only abandons a begun step."""
+        if self._step is not None:
+            self._release_tail(self.n)
+            self._step = None
+        if num_tokens <= 0:
+            return
+        keep = max(0, self.n - num_tokens)
+        if self.spec.quantized and keep < self.pooled_tokens:
+            # The kept tail must move back into the residual window: rebuild from the dequantized tokens.
+            self._compact(torch.arange(keep, device=self.positions.device), reposition=False)
+        else:
+            self.n = keep
+            self._release_tail(keep)
+        self.next_position = int(self.positions[keep - 1]) + 1 if keep else 0
+
+    def _release_tail(self, total: int) -> None:
+        pooled = total if not self.spec.quantized else (total // self.block) * self.block
+        keep_blocks = self.spec.blocks_for(pooled)
+        if len(self.table) > keep_blocks:
+            self.pool.release(self.table[keep_blocks:])
+            del self.table[keep_blocks:]
+
+    def free(self) -> None:
+        """Return every block to the pool (the session ended)."""
+        self.pool.release(self.table)
+        self.table, self.n, self.next_position = [], 0, 0
+
+    # -- reading storage ----------------------------------------------------------------------------------------
+    def _read_float(self, layer: int, count: int, held: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._contiguous():
+            first = self.table[0] * self.block
+            return self.pool.k[layer, :, first:first + count], self.pool.v[layer, :, first:first + count]
+        k_out, v_out = self.pool.scratch(count)
+        slots = held if held is not None else self._slots(count)
+        k_out.copy_(self.pool.k[layer].index_select(1, slots[:count]))
+        v_out.copy_(self.pool.v[layer].index_select(1, slots[:count]))
+        return k_out, v_out
+
+    def _read_layer(self, layer: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All `count` held tokens of one layer in the compute dtype (a view or the pool's scratch)."""
+        if not self.spec.quantized:
+            return self._read_float(layer, count, None)
+        pooled = (count // self.block) * self.block
+        k_out, v_out = self.pool.scratch(count)
+        if pooled:
+            self._dequantize(layer, pooled, k_out[:, :pooled], v_out[:, :pooled])
+        rest = count - pooled
+        k_out[:, pooled:count] = self.res_k[layer, :, :rest]
+        v_out[:, pooled:count] = self.res_v[layer, :, :rest]
+        return k_out, v_out
+
+    def _dequantize(self, layer: int, pooled: int, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+        spec, pool = self.spec, self.pool
+        nblocks = pooled // self.block
+        table = torch.tensor(self.table[:nblocks], dtype=torch.long, device=self.positions.device)
+        if self._contiguous():
+            first = self.table[0]
+            s0, s1 = first * self.block, (first + nblocks) * self.block
+            kc, vc = pool.k[layer, :, s0:s1], pool.v[layer, :, s0:s1]
+            ks, kz = pool.k_scale[layer, :, first:first + nblocks], pool.k_zero[layer, :, first:first + nblocks]
+            vs, vz = pool.v_scale[layer, :, s0:s1], pool.v_zero[layer, :, s0:s1]
+        else:
+            slots = self._slots(pooled)
+            kc, vc = pool.k[layer].index_select(1, slots), pool.v[layer].index_select(1, slots)
+            ks, kz = pool.k_scale[layer].index_select(1, table), pool.k_zero[layer].index_select(1, table)
+            vs, vz = pool.v_scale[layer].index_select(1, slots), pool.v_zero[layer].index_select(1, slots)
+        quant.dequantize_keys(kc, ks, kz, spec.bits, self.block, k_out)
+        quant.dequantize_values(vc, vs, vz, spec.bits, spec.group, v_out)
+
+    # -- writing storage -----------------------------------------------------------------------------------------
+    def _write_quantized(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Append k/v (n_kv, T, D): fill the residual window, quantize each block that fills, then read all."""
+        T = k.shape[1]
+        pooled_before = (start // self.block) * self.block
+        r = start - pooled_before
+        total = start + T
+        pooled_after = (total // self.block) * self.block
+        if pooled_after > pooled_before:  # whole blocks complete: quantize them from residual + new tokens
+            k_all = torch.cat((self.res_k[layer, :, :r], k.to(self.compute_dtype)), dim=1)  # (n_kv, r+T, D)
+            v_all = torch.cat((self.res_v[layer, :, :r], v.to(self.compute_dtype)), dim=1)
+            first_block = pooled_before // self.block
+            for i in range((pooled_after - pooled_before) // self.block):
+                blk = self.table[first_block + i]
+                self._store_block(layer, blk, k_all[:, i * self.block:(i + 1) * self.block],
+                                  v_all[:, i * self.block:(i + 1) * self.block])
+            rest = total - pooled_after
+            done = pooled_after - pooled_before
+            self.res_k[layer, :, :rest] = k_all[:, done:done + rest]
+            self.res_v[layer, :, :rest] = v_all[:, done:done + rest]
+        else:
+            self.res_k[layer, :, r:r + T] = k
+            self.res_v[layer, :, r:r + T] = v
+        return self._read_layer(layer, total)
+
+    def _store_block(self, layer: int, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        pool, spec, B = self.pool, self.spec, self.block
+        codes, scale, zero = quant.quantize_keys(k, spec.bits)
+        pool.k[layer, :, block * B:(block + 1) * B] = codes
+        pool.k_scale[layer, :, block], pool.k_zero[layer, :, block] = scale, zero
+        codes, scale, zero = quant.quantize_values(v, spec.bits, spec.group)
+        pool.v[layer, :, block * B:(block + 1) * B] = codes
+        pool.v_scale[layer, :, block * B:(block + 1) * B] = scale
+        pool.v_zero[layer, :, block * B:(block + 1) * B] = zero
+
+    def _write_float_range(self, layer: int, begin: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        slots = self._slots(begin + k.shape[1])[begin:]
+        self.pool.k[layer].index_copy_(1, slots, k.to(self.pool.k.dtype))
+        self.pool.v[layer].index_copy_(1, slots, v.to(self.pool.v.dtype))
+
+    # -- scores for eviction policies ------------------------------------------------------------------------------
+    def _observe(self, layer: int, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Add this layer's attention (last queries, averaged over heads) to the policy's per-token scores."""
+        _, H, Tq, D = q.shape
+        n_kv = keys.shape[1]
+        qg = q[0].reshape(n_kv, H // n_kv * Tq, D).to(keys.dtype)  # query heads grouped by their KV head
+        logits = qg @ keys[0].transpose(1, 2) / math.sqrt(D)  # (n_kv, G*Tq, S)
+        if mask is not None:
+            logits = logits.masked_fill(~mask.repeat(H // n_kv, 1)[None], float("-inf"))
+        attn = torch.softmax(logits.float(), dim=-1).mean(dim=(0, 1))  # (S,)
+        self.policy.observe(self, layer, attn, self._step[1])
+
+    # -- eviction --------------------------------------------------------------------------------------------------
+    def _make_room(self, needed: int) -> None:
+        """Evict at least `needed` unpinned tokens (more, up to evict_fraction of capacity, to amortize)."""
+        pinned = self.pinned_mask()
+        evictable = int((~pinned).sum())
+        name = getattr(self.policy, "name", "none")
+        if self.policy is None or not self.policy.evicts or evictable < needed:
+            why = (f"policy '{name}' does not evict" if self.policy is None or not self.policy.evicts
+                   else f"only {evictable} tokens may be evicted (the rest are pinned: system prompt, current message)")
+            raise KVBudgetExceeded(
+                f"the KV budget holds {self.capacity} tokens ({format_bytes(self.pool.nbytes)}); "
+                f"{self.n} are held and this step needs {needed} more; {why}. Raise --kv-budget, choose an "
+                "evicting --policy (window, h2o, snapkv, tova, turns) or send a shorter message",
+                needed=self.n + needed, available=self.capacity)
+        target = min(evictable, max(needed, int(self.capacity * self.evict_fraction)))
+        victims = self.policy.select(self, target, pinned)
+        keep = torch.ones(self.n, dtype=torch.bool, device=pinned.device)
+        keep[victims] = False
+        if bool((keep[pinned] == False).any()):  # noqa: E712 — a policy bug must never drop a pinned token
+            raise RuntimeError(f"policy '{name}' selected pinned tokens for eviction")
+        segs = self.segments[: self.n][~keep]
+        for s, c in zip(*torch.unique(segs, return_counts=True)):
+            self.receipt_log.evicted_segments[int(s)] = self.receipt_log.evicted_segments.get(int(s), 0) + int(c)
+        self.receipt_log.evicted_tokens += int((~keep).sum())
+        self.receipt_log.evictions += 1
+        self._compact(keep.nonzero().flatten(), reposition=True)
+
+    def _compact(self, keep_idx: torch.Tensor, reposition: bool) -> None:
+        """Keep tokens `keep_idx` (ascending) at the front; re-rotate keys whose position changes."""
+        K = int(keep_idx.numel())
+        old_pos = self.positions[keep_idx]
+        new_pos = torch.arange(K, device=old_pos.device) if reposition else old_pos.clone()
+        # Tokens before the first moved one stay where they are (often the pinned system prompt).
+        moved = (keep_idx != torch.arange(K, device=keep_idx.device)) | (new_pos != old_pos)
+        first = int(moved.nonzero()[0]) if bool(moved.any()) else K
+        delta = (new_pos - old_pos)[first:]
+        cos, sin = rope_cos_sin(delta, self.inv_freq, torch.float32)
+        count = self.n
+        if self.spec.quantized:
+            first = (first // self.block) * self.block  # a block is re-quantized whole
+            delta = (new_pos - old_pos)[first:]
+            cos, sin = rope_cos_sin(delta, self.inv_freq, torch.float32)
+        for layer in range(self.spec.num_layers):
+            keys, values = self._read_layer(layer, count)
+            k_keep = keys[:, keep_idx[first:]].float()  # (n_kv, K-first, D)
+            v_keep = values[:, keep_idx[first:]]
+            if reposition:
+                k_keep = apply_rope(k_keep, cos, sin)
+            if self.spec.quantized:
+                self._rewrite_quantized(layer, first, K, k_keep, v_keep)
+            else:
+                self._write_float_range(layer, first, k_keep, v_keep)
+        for meta in (self.segments, self.scores):
+            meta[:K] = meta[keep_idx].clone()
+        self.positions[:K] = new_pos
+        self.n = K
+        self.next_position = int(new_pos[-1]) + 1 if K else 0
+        self._release_tail(K)
+
+    def _rewrite_quantized(self, layer: int, first: int, K: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        pooled = (K // self.block) * self.block
+        for b in range(first // self.block, pooled // self.block):
+            lo = b * self.block - first
+            self._store_block(layer, self.table[b], k[:, lo:lo + self.block], v[:, lo:lo + self.block])
+        rest = K - max(pooled, first)
+        self.res_k[layer, :, :rest] = k[:, k.shape[1] - rest:].to(self.compute_dtype)
+        self.res_v[layer, :, :rest] = v[:, v.shape[1] - rest:].to(self.compute_dtype)

@@ -1,0 +1,102 @@
+"""The block pool: every KV tensor of a budget, preallocated once, plus a free list and reference counts.
+
+Block b owns token slots [b*B, (b+1)*B) of each (layer, KV head) row, so a sequence whose blocks are
+consecutive reads its keys as one view (no gather). Metadata here is plain Python; caches own block tables.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvbound.errors import KVBudgetExceeded
+from kvbound.kvcache.spec import FLOAT_DTYPES, KVSpec, format_bytes
+
+
+class BlockPool:
+    def __init__(self, spec: KVSpec, num_blocks: int, device: torch.device | str = "cpu"):
+        if num_blocks < 1:
+            raise KVBudgetExceeded(f"the KV budget holds no whole block of {spec.block_size} tokens "
+                                   f"({format_bytes(spec.bytes_per_block)} per block); raise the budget",
+                                   needed=spec.bytes_per_block, available=0)
+        self.spec, self.num_blocks, self.device = spec, num_blocks, torch.device(device)
+        L, H, D, B = spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_size
+        slots = num_blocks * B
+        if spec.quantized:
+            width = D * spec.bits // 8
+            self.k = torch.zeros(L, H, slots, width, dtype=torch.uint8, device=device)  # (L, n_kv, slots, D')
+            self.v = torch.zeros(L, H, slots, width, dtype=torch.uint8, device=device)
+            self.k_scale = torch.zeros(L, H, num_blocks, D, dtype=torch.float16, device=device)  # per channel
+            self.k_zero = torch.zeros(L, H, num_blocks, D, dtype=torch.float16, device=device)
+            self.v_scale = torch.zeros(L, H, slots, D // spec.group, dtype=torch.float16, device=device)  # per token
+            self.v_zero = torch.zeros(L, H, slots, D // spec.group, dtype=torch.float16, device=device)
+        else:
+            dtype = FLOAT_DTYPES[spec.dtype]
+            self.k = torch.zeros(L, H, slots, D, dtype=dtype, device=device)  # (L, n_kv, slots, D)
+            self.v = torch.zeros(L, H, slots, D, dtype=dtype, device=device)
+        self._free: set[int] = set(range(num_blocks))
+        self.refcount = [0] * num_blocks
+        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- accounting ---------------------------------------------------------------------------------------------
+    def tensors(self) -> list[torch.Tensor]:
+        names = ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero")
+        return [getattr(self, n) for n in names if hasattr(self, n)]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the pool tensors themselves (what the budget pays for)."""
+        return sum(t.nbytes for t in self.tensors())
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    # -- allocation ---------------------------------------------------------------------------------------------
+    def allocate(self, n: int, after: int | None = None) -> list[int]:
+        """n free blocks; prefers the run right after block `after` so a sequence stays contiguous."""
+        if n > len(self._free):
+            raise KVBudgetExceeded(f"the KV pool has {len(self._free)} free blocks and {n} are needed",
+                                   needed=n, available=len(self._free))
+        if after is not None and all(b in self._free for b in range(after + 1, after + 1 + n)):
+            ids = list(range(after + 1, after + 1 + n))
+        else:
+            ids = sorted(self._free)[:n]
+        for b in ids:
+            self._free.discard(b)
+            self.refcount[b] = 1
+        return ids
+
+    def retain(self, ids: list[int]) -> None:
+        for b in ids:
+            if self.refcount[b] < 1:
+                raise RuntimeError(f"block {b} is free and cannot be shared")
+            self.refcount[b] += 1
+
+    def release(self, ids: list[int]) -> None:
+        for b in ids:
+            if self.refcount[b] < 1:
+                raise RuntimeError(f"block {b} released twice")
+            self.refcount[b] -= 1
+            if self.refcount[b] == 0:
+                self._free.add(b)
+
+    # -- workspace ------------------------------------------------------------------------------------------------
+    def scratch(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer of K and V in the compute dtype for gathered/dequantized reads, sized once for the pool."""
+        spec = self.spec
+        need = self.num_blocks * spec.block_size + spec.block_size
+        if self._scratch is None:
+            shape = (spec.num_kv_heads, need, spec.head_dim)  # (n_kv, slots + residual, D)
+            dtype = FLOAT_DTYPES[spec.compute_dtype]
+            self._scratch = (torch.empty(shape, dtype=dtype, device=self.device),
+                             torch.empty(shape, dtype=dtype, device=self.device))
+        k, v = self._scratch
+        return k[:, :tokens], v[:, :tokens]
+
+    @property
+    def workspace_bytes(self) -> int:
+        return sum(t.nbytes for t in self._scratch) if self._scratch else 0
