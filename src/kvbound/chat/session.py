@@ -48,6 +48,9 @@ class Chat:
     def __init__(self, llm: "LLM", cache: "PagedCache", system: str | None = None):
         self.llm, self.cache = llm, cache
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        # What the template renders: replies exactly as generated (special tokens included), so the rendered
+        # history stays a prefix of the next turn's rendering and only the new text is tokenized.
+        self._history: list[dict[str, str]] = list(self.messages)
         self.turn = 0
         self._fed_ids: list[int] = []  # every token fed to the cache, in order (the logical sequence)
         self._fed_text = ""  # the rendered text those tokens spell
@@ -73,8 +76,8 @@ class Chat:
         params = sampling_params(**sampling)
         llm, tokenizer, cache = self.llm, self.llm.tokenizer, self.cache
         started = time.perf_counter()
-        messages = self.messages + [{"role": "user", "content": text}]
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        user = {"role": "user", "content": text}
+        rendered = tokenizer.apply_chat_template(self._history + [user], add_generation_prompt=True)
         system_ids = self._system_ids(rendered) if not self._fed_ids else []
         new_ids, keep = self._delta(rendered)
         new_ids = new_ids[len(system_ids):]
@@ -91,11 +94,13 @@ class Chat:
         turn = self.turn + 1
         cache.receipt()  # start this turn's receipt
         try:
+            # Under a small budget a prefill chunk must leave room for what eviction keeps.
+            chunk = min(llm.runner.chunk, max(1, cache.capacity // 4)) if cache.policy.evicts else None
             if system_ids:
                 cache.set_segment(0, pinned={0})
-                llm.runner.prefill(system_ids, cache)
+                llm.runner.prefill(system_ids, cache, chunk)
             cache.set_segment(turn, pinned=self._pins(turn))
-            logits = llm.runner.prefill(new_ids, cache)
+            logits = llm.runner.prefill(new_ids, cache, chunk)
             result = Generation(prefill_s=time.perf_counter() - started)
             yield from stream_tokens(llm.runner, tokenizer, cache, logits, params,
                                      self._fed_ids + system_ids + new_ids, result)
@@ -109,7 +114,10 @@ class Chat:
         self.turn = turn
         self._fed_ids += system_ids + new_ids + result.token_ids
         self._fed_text = rendered + tokenizer.decode(result.token_ids)
-        self.messages = messages + [{"role": "assistant", "content": result.text}]
+        said = result.token_ids[:-1] if result.finish_reason == "stop" and result.token_ids and \
+            result.token_ids[-1] in tokenizer.stop_ids else result.token_ids
+        self._history += [user, {"role": "assistant", "content": tokenizer.decode(said)}]
+        self.messages += [user, {"role": "assistant", "content": result.text}]
         elapsed = time.perf_counter() - started
         decoded = max(len(result.token_ids) - 1, 0)
         self.last_reply = Reply(
@@ -142,6 +150,14 @@ class Chat:
                 if prefix:  # the system prompt is tokenized on its own so it can be its own segment
                     return prefix + tokenizer.encode(rendered[len(tokenizer.decode(prefix)):]), 0
             return tokenizer.encode(rendered[len(self._fed_text):]), len(self._fed_ids)
+        if self.cache.evicted_total:
+            # Evicted tokens cannot be re-fed: keep the cache as it is and feed the text past the common prefix.
+            common = 0
+            for a, b in zip(rendered, self._fed_text):
+                if a != b:
+                    break
+                common += 1
+            return tokenizer.encode(rendered[common:]), len(self._fed_ids)
         full = tokenizer.encode(rendered)
         keep = 0
         for a, b in zip(full, self._fed_ids):
@@ -162,4 +178,5 @@ class Chat:
         """Forget the conversation but keep the system prompt."""
         self.cache.rollback(self.cache.num_tokens)
         self.messages = [m for m in self.messages if m["role"] == "system"]
+        self._history = list(self.messages)
         self._fed_ids, self._fed_text, self.turn = [], "", 0

@@ -4,7 +4,7 @@ everything it runs goes through the public API (`kvbound.load`, `LLM.chat`, `Cha
 from __future__ import annotations
 
 import contextlib
-import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Optional
 
 import psutil
 import typer
@@ -27,14 +27,20 @@ from kvbound.errors import ContextOverflowError, KvboundError, ModelNotFoundErro
 from kvbound.kvcache.spec import format_bytes
 from kvbound.loading.resolve import DEFAULT_MODEL, KNOWN_MODELS, known_model_path
 
-app = typer.Typer(name="kvbound", help="LLM chat whose memory never blows up, and that tells you where the memory goes.",
-                  pretty_exceptions_enable=False, add_completion=False, rich_markup_mode="rich")
-# soft_wrap: rich must never break a line it did not write (one-line errors, JSON lines, streamed text).
-out = Console(soft_wrap=True, highlight=False)
-err = Console(stderr=True, soft_wrap=True, highlight=False)
+app = typer.Typer(name="kvbound", help="LLM chat whose memory never blows up, and that tells you where the memory "
+                  "goes.", pretty_exceptions_enable=False, add_completion=False, rich_markup_mode="rich")
+# Rich must never rewrite model text: no line breaks of its own (soft_wrap), no ':name:' emoji, no highlighting.
+out = Console(soft_wrap=True, highlight=False, emoji=False)
+err = Console(stderr=True, soft_wrap=True, highlight=False, emoji=False)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of text.")]
 SystemOption = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
+
+
+def write(text: str) -> None:
+    """Model text and JSON go to stdout verbatim (not through rich markup), flushed so it streams."""
+    out.file.write(text)
+    out.file.flush()
 
 
 def reply_status(reply: Reply, capacity: int | None = None) -> str:
@@ -86,20 +92,23 @@ def chat(system: SystemOption = None, *, load: ModelOptions, sampling: SamplingO
 
 def _chat_turn(session: Chat, text: str, params: dict[str, Any], capacity: int | None) -> None:
     """One streamed reply; an error or Ctrl-C ends the turn (the session rolls it back), never the chat."""
-    out.print("[bold magenta]bot ›[/] ", end="")
+    started = False
     try:
         with contextlib.closing(session.stream(text, **params)) as pieces:
             for piece in pieces:
-                out.file.write(piece)
-                out.file.flush()
+                if not started:
+                    out.print("[bold magenta]bot ›[/] ", end="")
+                    started = True
+                write(piece)
     except KeyboardInterrupt:
         out.print("\n[yellow]reply interrupted; this turn was dropped[/]")
         return
     except (KvboundError, ValueError) as e:
-        out.print()
+        if started:
+            out.print()
         err.print(f"[red]error:[/] {escape(_one_line(e))}")
         return
-    out.print()
+    out.print("" if started else "[bold magenta]bot ›[/] [dim](empty reply)[/]")
     out.print(f"[dim]{reply_status(session.last_reply, capacity)}[/]")
 
 
@@ -127,22 +136,18 @@ def generate(
     try:
         for piece in pieces:
             if not json_output:
-                out.file.write(piece)
-                out.file.flush()
+                write(piece)
     except ContextOverflowError as e:
-        limit = f"the context holds {e.available:,}"
-        hint = "shorten the prompt"
-        if cache.context is not None and cache.context < llm.config.max_context:
-            hint += f" or raise --context (the model allows {llm.config.max_context:,})"
         raise ContextOverflowError(f"the prompt takes {max(e.needed - 1, 0):,} tokens"
-                                   f"{'' if raw else ' with the chat template'} and {limit}; {hint}",
+                                   f"{'' if raw else ' with the chat template'} and the context holds "
+                                   f"{e.available:,}; shorten the prompt{cache.overflow_hint(llm.config.max_context)}",
                                    needed=e.needed, available=e.available) from None
     reply: Reply = llm.last_raw_reply if session is None else session.last_reply
     if json_output:
-        out.print(json.dumps({"model": llm.config.name, **reply.to_dict()}, ensure_ascii=False), markup=False)
+        write(json.dumps({"model": llm.config.name, **reply.to_dict()}, ensure_ascii=False) + "\n")
         return
     if not reply.text.endswith("\n"):
-        out.file.write("\n")
+        write("\n")
     err.print(f"[dim]{reply_status(reply)} · {reply.finish_reason}[/]")
 
 
@@ -238,12 +243,14 @@ def converse(
             reply = session.send(turn.user, **params)
         except ContextOverflowError as e:
             if done == 0:
-                raise ContextOverflowError(f"the first turn does not fit: {e}", needed=e.needed,
-                                           available=e.available) from None
+                raise ContextOverflowError(
+                    f"the first turn (script line {turn.line}) needs {e.needed:,} tokens and the context holds "
+                    f"{e.available:,}; shorten it{cache.overflow_hint(llm.config.max_context)}",
+                    needed=e.needed, available=e.available) from None
+            held = f"{session.context_tokens:,} tokens held (KV {format_bytes(session.last_reply.kv_bytes)})"
             err.print(f"[yellow]context full at turn {number} (script line {turn.line}):[/] it needs {e.needed:,} "
-                      f"tokens and the cache holds {e.available:,}. Stopped after {done} turns with "
-                      f"{session.context_tokens:,} tokens held (KV {format_bytes(session.last_reply.kv_bytes)}). A plain KV cache "
-                      "ends here; the bounded-cache flags lift this limit.")
+                      f"tokens and the cache holds {e.available:,}. Stopped after {done} turns with {held}. "
+                      "A plain KV cache ends here; the bounded-cache flags lift this limit.")
             stopped = "context_full"
             break
         rss = process.memory_info().rss
@@ -263,7 +270,7 @@ def converse(
                "context_tokens": session.context_tokens, "kv_bytes": session.last_reply.kv_bytes,
                "elapsed_s": round(time.perf_counter() - started, 3), "stopped": stopped}
     if json_output:
-        out.print(json.dumps({"summary": summary}), markup=False)
+        write(json.dumps({"summary": summary}) + "\n")
     else:
         out.print(f"[bold]summary:[/] {done} turns · recalled {hits}/{asked} · peak RSS {format_bytes(peak_rss)} · "
                   f"{summary['context_tokens']:,} tokens held (KV {format_bytes(summary['kv_bytes'])}) · "
@@ -272,7 +279,7 @@ def converse(
 
 def _print_turn(record: dict[str, Any], json_output: bool) -> None:
     if json_output:
-        out.print(json.dumps(record, ensure_ascii=False), markup=False)
+        write(json.dumps(record, ensure_ascii=False) + "\n")
         return
     recall = ""
     if "recalled" in record:
@@ -288,7 +295,8 @@ def _print_turn(record: dict[str, Any], json_output: bool) -> None:
 # -- info, pull ---------------------------------------------------------------------------------------------------
 @app.command()
 def info(
-    model: Annotated[Optional[str], typer.Argument(help="A .gguf file, a safetensors directory or a known name.")] = None,
+    model: Annotated[Optional[str], typer.Argument(help="A .gguf file, a safetensors directory or a known name "
+                                                         "(default smollm2-135m).")] = None,
     dtype: DtypeOption = Dtype.auto,
     device: DeviceOption = "auto",
     json_output: JsonFlag = False,
@@ -296,7 +304,7 @@ def info(
     """Describe a model: architecture, size, KV bytes per token, context, tensor types in the file."""
     details = load_model(model, dtype, device, err).info()
     if json_output:
-        out.print(json.dumps(asdict(details)), markup=False)
+        write(json.dumps(asdict(details)) + "\n")
         return
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")

@@ -122,6 +122,12 @@ class CacheOptions:
         arguments. Built (and so validated) before the model loads."""
         return CacheConfig(tokens=self.context)
 
+    def overflow_hint(self, max_context: int) -> str:
+        """What else than a shorter prompt would make room, given these flags (appended to an error)."""
+        if self.context is not None and self.context < max_context:
+            return f" or raise --context (the model allows {max_context:,})"
+        return ""
+
 
 def with_options(**groups: type) -> Callable[[Command], Command]:
     """Add each group's fields to a command's flags; the command receives `name=Group(...)` instead.

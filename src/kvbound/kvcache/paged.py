@@ -63,6 +63,7 @@ class PagedCache(KVCache):
             self.res_k = torch.zeros(shape, dtype=self.compute_dtype, device=dev)
             self.res_v = torch.zeros(shape, dtype=self.compute_dtype, device=dev)
         self.receipt_log = Receipt(policy=getattr(policy, "name", "none"))
+        self.evicted_total = 0
         self._step = None
 
     # -- accounting ---------------------------------------------------------------------------------------------
@@ -168,6 +169,7 @@ class PagedCache(KVCache):
         self.next_position += T
         self._step = None
 
+    @torch.inference_mode()
     def rollback(self, num_tokens: int) -> None:
         """Drop the newest `num_tokens` tokens (a failed turn); 0 only abandons a begun step."""
         if self._step is not None:
@@ -314,6 +316,7 @@ class PagedCache(KVCache):
         for s, c in zip(*torch.unique(segs, return_counts=True)):
             self.receipt_log.evicted_segments[int(s)] = self.receipt_log.evicted_segments.get(int(s), 0) + int(c)
         self.receipt_log.evicted_tokens += int((~keep).sum())
+        self.evicted_total += int((~keep).sum())
         self.receipt_log.evictions += 1
         self._compact(keep.nonzero().flatten(), reposition=True)
 

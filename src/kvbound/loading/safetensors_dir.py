@@ -22,10 +22,13 @@ def read_config(raw: dict, path: Path) -> ModelConfig:
     if arch is None:
         raise UnsupportedModelError(f"{path}: architecture {archs or raw.get('model_type')} is not supported "
                                     f"(supported: {', '.join(_ARCHS)})")
+    # transformers 5 writes RoPE settings as a nested `rope_parameters`; the Hub's files keep them top-level.
+    rope = dict(raw.get("rope_parameters") or {})
+    theta = raw.get("rope_theta", rope.pop("rope_theta", 10000.0))
     try:
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
-        scaling = raw.get("rope_scaling")
+        scaling = raw.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling:
             kind = scaling.get("rope_type", scaling.get("type"))
             if kind not in ("llama3", "default"):
@@ -41,7 +44,7 @@ def read_config(raw: dict, path: Path) -> ModelConfig:
             num_kv_heads=int(raw.get("num_key_value_heads") or heads),
             head_dim=int(raw.get("head_dim") or hidden // heads),
             max_context=int(raw.get("max_position_embeddings", 4096)),
-            rope_theta=float(raw.get("rope_theta", 10000.0)),
+            rope_theta=float(theta),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=arch == "qwen2" or bool(raw.get("attention_bias", False)),

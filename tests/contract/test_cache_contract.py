@@ -1,0 +1,142 @@
+"""Every eviction policy × every KV storage type through the same contract, on a tiny random model."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import kvbound
+from kvbound.config import CacheConfig
+from kvbound.kvcache.contiguous import ContiguousCache
+from kvbound.kvcache.spec import KV_DTYPE_NAMES, KVSpec
+from tests.helpers_tiny import random_ids, save_hf_dir, tiny_hf_model
+
+POLICIES = ["none", "window", "h2o", "snapkv", "tova", "turns", "turns+h2o", "turns+snapkv", "turns+tova"]
+EVICTING = [p for p in POLICIES if p != "none"]
+# Logit error bounds vs the fp32 cache on the tiny random model (|logits| ~ 5-20), measured with margin.
+BOUNDS = {"fp32": 0.0, "fp16": 0.05, "bf16": 0.3, "int8": 0.5, "int4": 6.0}
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    torch.set_num_threads(1)
+    path = save_hf_dir(tiny_hf_model("llama", max_position_embeddings=4096), tmp_path_factory.mktemp("tiny"))
+    return kvbound.load(path, dtype="fp32", device="cpu")
+
+
+def feed(llm, cache, ids, chunk=24):
+    out = []
+    for i in range(0, len(ids), chunk):
+        out.append(llm.runner.score(ids[i:i + chunk], cache))
+    return torch.cat(out)
+
+
+def pool_bytes(cache) -> int:
+    extra = cache.res_k.nbytes + cache.res_v.nbytes if cache.spec.quantized else 0
+    return sum(t.nbytes for t in cache.pool.tensors()) + extra
+
+
+@pytest.mark.parametrize("dtype", KV_DTYPE_NAMES)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_large_budget_matches_unbounded(llm, policy, dtype):
+    """A budget larger than the text: no eviction, and logits equal the plain contiguous cache (fp32 exactly)."""
+    ids = random_ids(300, seed=1)
+    ref = feed(llm, ContiguousCache(llm.config, 512), ids)
+    cache = llm.new_cache(CacheConfig(tokens=1024, dtype=dtype, policy=policy))
+    out = feed(llm, cache, ids)
+    err = (out - ref).abs().max().item()
+    assert err <= BOUNDS[dtype], f"{policy}/{dtype}: max logit error {err}"
+    if dtype == "fp32":
+        assert err == 0.0
+    assert cache.receipt().evicted_tokens == 0
+
+
+@pytest.mark.parametrize("dtype", KV_DTYPE_NAMES)
+@pytest.mark.parametrize("policy", EVICTING)
+def test_budget_holds_pins_survive_receipts_add_up(llm, policy, dtype):
+    spec = KVSpec.for_model(llm.config, dtype)
+    budget = spec.residual_bytes + spec.bytes_for(192)  # ~192 tokens whatever the storage type
+    cache = llm.new_cache(CacheConfig(budget=budget, dtype=dtype, policy=policy))
+    assert pool_bytes(cache) <= budget
+    size_at_start = pool_bytes(cache)
+    cache.set_segment(0, pinned={0})
+    system = random_ids(20, seed=2)
+    feed(llm, cache, system)
+    evicted, fed = 0, len(system)
+    rng = random.Random(0)
+    for turn in range(1, 25):
+        cache.set_segment(turn, pinned={0, turn})
+        ids = random_ids(rng.randint(5, 60), seed=turn)
+        feed(llm, cache, ids, chunk=rng.choice([1, 7, 32]))
+        fed += len(ids)
+        evicted += cache.receipt().evicted_tokens
+        assert cache.nbytes <= budget and pool_bytes(cache) == size_at_start
+        assert cache.num_tokens <= cache.capacity
+        assert cache.segment_tokens(0) == len(system), "the pinned system prompt lost tokens"
+        assert cache.segment_tokens(turn) == len(ids), "the current turn lost tokens"
+        held = cache.positions[: cache.num_tokens]
+        assert torch.equal(held, torch.arange(cache.num_tokens)), "positions must stay contiguous after compaction"
+    assert evicted > 0 and fed - evicted == cache.num_tokens, "receipts must add up to what left the cache"
+    cache.free()
+    assert cache.pool.free_blocks == cache.pool.num_blocks and not any(cache.pool.refcount)
+
+
+@pytest.mark.parametrize("dtype", KV_DTYPE_NAMES)
+def test_none_refuses_with_numbers(llm, dtype):
+    cache = llm.new_cache(CacheConfig(tokens=64, dtype=dtype, policy="none"))
+    feed(llm, cache, random_ids(60))
+    with pytest.raises(kvbound.KVBudgetExceeded) as info:
+        feed(llm, cache, random_ids(10))
+    assert info.value.available == 64 and info.value.needed > 64
+    assert "64 tokens" in str(info.value)
+    assert cache.num_tokens == 60  # the refused step wrote nothing
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int4"])
+def test_rollback_restores_state(llm, dtype):
+    cache = llm.new_cache(CacheConfig(tokens=512, dtype=dtype))
+    ids = random_ids(100, seed=3)
+    feed(llm, cache, ids[:70])
+    expected = feed(llm, cache, ids[70:])
+    cache.rollback(30)
+    assert cache.num_tokens == 70
+    again = feed(llm, cache, ids[70:])
+    assert (again - expected).abs().max().item() <= BOUNDS[dtype]
+
+
+def test_shared_pool_fragmented_tables_match(llm):
+    """Two sequences interleaving allocations in one pool read through gathered (non-contiguous) tables."""
+    from kvbound.kvcache.paged import PagedCache
+    from kvbound.kvcache.pool import BlockPool
+    from kvbound.kvcache.spec import KVSpec
+
+    ids = random_ids(200, seed=4)
+    ref = feed(llm, ContiguousCache(llm.config, 256), ids, chunk=40)
+    pool = BlockPool(KVSpec.for_model(llm.config, "fp32", block_size=8), 64)
+    a, b = PagedCache(pool, 256, llm.model.inv_freq), PagedCache(pool, 256, llm.model.inv_freq)
+    outs = []
+    for i in range(0, 200, 40):
+        outs.append(llm.runner.score(ids[i:i + 40], a))
+        llm.runner.score(ids[i:i + 40], b)
+    assert not a._contiguous()
+    assert torch.equal(torch.cat(outs), ref)
+    a.free()
+    assert pool.used_blocks == len(b.table)
+    b.free()
+    assert pool.free_blocks == 64
+
+
+@pytest.mark.parametrize("policy,dtype", [("window", "fp32"), ("turns+h2o", "int4"), ("snapkv", "int8")])
+def test_thousand_turn_chat_constant_pool(llm, policy, dtype):
+    chat = llm.chat(system="be brief", budget=256 * 1024, dtype=dtype, policy=policy)
+    size = pool_bytes(chat.cache)
+    rng = random.Random(7)
+    words = ["tea", "rain", "hills", "a", "letter", "dance", "ball", "Mr", "Darcy", "1", "22"]
+    for turn in range(1000):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
+        reply = chat.send(text, max_new_tokens=3, temperature=1.0, seed=turn)
+        assert reply.kv_bytes <= 256 * 1024 and pool_bytes(chat.cache) == size
+        assert chat.cache.segment_tokens(0) > 0, "the system prompt was evicted"
+    assert chat.cache.num_tokens <= chat.cache.capacity
