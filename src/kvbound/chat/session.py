@@ -7,9 +7,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
+from kvbound.chat.memory import NOTE_PREFIX, summarize_turns
 from kvbound.engine.generate import Generation, stream_tokens
 from kvbound.engine.sampler import SamplingParams
 from kvbound.errors import ContextOverflowError
+from kvbound.policies.turns import TurnsPolicy
 
 if TYPE_CHECKING:
     from kvbound.kvcache.paged import PagedCache
@@ -52,6 +54,12 @@ class Chat:
         # history stays a prefix of the next turn's rendering and only the new text is tokenized.
         self._history: list[dict[str, str]] = list(self.messages)
         self.turn = 0
+        self.turn_text: dict[int, str] = {}  # turn → "User: ...\nAssistant: ..." (for summaries)
+        self.summary = ""  # the pinned note about evicted turns (policy `summarize`)
+        self._summarized: set[int] = set()
+        self._unsummarized: set[int] = set()  # evicted while the last summary was written
+        self._pending_note = ""
+        self._note_segment: int | None = None
         self._fed_ids: list[int] = []  # every token fed to the cache, in order (the logical sequence)
         self._fed_text = ""  # the rendered text those tokens spell
         self.last_reply: Reply | None = None
@@ -66,8 +74,10 @@ class Chat:
         return self.last_reply
 
     def _pins(self, turn: int) -> set[int]:
-        recent = getattr(self.cache.policy, "recent_turns", 0) if self.cache.policy.name.startswith("turns") else 0
-        return {0, turn, *range(max(1, turn - recent), turn)}
+        policy = self.cache.policy
+        recent = getattr(policy, "recent_turns", 0) if isinstance(policy, TurnsPolicy) else 0
+        pins = {0, turn, *range(max(1, turn - recent), turn)}
+        return pins | ({self._note_segment} if self._note_segment is not None else set())
 
     def stream(self, text: str, **sampling: Any) -> Iterator[str]:
         """Yield the reply in text pieces; `last_reply` holds the Reply once the iterator is exhausted."""
@@ -77,9 +87,17 @@ class Chat:
         llm, tokenizer, cache = self.llm, self.llm.tokenizer, self.cache
         started = time.perf_counter()
         user = {"role": "user", "content": text}
-        rendered = tokenizer.apply_chat_template(self._history + [user], add_generation_prompt=True)
+        turn = self.turn + 1
+        note = [{"role": "system", "content": NOTE_PREFIX + self._pending_note}] if self._pending_note else []
+        rendered = tokenizer.apply_chat_template(self._history + note + [user], add_generation_prompt=True)
         system_ids = self._system_ids(rendered) if not self._fed_ids else []
-        new_ids, keep = self._delta(rendered)
+        note_ids: list[int] = []
+        if note:  # the note is its own segment, so it stays pinned after this turn
+            note_text = tokenizer.apply_chat_template(self._history + note, add_generation_prompt=False)
+            if note_text.startswith(self._fed_text) and rendered.startswith(note_text):
+                note_ids = tokenizer.encode(note_text[len(self._fed_text):])
+                self._fed_text_note = note_text
+        new_ids, keep = self._delta(rendered if not note_ids else None, rendered)
         new_ids = new_ids[len(system_ids):]
         reprefilled = len(self._fed_ids) - keep
         if not cache.policy.evicts and cache.num_tokens - reprefilled + len(system_ids) + len(new_ids) + 1 > cache.capacity:
@@ -91,7 +109,6 @@ class Chat:
         if reprefilled:
             cache.rollback(reprefilled)
             del self._fed_ids[keep:]
-        turn = self.turn + 1
         cache.receipt()  # start this turn's receipt
         try:
             # Under a small budget a prefill chunk must leave room for what eviction keeps.
@@ -99,6 +116,10 @@ class Chat:
             if system_ids:
                 cache.set_segment(0, pinned={0})
                 llm.runner.prefill(system_ids, cache, chunk)
+            if note_ids:
+                old_note, self._note_segment = self._note_segment, -10 - turn
+                cache.set_segment(self._note_segment, pinned=self._pins(turn) - {old_note})
+                llm.runner.prefill(note_ids, cache, chunk)
             cache.set_segment(turn, pinned=self._pins(turn))
             logits = llm.runner.prefill(new_ids, cache, chunk)
             result = Generation(prefill_s=time.perf_counter() - started)
@@ -108,16 +129,25 @@ class Chat:
             # Leave the session usable: drop whatever this turn wrote into the cache (its tokens are pinned,
             # so they are the newest ones), and forget a system prompt that did not make it in whole.
             cache.rollback(cache.segment_tokens(turn))
+            if note_ids:
+                cache.rollback(cache.segment_tokens(self._note_segment))
+                self._note_segment = old_note
             if system_ids:
                 cache.rollback(cache.segment_tokens(0))
             raise
         self.turn = turn
-        self._fed_ids += system_ids + new_ids + result.token_ids
+        self._fed_ids += system_ids + note_ids + new_ids + result.token_ids
         self._fed_text = rendered + tokenizer.decode(result.token_ids)
         said = result.token_ids[:-1] if result.finish_reason == "stop" and result.token_ids and \
             result.token_ids[-1] in tokenizer.stop_ids else result.token_ids
-        self._history += [user, {"role": "assistant", "content": tokenizer.decode(said)}]
+        self._history += note + [user, {"role": "assistant", "content": tokenizer.decode(said)}]
         self.messages += [user, {"role": "assistant", "content": result.text}]
+        self.turn_text[turn] = f"User: {text}\nAssistant: {result.text}"
+        if note:
+            self._pending_note = ""
+        receipt = asdict(cache.receipt())
+        if getattr(cache.policy, "summarize", False):
+            self._summarize_evicted(receipt)
         elapsed = time.perf_counter() - started
         decoded = max(len(result.token_ids) - 1, 0)
         self.last_reply = Reply(
@@ -125,7 +155,7 @@ class Chat:
             context_tokens=cache.num_tokens, kv_bytes=cache.nbytes, elapsed_s=elapsed,
             finish_reason=result.finish_reason, ttft_s=result.prefill_s,
             decode_tokens_per_s=decoded / result.decode_s if result.decode_s > 0 else 0.0,
-            reprefilled_tokens=reprefilled, receipt=asdict(cache.receipt()))
+            reprefilled_tokens=reprefilled, receipt=receipt)
 
     def _system_ids(self, rendered: str) -> list[int]:
         """Tokens of the system prompt alone, when the rendered conversation starts with it (segment 0)."""
@@ -137,13 +167,15 @@ class Chat:
         ids = self.llm.tokenizer.encode(prefix)
         return ids if self.llm.tokenizer.encode(rendered)[: len(ids)] == ids else []
 
-    def _delta(self, rendered: str) -> tuple[list[int], int]:
+    def _delta(self, rendered: str | None, full_rendered: str | None = None) -> tuple[list[int], int]:
         """Token ids to feed for `rendered`, and how many already-fed tokens stay valid.
 
         The fast path tokenizes only the text appended since the last turn. If the template rewrote earlier
         text (some trim or reformat past messages), fall back to the longest common token prefix.
         """
         tokenizer = self.llm.tokenizer
+        if rendered is None:  # a note was split off in front: the delta starts after it
+            return tokenizer.encode(full_rendered[len(self._fed_text_note):]), len(self._fed_ids)
         if rendered.startswith(self._fed_text):
             if not self._fed_text:
                 prefix = self._system_ids(rendered)
@@ -166,6 +198,28 @@ class Chat:
             keep += 1
         return full[keep:], keep
 
+    def _summarize_evicted(self, receipt: dict) -> None:
+        """Turns that lost tokens go into the note, which the next turn pins as its own segment. Making room
+        for the summarizing prompt may evict more: those join this receipt and the next turn's summary."""
+        evicted = {t for t in receipt["evicted_segments"] if t > 0} | self._unsummarized
+        turns = sorted(evicted - self._summarized)
+        self._unsummarized = set()
+        if not turns:
+            return
+        text, used = summarize_turns(self, turns, self.summary)
+        self._summarized.update(turns)
+        extra = self.cache.receipt()
+        receipt["evicted_tokens"] += extra.evicted_tokens
+        receipt["evictions"] += extra.evictions
+        for seg, count in extra.evicted_segments.items():
+            receipt["evicted_segments"][seg] = receipt["evicted_segments"].get(seg, 0) + count
+            if seg > 0 and seg not in self._summarized:
+                self._unsummarized.add(seg)
+        receipt["kv_bytes_after"] = self.cache.nbytes
+        receipt.update(summarized_turns=turns, summarized_tokens=used, summary=text)
+        if text:
+            self.summary = self._pending_note = text
+
     def memory(self) -> dict[str, int]:
         return {"kv_bytes": self.cache.nbytes, "context_tokens": self.cache.num_tokens,
                 "capacity_tokens": self.cache.capacity}
@@ -180,3 +234,5 @@ class Chat:
         self.messages = [m for m in self.messages if m["role"] == "system"]
         self._history = list(self.messages)
         self._fed_ids, self._fed_text, self.turn = [], "", 0
+        self.turn_text, self.summary, self._pending_note, self._note_segment = {}, "", "", None
+        self._summarized, self._unsummarized = set(), set()

@@ -293,6 +293,12 @@ class PagedCache(KVCache):
         self.policy.observe(self, layer, attn, self._step[1])
 
     # -- eviction --------------------------------------------------------------------------------------------------
+    def make_room(self, free_tokens: int) -> None:
+        """Evict per policy until at least `free_tokens` slots are free (raises KVBudgetExceeded if it can't)."""
+        short = self.n + free_tokens - self.capacity
+        if short > 0:
+            self._make_room(short)
+
     def _make_room(self, needed: int) -> None:
         """Evict at least `needed` unpinned tokens (more, up to evict_fraction of capacity, to amortize)."""
         pinned = self.pinned_mask()

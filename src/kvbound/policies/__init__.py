@@ -10,6 +10,9 @@ from kvbound.policies import h2o, snapkv, tova, turns, window  # noqa: F401  (th
 
 def make_policy(name: str, **options) -> Policy:
     name = (name or "none").strip().lower()
+    if name == "summarize":
+        return turns.TurnsPolicy(inner=make_policy("window", **options), summarize=True,
+                                 **_take(turns.TurnsPolicy, options))
     if name.startswith("turns+") or name == "turns":
         inner = name.partition("+")[2] or "window"
         if inner.startswith("turns"):
@@ -22,7 +25,7 @@ def make_policy(name: str, **options) -> Policy:
 
 
 def policy_names() -> list[str]:
-    return sorted(registry()) + ["turns", "turns+h2o", "turns+snapkv", "turns+tova"]
+    return sorted(registry()) + ["turns", "turns+h2o", "turns+snapkv", "turns+tova", "summarize"]
 
 
 def _take(cls, options: dict) -> dict:

@@ -16,9 +16,10 @@ class TurnsPolicy(Policy):
     evicts = True
     inner: Policy = field(default_factory=Policy)
     recent_turns: int = 1
+    summarize: bool = False  # the chat writes a summary of evicted turns and keeps it pinned (see chat/memory.py)
 
     def __post_init__(self) -> None:
-        self.name = f"turns+{self.inner.name}"
+        self.name = "summarize" if self.summarize else f"turns+{self.inner.name}"
         self.needs_attention = self.inner.needs_attention
 
     def observe(self, cache, layer, attn, step_tokens):

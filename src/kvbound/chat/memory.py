@@ -1,0 +1,52 @@
+"""Summaries of evicted turns. The note is written by the model inside the session's own cache (a temporary,
+pinned segment that is rolled back afterwards), so summarizing never needs memory beyond the KV budget."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvbound.engine.generate import Generation, stream_tokens
+from kvbound.engine.sampler import SamplingParams
+from kvbound.errors import KVBudgetExceeded
+
+if TYPE_CHECKING:
+    from kvbound.chat.session import Chat
+
+SCRATCH_SEGMENT = -2  # the summarizing prompt; rolled back when done
+NOTE_PREFIX = "Notes from earlier in this conversation: "
+INSTRUCTION = ("Here is an earlier part of a conversation.\n\n{text}\n\nWrite the facts the user stated "
+               "(names, numbers, codes, plans) as one short list. Keep every number exactly.")
+
+
+def summarize_turns(chat: "Chat", turns: list[int], previous: str, max_new_tokens: int = 64) -> tuple[str, int]:
+    """Return (summary text, tokens of evicted text that went into it). Empty text if there is no room."""
+    llm, cache, tokenizer = chat.llm, chat.cache, chat.llm.tokenizer
+    # The prompt may take up to a third of the budget; eviction (already under way) frees that room first.
+    room = cache.capacity // 3 - max_new_tokens - 1
+    parts = ([f"(earlier notes) {previous}"] if previous else []) + [chat.turn_text[t] for t in turns]
+    while parts:
+        messages = [{"role": "user", "content": INSTRUCTION.format(text="\n".join(parts))}]
+        ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        if len(ids) <= room:
+            break
+        parts.pop(0)  # drop the oldest part until the prompt fits beside the chat
+        ids = []
+    if not ids:
+        return "", 0
+    try:
+        cache.make_room(len(ids) + max_new_tokens + 1)
+    except KVBudgetExceeded:
+        return "", 0
+    pins = set(cache.pinned_segments)
+    segment = cache.segment
+    cache.set_segment(SCRATCH_SEGMENT, pinned=pins | {SCRATCH_SEGMENT})
+    try:
+        logits = llm.runner.prefill(ids, cache)
+        result = Generation()
+        for _ in stream_tokens(llm.runner, tokenizer, cache, logits,
+                               SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0), ids, result):
+            pass
+    finally:
+        cache.rollback(cache.segment_tokens(SCRATCH_SEGMENT))
+        cache.set_segment(segment, pinned=pins)
+    return result.text.strip(), len(ids)

@@ -1,0 +1,240 @@
+"""Predict a process's peak memory from model metadata alone (GGUF header / config.json), before any weight loads.
+
+KV bytes come from the allocator itself: the cache is built on the meta device (no memory) through the same
+`build_cache` a chat uses, so an estimate and an allocation cannot disagree. Activations are derived from tensor
+shapes; the runtime and loader baselines are per-platform constants calibrated by benchmarks/estimate_accuracy.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvbound.config import CacheConfig, ModelConfig
+from kvbound.engine.runner import DEFAULT_CHUNK
+from kvbound.kvcache.factory import build_cache
+from kvbound.kvcache.paged import SCORE_QUERIES
+from kvbound.kvcache.pool import BlockPool
+from kvbound.kvcache.spec import FLOAT_DTYPES, KVSpec, parse_size
+
+# -- calibration ---------------------------------------------------------------------------------------------------
+# Resident bytes of the runtime itself, whatever the model: Python + torch + tokenizers + gguf + the CLI's typer/rich,
+# plus what torch initializes lazily on the first meta-device model and the first forward (~75 MiB on CPU).
+# CPU: psutil RSS of a fresh process that imported kvbound.cli.app and ran one forward of a tiny random model —
+#   `python benchmarks/estimate_accuracy.py` ("runtime" row; Linux x86-64, torch 2.13 CPU, Python 3.11).
+# CUDA: the accuracy target there is torch.cuda.max_memory_allocated, which counts tensors only; what remains is
+#   cuBLAS's workspace, allocated through torch's caching allocator on the first matmul (same benchmark, --device cuda).
+RUNTIME_BASELINE_BYTES: dict[str, int] = {"cpu": 322 << 20, "cuda": 0}
+# Python objects a checkpoint's metadata becomes before any weight: the gguf package parses every vocabulary entry
+# and merge into numpy views (~3.7 KiB per vocabulary entry with its merge), plus the tokenizer built from them.
+# Measured as RSS after open_checkpoint + make_tokenizer minus RSS after the imports (same benchmark, "metadata").
+METADATA_BYTES_PER_VOCAB_ENTRY: dict[str, int] = {"gguf": 3860, "safetensors": 600, "none": 0}
+# glibc keeps freed chunks below its (dynamic, <= 32 MiB) mmap threshold in the heap, so RSS rises above the bytes
+# torch holds at the peak. Calibrated as measured peak RSS minus every other term, over the CPU runs of the
+# benchmark (contexts 512-8192, fp32/bf16, KV auto/int8).
+ALLOCATOR_SLACK: dict[str, tuple[float, int]] = {"cpu": (1.0, 0), "cuda": (1.0, 0)}  # (× activation, + bytes)
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+@dataclass
+class Estimate:
+    """Predicted bytes of one process that loads the model and runs `sessions` chats of `context` tokens."""
+
+    model: str
+    format: str  # gguf | safetensors | none (a bare ModelConfig)
+    device: str  # cpu | cuda: what total_peak_bytes predicts (process RSS | torch.cuda.max_memory_allocated)
+    dtype: str  # compute dtype of the weights and activations
+    kv_dtype: str  # storage type of the KV cache
+    context: int  # tokens each session holds (the prefill fills them)
+    capacity_tokens: int  # tokens each session's cache is built for
+    chunk: int
+    sessions: int
+    weights_bytes: int
+    kv_bytes: int  # pool + residual windows of every session, exactly what the allocator reserves
+    kv_bytes_per_token: float
+    kv_bytes_per_session: int
+    cache_metadata_bytes: int  # per-token positions, segments and scores of every session
+    workspace_bytes: int  # each pool's gather/dequantize scratch (quantized KV)
+    activation_peak_bytes: int  # one prefill chunk at full context, allocator slack included
+    runtime_bytes: int  # the runtime itself (see RUNTIME_BASELINE_BYTES)
+    loader_bytes: int  # checkpoint metadata + tokenizer + the memory-mapped file's resident pages
+    baseline_bytes: int  # runtime_bytes + loader_bytes
+    total_peak_bytes: int
+    max_context_tokens: int  # longest context the budget allows (KV budget, memory budget, or the model's limit)
+    kv_budget_bytes: int | None = None
+    memory_budget_bytes: int | None = None
+    _inputs: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+
+    def turns_that_fit(self, budget_bytes: int | str, tokens_per_turn: int) -> int:
+        """How many turns of `tokens_per_turn` (message + reply) one session holds within a process memory
+        budget, without evicting."""
+        if tokens_per_turn < 1:
+            raise ValueError(f"tokens per turn must be >= 1, got {tokens_per_turn}")
+        return max_context_within(parse_size(budget_bytes), **self._inputs) // tokens_per_turn
+
+
+def estimate(model: str | Path | ModelConfig | Any | None = None, context: int | None = None, kv_dtype: str = "auto",
+             kv_budget: int | str | None = None, chunk: int = DEFAULT_CHUNK, sessions: int = 1, dtype: str = "auto",
+             device: str = "cpu", memory_budget: int | str | None = None, policy: str = "none") -> Estimate:
+    """Predict the memory of running `model` (a path or known name, an opened Checkpoint, or a ModelConfig).
+
+    `context` (default: the model's limit) is the tokens each session holds, prefilled in `chunk`-token steps.
+    `kv_budget` sizes each session's cache in bytes instead (an evicting `policy` then keeps it full).
+    `memory_budget` (the whole process) sets max_context_tokens to the longest context that fits it.
+    """
+    source = _source(model)
+    inputs = dict(source=source, kv_dtype=kv_dtype, kv_budget=kv_budget, chunk=chunk, sessions=sessions,
+                  dtype=dtype, device=device, policy=policy)
+    result = _estimate(context=context, **inputs)
+    longest = result.capacity_tokens if kv_budget is not None else source.config.max_context
+    if memory_budget is not None:
+        result.memory_budget_bytes = parse_size(memory_budget)
+        longest = min(longest, max_context_within(result.memory_budget_bytes, **inputs))
+    result.max_context_tokens = longest
+    result._inputs = inputs
+    return result
+
+
+def max_context_within(budget_bytes: int, source: "_Source", kv_budget: int | str | None = None, **inputs) -> int:
+    """Longest context (tokens per session) whose predicted process peak stays within `budget_bytes`; 0 if none."""
+    def fits(tokens: int) -> bool:
+        return _estimate(context=tokens, source=source, kv_budget=None, **inputs).total_peak_bytes <= budget_bytes
+
+    lo, hi = 0, source.config.max_context
+    if kv_budget is not None:  # a KV budget caps the cache whatever the context
+        hi = _estimate(context=hi, source=source, kv_budget=kv_budget, **inputs).capacity_tokens
+    while lo < hi:  # the total grows with the context: bisect on it
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+# -- the model -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Source:
+    config: ModelConfig
+    format: str
+    mapped_bytes: int  # bytes of tensor data a loader keeps memory-mapped (resident once read)
+
+
+def _source(model: Any) -> _Source:
+    if isinstance(model, ModelConfig):
+        return _Source(model, "none", 0)
+    if isinstance(model, _Source):
+        return model
+    if not hasattr(model, "config"):  # a path or name: read the metadata only
+        from kvbound.loading import open_checkpoint
+
+        model = open_checkpoint(model)
+    # GGUF weights are dequantized from a memory map that stays open with the tokenizer; safetensors files are
+    # mapped one tensor at a time and closed.
+    mapped = model.file_tensor_bytes if model.format == "gguf" else 0
+    return _Source(model.config, model.format, mapped)
+
+
+def _device_type(device: str | torch.device) -> str:
+    """The device type to predict for. Unlike loading, 'cuda' is accepted without a GPU (plan on a laptop)."""
+    name = str(device)
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = name.split(":")[0]
+    if kind not in DEVICE_TYPES:
+        raise ValueError(f"unknown device '{device}'; use auto, cpu or cuda[:N]")
+    return kind
+
+
+def _estimate(context: int | None, source: _Source, kv_dtype: str, kv_budget: int | str | None, chunk: int,
+              sessions: int, dtype: str, device: str, policy: str) -> Estimate:
+    from kvbound.llm import pick_dtype  # lazy: kvbound.llm imports the memory package
+
+    config = source.config
+    device = _device_type(device)
+    compute = pick_dtype(dtype, torch.device(device))
+    if chunk < 1:
+        raise ValueError(f"prefill chunk must be >= 1 token, got {chunk}")
+    if sessions < 1:
+        raise ValueError(f"sessions must be >= 1, got {sessions}")
+    context = config.max_context if context is None else context
+    if context < 1:
+        raise ValueError(f"context must be >= 1 token, got {context}")
+    cache_config = (CacheConfig(budget=kv_budget, dtype=kv_dtype, policy=policy) if kv_budget is not None
+                    else CacheConfig(tokens=context, dtype=kv_dtype, policy=policy))
+    cache = _meta_cache(config, cache_config, compute)
+    spec, pool = cache.spec, cache.pool
+    kv_session = pool.nbytes + spec.residual_bytes
+    metadata = sum(t.nbytes for t in (cache.positions, cache.segments, cache.scores))
+    # Every read of a quantized cache dequantizes into the pool's scratch, allocated on first use and kept.
+    workspace = scratch_bytes(spec, pool.num_blocks) if spec.quantized else 0
+    held = min(context, cache.capacity)
+    activation = activation_peak(config, spec, min(chunk, held), held, device, cache.policy.needs_attention)
+    weights = config.num_params * FLOAT_DTYPES[compute].itemsize
+    runtime = RUNTIME_BASELINE_BYTES[device]
+    loader = 0
+    if device == "cpu":  # device memory holds none of this
+        loader = config.vocab_size * METADATA_BYTES_PER_VOCAB_ENTRY[source.format] + source.mapped_bytes
+    total = (runtime + loader + weights + sessions * (kv_session + metadata + workspace) + activation)
+    return Estimate(
+        model=config.name, format=source.format, device=device, dtype=compute, kv_dtype=spec.dtype, context=context,
+        capacity_tokens=cache.capacity, chunk=chunk, sessions=sessions, weights_bytes=weights,
+        kv_bytes=sessions * kv_session, kv_bytes_per_token=spec.bytes_per_token, kv_bytes_per_session=kv_session,
+        cache_metadata_bytes=sessions * metadata, workspace_bytes=sessions * workspace,
+        activation_peak_bytes=activation, runtime_bytes=runtime, loader_bytes=loader,
+        baseline_bytes=runtime + loader, total_peak_bytes=total, max_context_tokens=cache.capacity,
+        kv_budget_bytes=parse_size(kv_budget) if kv_budget is not None else None)
+
+
+def _meta_cache(config: ModelConfig, cache_config: CacheConfig, compute: str):
+    """The cache a chat would get, built on the meta device: real shapes and nbytes, no memory."""
+    inv_freq = torch.empty(config.head_dim // 2, device="meta")
+    return build_cache(config, cache_config, compute, inv_freq, device="meta")
+
+
+def scratch_bytes(spec: KVSpec, num_blocks: int) -> int:
+    """Bytes of the scratch a pool of `num_blocks` allocates on its first gathered/dequantized read."""
+    pool = BlockPool(spec, num_blocks, device="meta")
+    pool.scratch(1)
+    return pool.workspace_bytes
+
+
+def activation_peak(config: ModelConfig, spec: KVSpec, tokens: int, keys: int, device: str,
+                    observes: bool = False) -> int:
+    """Resident bytes a forward step of `tokens` queries over `keys` keys adds at its peak: the tensors'
+    bytes (activation_bytes) plus what the allocator keeps around them (ALLOCATOR_SLACK, per platform)."""
+    element = FLOAT_DTYPES[spec.compute_dtype].itemsize
+    factor, extra = ALLOCATOR_SLACK[device]
+    return int(activation_bytes(config, spec, tokens, keys, element, device, observes) * factor) + extra
+
+
+def activation_bytes(config: ModelConfig, spec: KVSpec, tokens: int, keys: int, element: int, device: str = "cpu",
+                     observes: bool = False) -> int:
+    """Bytes torch holds at the peak of one forward step of `tokens` queries over `keys` held keys (new ones
+    included), weights and KV pool excluded. From shapes, following models/llama.py and kvcache/paged.py:
+
+    alive through the layer loop: the residual stream x and the block output added to it, cos/sin, the causal
+    mask (T, S) bool; then the larger of the attention phase (normed input, q/k/v, the mask converted to the
+    compute dtype inside SDPA, its output, K/V converted when the pool stores another float type, the eviction
+    scores' (n_kv, G*32, S) float logits) and the MLP phase (gate→silu, up, their product: 3 × (T, I)).
+    """
+    T, S, e = tokens, keys, element
+    H, I, D = config.hidden_size, config.intermediate_size, config.head_dim
+    q_width, kv_width = config.num_heads * D, config.num_kv_heads * D
+    persistent = 2 * T * H * e + 2 * T * D * e + (T * S if T > 1 else 0)  # x, block out, cos/sin, mask
+    attention = T * H * e + T * (q_width + 2 * kv_width) * e + 2 * T * q_width * e  # norm out, q/k/v, sdpa out + o
+    if T > 1:
+        attention += T * S * e  # SDPA turns the bool mask into an additive one in the compute dtype
+    if e < 4:
+        attention += T * q_width * 4  # reduced-precision SDPA accumulates in fp32 (CPU flash kernel)
+    if not spec.quantized and spec.dtype != spec.compute_dtype:
+        attention += 2 * S * kv_width * e  # K and V read from the pool and converted to the compute dtype
+    if observes:
+        rows = config.num_heads * min(T, SCORE_QUERIES)
+        attention += 2 * rows * S * 4  # eviction scores: logits and their softmax in fp32
+    mlp = T * H * e + 3 * T * I * e
+    logits = config.vocab_size * (e + 4)  # the last position's logits, then as float32
+    return persistent + max(attention, mlp) + logits
