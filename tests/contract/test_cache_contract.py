@@ -143,19 +143,20 @@ def test_thousand_turn_chat_constant_pool(llm, policy, dtype):
 
 
 def test_summarize_keeps_a_pinned_note(llm):
-    chat = llm.chat(system="be brief", budget=128 * 1024, policy="summarize")
+    chat = llm.chat(system="be brief", budget=512 * 1024, policy="summarize")
     rng = random.Random(3)
     words = ["code", "is", "2128", "my", "name", "Anne", "tea", "rain", "hills"]
     summaries = []
-    for turn in range(80):
+    for turn in range(120):
         text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
         reply = chat.send(text, max_new_tokens=4, temperature=1.0, seed=turn)
-        assert reply.kv_bytes <= 128 * 1024
+        assert reply.kv_bytes <= 512 * 1024
         if reply.receipt.get("summarized_turns"):
             summaries.append(reply.receipt)
     assert summaries, "eviction happened but no summary was written"
     assert all(set(r["summarized_turns"]) for r in summaries)
-    if chat._note_segment is not None:  # the newest note sits in the cache, pinned
-        assert chat._note_segment in chat.cache.pinned_segments
-        assert chat.cache.segment_tokens(chat._note_segment) > 0
+    assert any(r["summary"] for r in summaries), "no summary text was written"
+    assert chat._note_segment is not None  # the newest note sits in the cache, pinned
+    assert chat._note_segment in chat.cache.pinned_segments
+    assert chat.cache.segment_tokens(chat._note_segment) > 0
     assert chat.cache.segment_tokens(0) > 0

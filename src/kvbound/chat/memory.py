@@ -37,6 +37,8 @@ def summarize_turns(chat: "Chat", turns: list[int], previous: str, max_new_token
         cache.make_room(len(ids) + max_new_tokens + 1)
     except KVBudgetExceeded:
         return "", 0
+    # No control tokens in a note, and no stopping before a few words are written.
+    bans = {i: float("-inf") for i in tokenizer.special_ids}
     pins = set(cache.pinned_segments)
     segment = cache.segment
     cache.set_segment(SCRATCH_SEGMENT, pinned=pins | {SCRATCH_SEGMENT})
@@ -44,7 +46,7 @@ def summarize_turns(chat: "Chat", turns: list[int], previous: str, max_new_token
         logits = llm.runner.prefill(ids, cache)
         result = Generation()
         for _ in stream_tokens(llm.runner, tokenizer, cache, logits,
-                               SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0), ids, result):
+                               SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, logit_bias=bans), ids, result):
             pass
     finally:
         cache.rollback(cache.segment_tokens(SCRATCH_SEGMENT))

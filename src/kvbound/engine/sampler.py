@@ -18,6 +18,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id → added to its logit (-inf bans it)
 
     @property
     def greedy(self) -> bool:
@@ -32,6 +33,7 @@ class SamplingParams:
             (0.0 <= self.min_p < 1.0, "min_p must be in [0, 1)"),
             (self.repetition_penalty > 0.0, "repetition_penalty must be > 0 (1 disables it)"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (all(isinstance(k, int) and k >= 0 for k in self.logit_bias), "logit_bias keys must be token ids"),
         ]
         for ok, message in checks:
             if not ok:
@@ -49,6 +51,11 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         """logits: (V,) float32 of the next position; history: token ids seen so far (for repetition penalty)."""
         p = self.params
+        if p.logit_bias:
+            logits = logits.clone()
+            for token, bias in p.logit_bias.items():
+                if token < logits.numel():
+                    logits[token] += bias
         if p.repetition_penalty != 1.0 and history:
             seen = torch.tensor(sorted(set(history)), device=logits.device)
             picked = logits[seen]

@@ -207,6 +207,11 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special)
 
+    @property
+    def special_ids(self) -> set[int]:
+        """Ids of control tokens (never part of ordinary text)."""
+        return {i for i, t in self._backend.get_added_tokens_decoder().items() if t.special}
+
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
