@@ -14,9 +14,10 @@ from kvbound.config import CacheConfig, ModelConfig
 from kvbound.engine.generate import Generation, stream_tokens
 from kvbound.engine.runner import DEFAULT_CHUNK, Runner
 from kvbound.errors import ContextOverflowError
-from kvbound.kvcache.factory import build_cache
+from kvbound.kvcache.factory import build_cache, build_pool, cache_spec
+from kvbound.kvcache.pool import BlockPool
 from kvbound.kvcache.paged import PagedCache
-from kvbound.kvcache.spec import KVSpec, parse_dtype
+from kvbound.kvcache.spec import KVSpec, parse_dtype, parse_size
 from kvbound.loading import open_checkpoint
 from kvbound.models.llama import LlamaModel
 
@@ -75,19 +76,29 @@ class LLM:
         self.kv_spec = KVSpec.for_model(self.config, self.dtype_name)
 
     # -- sessions ---------------------------------------------------------------------------------------------
-    def new_cache(self, cache: CacheConfig | None = None, **options: Any) -> PagedCache:
-        """A KV cache bounded by `cache` (or CacheConfig(**options)); default: the model's full context."""
+    def new_cache(self, cache: CacheConfig | None = None, *, pool: BlockPool | None = None,
+                  **options: Any) -> PagedCache:
+        """A KV cache bounded by `cache` (or CacheConfig(**options)); default: the model's full context.
+        With `pool` (from `shared_pool`), sequences share one budget and identical prefix blocks."""
         if cache is None:
             cache = CacheConfig(**options)
         elif options:
             raise TypeError("give either a CacheConfig or cache options, not both")
-        return build_cache(self.config, cache, self.dtype_name, self.model.inv_freq, device=self.device)
+        return build_cache(self.config, cache, self.dtype_name, self.model.inv_freq, device=self.device, pool=pool)
 
-    def chat(self, system: str | None = None, *, cache: CacheConfig | None = None, **options: Any) -> Chat:
+    def shared_pool(self, budget: int | str, dtype: str = "auto", block_size: int = 32) -> BlockPool:
+        """One KV budget for many chats: pass it as `llm.chat(..., pool=pool)`; equal system prompts share blocks."""
+        config = CacheConfig(budget=budget, dtype=dtype, block_size=block_size)
+        spec = cache_spec(self.config, config, self.dtype_name)
+        capacity = spec.tokens_in(parse_size(budget), sequences=0)
+        return build_pool(self.config, config, self.dtype_name, self.device, capacity=max(capacity, 1))
+
+    def chat(self, system: str | None = None, *, cache: CacheConfig | None = None, pool: BlockPool | None = None,
+             **options: Any) -> Chat:
         """A new conversation with its own KV cache. Options: budget='64MiB' | tokens=N, dtype, policy, ..."""
         if system is not None and not isinstance(system, str):
             raise ValueError("system must be a string")
-        return Chat(self, self.new_cache(cache, **options), system=system or None)
+        return Chat(self, self.new_cache(cache, pool=pool, **options), system=system or None)
 
     def generate(self, prompt: str, *, system: str | None = None, raw: bool = False,
                  cache: CacheConfig | None = None, **sampling: Any) -> Reply:

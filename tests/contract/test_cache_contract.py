@@ -160,3 +160,27 @@ def test_summarize_keeps_a_pinned_note(llm):
     assert chat._note_segment in chat.cache.pinned_segments
     assert chat.cache.segment_tokens(chat._note_segment) > 0
     assert chat.cache.segment_tokens(0) > 0
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_sessions_share_system_prompt_blocks(llm, dtype):
+    pool = llm.shared_pool(budget=512 * 1024, dtype=dtype)
+    system = "You are a careful assistant. " * 12  # several full blocks of identical tokens
+    alone = llm.chat(system=system, dtype=dtype)
+    expected = alone.send("tea in the hills", max_new_tokens=6, temperature=0)
+    first = llm.chat(system=system, pool=pool, dtype=dtype)
+    first.send("rain on the ball", max_new_tokens=6, temperature=0)
+    second = llm.chat(system=system, pool=pool, dtype=dtype)
+    got = second.send("tea in the hills", max_new_tokens=6, temperature=0)
+    assert first.shared_prefix_tokens == 0 and second.shared_prefix_tokens >= 2 * pool.spec.block_size
+    shared = second.cache.table[: second.shared_prefix_tokens // pool.spec.block_size]
+    assert shared == first.cache.table[: len(shared)] and all(pool.refcount[b] == 2 for b in shared)
+    assert got.token_ids == expected.token_ids  # sharing changes nothing the model sees
+    assert got.prompt_tokens == expected.prompt_tokens
+    first.close()
+    assert all(pool.refcount[b] == 1 for b in shared)  # still held by the second session
+    second.close()
+    assert pool.free_blocks == pool.num_blocks and not any(pool.refcount)
+    third = llm.chat(system=system, pool=pool, dtype=dtype)
+    third.send("hello", max_new_tokens=2, temperature=0)
+    assert third.shared_prefix_tokens == 0, "freed blocks must not be offered as a prefix"

@@ -63,6 +63,7 @@ class Chat:
         self._fed_ids: list[int] = []  # every token fed to the cache, in order (the logical sequence)
         self._fed_text = ""  # the rendered text those tokens spell
         self.last_reply: Reply | None = None
+        self.shared_prefix_tokens = 0  # system-prompt tokens found in the pool, not computed
 
     @property
     def context_tokens(self) -> int:
@@ -115,7 +116,11 @@ class Chat:
             chunk = min(llm.runner.chunk, max(1, cache.capacity // 4)) if cache.policy.evicts else None
             if system_ids:
                 cache.set_segment(0, pinned={0})
-                llm.runner.prefill(system_ids, cache, chunk)
+                shared = cache.attach_prefix(system_ids)  # another session's identical system prompt
+                if shared < len(system_ids):
+                    llm.runner.prefill(system_ids[shared:], cache, chunk)
+                cache.publish_prefix(system_ids)
+                self.shared_prefix_tokens = shared
             if note_ids:
                 old_note, self._note_segment = self._note_segment, -10 - turn
                 cache.set_segment(self._note_segment, pinned=self._pins(turn) - {old_note})

@@ -33,13 +33,31 @@ def cache_capacity(model: ModelConfig, cache: CacheConfig, spec: KVSpec) -> int:
     return min(tokens, model.max_context)
 
 
+def build_pool(model: ModelConfig, cache: CacheConfig, compute_dtype: str, device: torch.device | str = "cpu",
+               capacity: int | None = None) -> BlockPool:
+    """A pool holding the budget's blocks (one sequence's capacity by default)."""
+    spec = cache_spec(model, cache, compute_dtype)
+    capacity = capacity or cache_capacity(model, cache, spec)
+    pooled = capacity - (spec.block_size - 1 if spec.quantized else 0)
+    return BlockPool(spec, max(1, spec.blocks_for(max(pooled, 1))), device=device)
+
+
 def build_cache(model: ModelConfig, cache: CacheConfig, compute_dtype: str, inv_freq: torch.Tensor,
-                device: torch.device | str = "cpu") -> PagedCache:
+                device: torch.device | str = "cpu", pool: BlockPool | None = None) -> PagedCache:
+    """A sequence's cache: over its own pool (the budget is the pool), or over a shared `pool`."""
     from kvbound.policies import make_policy
 
     spec = cache_spec(model, cache, compute_dtype)
-    capacity = cache_capacity(model, cache, spec)
-    pooled = capacity - (spec.block_size - 1 if spec.quantized else 0)
+    if pool is not None and pool.spec != spec:
+        raise ValueError(f"the shared pool stores {pool.spec.dtype} KV in blocks of {pool.spec.block_size}; "
+                         f"this cache asks for {spec.dtype} in blocks of {spec.block_size}")
+    if pool is None:
+        capacity = cache_capacity(model, cache, spec)
+        pool = build_pool(model, cache, compute_dtype, device, capacity)
+    else:  # a sequence of a shared pool may hold what the pool holds (its own window beside it)
+        capacity = min(model.max_context, pool.num_blocks * spec.block_size + (spec.block_size - 1
+                                                                                 if spec.quantized else 0))
+        if cache.tokens is not None or cache.budget is not None:
+            capacity = min(capacity, cache_capacity(model, cache, spec))
     policy = make_policy(cache.policy, sink_tokens=cache.sink_tokens, recent_turns=cache.recent_turns)
-    pool = BlockPool(spec, max(1, spec.blocks_for(max(pooled, 1))), device=device)
     return PagedCache(pool, capacity, inv_freq, policy=policy, evict_fraction=cache.evict_fraction)

@@ -193,6 +193,28 @@ class PagedCache(KVCache):
             self.pool.release(self.table[keep_blocks:])
             del self.table[keep_blocks:]
 
+    def attach_prefix(self, token_ids: list[int]) -> int:
+        """On an empty cache, share the pool's blocks that already hold a prefix of `token_ids` (e.g. the same
+        system prompt of another session); returns how many tokens are now held without any compute."""
+        if self.n or self.table:
+            return 0
+        blocks = self.pool.lookup_prefix(token_ids)[: (self.capacity // self.block)]
+        if not blocks:
+            return 0
+        self.pool.retain(blocks)
+        n = len(blocks) * self.block
+        self.table = list(blocks)
+        self.positions[:n] = torch.arange(n, device=self.positions.device)
+        self.segments[:n] = self.segment
+        self.scores[:n] = 0.0
+        self.n = self.next_position = n
+        return n
+
+    def publish_prefix(self, token_ids: list[int]) -> None:
+        """Offer this sequence's full blocks holding `token_ids` (its first tokens) for sharing."""
+        full = min(len(token_ids), self.pooled_tokens) // self.block
+        self.pool.publish_prefix(token_ids[: full * self.block], self.table[:full])
+
     def free(self) -> None:
         """Return every block to the pool (the session ended)."""
         self.pool.release(self.table)

@@ -35,6 +35,10 @@ class BlockPool:
             self.v = torch.zeros(L, H, slots, D, dtype=dtype, device=device)
         self._free: set[int] = set(range(num_blocks))
         self.refcount = [0] * num_blocks
+        # Prefix sharing (vLLM-style): the hash of a block's token chain → the block that holds it. An entry
+        # lives as long as its block is referenced; blocks are shared read-only (pinned, never compacted).
+        self._prefix: dict[int, int] = {}
+        self._hash_of: dict[int, int] = {}
         self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- accounting ---------------------------------------------------------------------------------------------
@@ -83,6 +87,33 @@ class BlockPool:
             self.refcount[b] -= 1
             if self.refcount[b] == 0:
                 self._free.add(b)
+                h = self._hash_of.pop(b, None)
+                if h is not None and self._prefix.get(h) == b:
+                    del self._prefix[h]
+
+    def _chain(self, token_ids: list[int]) -> list[int]:
+        B, h, out = self.spec.block_size, 0, []
+        for i in range(len(token_ids) // B):
+            h = hash((h, tuple(token_ids[i * B:(i + 1) * B])))
+            out.append(h)
+        return out
+
+    def lookup_prefix(self, token_ids: list[int]) -> list[int]:
+        """Blocks already holding the longest block-aligned prefix of `token_ids` (from position 0)."""
+        blocks = []
+        for h in self._chain(token_ids):
+            b = self._prefix.get(h)
+            if b is None:
+                break
+            blocks.append(b)
+        return blocks
+
+    def publish_prefix(self, token_ids: list[int], blocks: list[int]) -> None:
+        """Offer the full blocks holding `token_ids` (from position 0) to later sequences."""
+        for h, b in zip(self._chain(token_ids), blocks):
+            if h not in self._prefix:
+                self._prefix[h] = b
+                self._hash_of[b] = h
 
     # -- workspace ------------------------------------------------------------------------------------------------
     def scratch(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
