@@ -297,7 +297,7 @@ def _print_turn(record: dict[str, Any], json_output: bool) -> None:
 def info(
     model: Annotated[Optional[str], typer.Argument(help="A .gguf file, a safetensors directory or a known name "
                                                          "(default smollm2-135m).")] = None,
-    dtype: DtypeOption = Dtype.auto,
+    dtype: DtypeOption = Dtype["auto"],
     device: DeviceOption = "auto",
     json_output: JsonFlag = False,
 ) -> None:

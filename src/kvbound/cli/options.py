@@ -12,27 +12,20 @@ import inspect
 import typing
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional, TypeVar
+from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
+from rich.console import Console
 
 from kvbound.config import CacheConfig
 from kvbound.engine.sampler import SamplingParams
-
-if TYPE_CHECKING:
-    from rich.console import Console
-
-    from kvbound.llm import LLM
+from kvbound.llm import DTYPES, LLM, load
 
 Command = TypeVar("Command", bound=Callable[..., Any])
 
 
-class Dtype(str, Enum):
-    # The same names as kvbound.llm.DTYPES; an Enum so the parser rejects a typo before the model loads.
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
+# An Enum of kvbound.llm.DTYPES, so the parser rejects a typo (and lists the choices) before the model loads.
+Dtype = Enum("Dtype", [(name, name) for name in DTYPES], type=str)
 
 
 DtypeOption = Annotated[Dtype, typer.Option("--dtype", help="Weights and KV dtype (auto: bf16 on CUDA, fp32 on CPU).",
@@ -45,17 +38,15 @@ class ModelOptions:
     model: Annotated[Optional[str], typer.Option(
         "--model", "-m", help="A .gguf file, a safetensors directory, or a known name (default smollm2-135m).",
         rich_help_panel="Model")] = None
-    dtype: DtypeOption = Dtype.auto
+    dtype: DtypeOption = Dtype["auto"]
     device: DeviceOption = "auto"
 
-    def load(self, console: "Console | None" = None) -> "LLM":
+    def load(self, console: Console | None = None) -> LLM:
         return load_model(self.model, self.dtype, self.device, console)
 
 
-def load_model(model: str | None, dtype: Dtype, device: str, console: "Console | None" = None) -> "LLM":
+def load_model(model: str | None, dtype: Enum, device: str, console: Console | None = None) -> LLM:
     """`kvbound.load` with a spinner on an interactive terminal (loading dequantizes every weight: seconds)."""
-    from kvbound.llm import load
-
     if console is None or not console.is_terminal:
         return load(model, dtype=dtype.value, device=device)
     with console.status(f"loading {model or 'the default model'}…"):
