@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kvbound.chat.session import Chat, Reply
+from kvbound.cli.estimate import estimate_command
 from kvbound.cli.options import (CacheOptions, DeviceOption, Dtype, DtypeOption, ModelOptions, SamplingOptions,
                                  load_model, with_options)
 from kvbound.errors import ContextOverflowError, KvboundError, ModelNotFoundError
@@ -259,7 +261,7 @@ def converse(
             "turn": number, "prompt_tokens": reply.prompt_tokens, "reply_tokens": len(reply.token_ids),
             "context_tokens": reply.context_tokens, "kv_bytes": reply.kv_bytes, "rss_bytes": rss,
             "elapsed_s": round(reply.elapsed_s, 4), "finish_reason": reply.finish_reason,
-            "reprefilled_tokens": reply.reprefilled_tokens, "reply": reply.text}
+            "reprefilled_tokens": reply.reprefilled_tokens, "reply": reply.text, "receipt": reply.receipt}
         if turn.expect is not None:
             record["recalled"] = any(e.lower() in reply.text.lower() for e in turn.expect)
             asked += 1
@@ -290,6 +292,36 @@ def _print_turn(record: dict[str, Any], json_output: bool) -> None:
               f"{record['context_tokens']:,} ctx · KV {format_bytes(record['kv_bytes'])} · "
               f"RSS {format_bytes(record['rss_bytes'])} · {record['elapsed_s']:.2f} s{recall} · "
               f"[dim]{escape(preview)}[/]")
+
+
+# -- perplexity ----------------------------------------------------------------------------------------------------
+@app.command()
+@with_options(load=ModelOptions, cache=CacheOptions)
+def perplexity(
+    file: Annotated[Path, typer.Argument(help="A plain text file to score.")],
+    chunk: Annotated[int, typer.Option("--chunk", min=1, help="Tokens fed per step.")] = 512,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=2, help="Score at most N tokens.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    *, load: ModelOptions, cache: CacheOptions,
+) -> None:
+    """StreamingLLM-style perplexity: the text flows through the bounded cache, never reset; every next token is
+    scored with what the cache still holds."""
+    from kvbound.engine.perplexity import perplexity as run_perplexity
+
+    text = file.read_text(encoding="utf-8", errors="strict")
+    config = cache.cache_config()
+    llm = load.load(err)
+    result = run_perplexity(llm, text, config, chunk=chunk, max_tokens=max_tokens)
+    record = dataclasses.asdict(result)
+    if json_output:
+        write(json.dumps(record) + "\n")
+    else:
+        out.print(f"ppl [bold]{result.ppl:.3f}[/] over {result.tokens:,} tokens · policy {result.policy} · "
+                  f"KV {result.kv_dtype}, peak {format_bytes(result.kv_peak_bytes)} "
+                  f"({result.capacity_tokens:,} tokens) · evicted {result.evicted_tokens:,} · {result.elapsed_s:.1f} s")
+
+
+app.command("estimate")(estimate_command)
 
 
 # -- info, pull ---------------------------------------------------------------------------------------------------

@@ -102,21 +102,48 @@ class SamplingOptions:
         return kwargs
 
 
+class KVDtype(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+    int8 = "int8"
+    int4 = "int4"
+
+
 @dataclass
 class CacheOptions:
-    context: Annotated[Optional[int], typer.Option(
-        "--context", min=1, help="KV cache capacity in tokens, preallocated (default: the model's context).",
+    kv_budget: Annotated[Optional[str], typer.Option(
+        "--kv-budget", help="KV cache budget in bytes, e.g. 64MiB, 512MB, 1GiB; preallocated, never exceeded.",
         rich_help_panel="KV cache")] = None
+    kv_tokens: Annotated[Optional[int], typer.Option(
+        "--kv-tokens", "--context", min=1, help="KV cache capacity in tokens (instead of --kv-budget).",
+        rich_help_panel="KV cache")] = None
+    kv_dtype: Annotated[KVDtype, typer.Option(
+        "--kv-dtype", help="KV storage: auto (the compute dtype), fp32, fp16, bf16, int8, int4.",
+        rich_help_panel="KV cache")] = KVDtype.auto
+    policy: Annotated[str, typer.Option(
+        "--policy", help="What happens when the budget is full: none (refuse), window, h2o, snapkv, tova, turns, "
+                         "turns+h2o, turns+snapkv, turns+tova, summarize.", rich_help_panel="KV cache")] = "none"
 
     def cache_config(self) -> CacheConfig:
         """The `cache=` argument of `LLM.chat`/`LLM.stream_raw`: the only place the cache flags become API
         arguments. Built (and so validated) before the model loads."""
-        return CacheConfig(tokens=self.context)
+        from kvbound.kvcache.spec import parse_size
+        from kvbound.policies import make_policy
+
+        if self.kv_budget is not None:
+            parse_size(self.kv_budget)
+        make_policy(self.policy)  # an unknown name fails here, before the model loads
+        return CacheConfig(budget=self.kv_budget, tokens=self.kv_tokens, dtype=self.kv_dtype.value,
+                           policy=self.policy)
 
     def overflow_hint(self, max_context: int) -> str:
         """What else than a shorter prompt would make room, given these flags (appended to an error)."""
-        if self.context is not None and self.context < max_context:
-            return f" or raise --context (the model allows {max_context:,})"
+        if self.kv_tokens is not None and self.kv_tokens < max_context:
+            return f" or raise --kv-tokens (the model allows {max_context:,})"
+        if self.policy == "none":
+            return " or choose an evicting --policy (window, turns+h2o, ...)"
         return ""
 
 

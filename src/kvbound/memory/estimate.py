@@ -206,30 +206,28 @@ def activation_peak(config: ModelConfig, spec: KVSpec, tokens: int, keys: int, d
                     observes: bool = False) -> int:
     """Resident bytes a forward step of `tokens` queries over `keys` keys adds at its peak: the tensors'
     bytes (activation_bytes) plus what the allocator keeps around them (ALLOCATOR_SLACK, per platform)."""
-    element = FLOAT_DTYPES[spec.compute_dtype].itemsize
     factor, extra = ALLOCATOR_SLACK[device]
-    return int(activation_bytes(config, spec, tokens, keys, element, device, observes) * factor) + extra
+    return int(activation_bytes(config, spec, tokens, keys, device, observes) * factor) + extra
 
 
-def activation_bytes(config: ModelConfig, spec: KVSpec, tokens: int, keys: int, element: int, device: str = "cpu",
+def activation_bytes(config: ModelConfig, spec: KVSpec, tokens: int, keys: int, device: str = "cpu",
                      observes: bool = False) -> int:
     """Bytes torch holds at the peak of one forward step of `tokens` queries over `keys` held keys (new ones
     included), weights and KV pool excluded. From shapes, following models/llama.py and kvcache/paged.py:
 
     alive through the layer loop: the residual stream x and the block output added to it, cos/sin, the causal
     mask (T, S) bool; then the larger of the attention phase (normed input, q/k/v, the mask converted to the
-    compute dtype inside SDPA, its output, K/V converted when the pool stores another float type, the eviction
-    scores' (n_kv, G*32, S) float logits) and the MLP phase (gate→silu, up, their product: 3 × (T, I)).
+    compute dtype inside SDPA, SDPA's workspace and output, K/V converted when the pool stores another float
+    type, the eviction scores' (n_kv, G*32, S) float logits) and the MLP phase (gate→silu, up, their product).
     """
-    T, S, e = tokens, keys, element
+    T, S, e = tokens, keys, spec.compute_element_bytes
     H, I, D = config.hidden_size, config.intermediate_size, config.head_dim
     q_width, kv_width = config.num_heads * D, config.num_kv_heads * D
     persistent = 2 * T * H * e + 2 * T * D * e + (T * S if T > 1 else 0)  # x, block out, cos/sin, mask
     attention = T * H * e + T * (q_width + 2 * kv_width) * e + 2 * T * q_width * e  # norm out, q/k/v, sdpa out + o
     if T > 1:
         attention += T * S * e  # SDPA turns the bool mask into an additive one in the compute dtype
-    if e < 4:
-        attention += T * q_width * 4  # reduced-precision SDPA accumulates in fp32 (CPU flash kernel)
+    attention += _sdpa_workspace(T, S, q_width, kv_width, spec.compute_dtype, device)
     if not spec.quantized and spec.dtype != spec.compute_dtype:
         attention += 2 * S * kv_width * e  # K and V read from the pool and converted to the compute dtype
     if observes:
@@ -238,3 +236,16 @@ def activation_bytes(config: ModelConfig, spec: KVSpec, tokens: int, keys: int, 
     mlp = T * H * e + 3 * T * I * e
     logits = config.vocab_size * (e + 4)  # the last position's logits, then as float32
     return persistent + max(attention, mlp) + logits
+
+
+def _sdpa_workspace(T: int, S: int, q_width: int, kv_width: int, compute: str, device: str) -> int:
+    """Scratch of F.scaled_dot_product_attention beyond its output, as measured with torch.profiler (torch 2.13).
+
+    CPU (flash kernel): per-split accumulators, about half a query block; bf16 with 64+ queries also packs
+    K and V (for its brgemm kernels) — a full copy of both.
+    """
+    e = FLOAT_DTYPES[compute].itemsize
+    workspace = T * q_width * e // 2
+    if device == "cpu" and compute == "bf16" and T >= 64:
+        workspace += 2 * S * kv_width * e
+    return workspace
