@@ -21,9 +21,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    attention_bias: bool = False  # qwen2: q/k/v projections carry a bias
+    attention_bias: bool = False  # qwen2 (and Llama with attention_bias): q/k/v projections carry a bias
+    output_bias: bool = False  # Llama with attention_bias: o_proj carries a bias too (Qwen2's does not)
+    mlp_bias: bool = False  # Llama with mlp_bias: gate/up/down carry biases
     rope_scaling: dict | None = field(default=None, hash=False)  # llama3: {"factor", "low_freq_factor", ...}
-    sliding_window: int | None = None  # mistral v0.1 (informational; the cache enforces its own window)
+    sliding_window: int | None = None  # mistral: a query sees only the newest `sliding_window` keys
     name: str = ""
 
     def __post_init__(self) -> None:

@@ -43,6 +43,18 @@ class KVCache(ABC):
         """Bytes of the tensors this cache holds (reserved, not just used)."""
 
 
-def causal_mask(query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
-    """Bool mask (T, S): a query sees every held key whose position is not after its own."""
-    return key_positions[None, :] <= query_positions[:, None]
+def causal_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None = None
+                ) -> torch.Tensor:
+    """Bool mask (T, S): a query sees every held key whose position is not after its own (and, with a sliding
+    `window`, is less than `window` positions before it)."""
+    mask = key_positions[None, :] <= query_positions[:, None]
+    if window is not None:
+        mask &= key_positions[None, :] > query_positions[:, None] - window
+    return mask
+
+
+def step_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None) -> torch.Tensor | None:
+    """The attention mask of a step; None when every held key is visible (a single query, no window reached)."""
+    if query_positions.numel() == 1 and (window is None or int(query_positions[0] - key_positions[0]) < window):
+        return None
+    return causal_mask(query_positions, key_positions, window)

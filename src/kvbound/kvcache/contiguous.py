@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from kvbound.config import ModelConfig
 from kvbound.errors import ContextOverflowError
-from kvbound.kvcache.base import KVCache, causal_mask
+from kvbound.kvcache.base import KVCache, step_mask
 
 
 class ContiguousCache(KVCache):
@@ -41,8 +41,7 @@ class ContiguousCache(KVCache):
         start = self._len
         positions = torch.arange(start, start + T, device=self.positions.device)
         self.positions[start:start + T] = positions
-        # A single query sees every held key (they are all in its past); longer steps need a positional mask.
-        mask = None if T == 1 else causal_mask(positions, self.positions[:start + T])
+        mask = step_mask(positions, self.positions[:start + T], self.config.sliding_window)
         self._step = (start, T, mask)
         return positions
 

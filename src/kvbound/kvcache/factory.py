@@ -60,4 +60,5 @@ def build_cache(model: ModelConfig, cache: CacheConfig, compute_dtype: str, inv_
         if cache.tokens is not None or cache.budget is not None:
             capacity = min(capacity, cache_capacity(model, cache, spec))
     policy = make_policy(cache.policy, sink_tokens=cache.sink_tokens, recent_turns=cache.recent_turns)
-    return PagedCache(pool, capacity, inv_freq, policy=policy, evict_fraction=cache.evict_fraction)
+    return PagedCache(pool, capacity, inv_freq, policy=policy, evict_fraction=cache.evict_fraction,
+                      sliding_window=model.sliding_window)

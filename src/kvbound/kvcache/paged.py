@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from kvbound.errors import KVBudgetExceeded
 from kvbound.kvcache import quant
-from kvbound.kvcache.base import KVCache, causal_mask
+from kvbound.kvcache.base import KVCache, step_mask
 from kvbound.kvcache.pool import BlockPool
 from kvbound.kvcache.spec import FLOAT_DTYPES, format_bytes
 from kvbound.models.layers import apply_rope, rope_cos_sin
@@ -41,12 +41,13 @@ class Receipt:
 
 class PagedCache(KVCache):
     def __init__(self, pool: BlockPool, capacity: int, inv_freq: torch.Tensor, policy=None,
-                 evict_fraction: float = 0.1):
+                 evict_fraction: float = 0.1, sliding_window: int | None = None):
         spec = pool.spec
         self.pool, self.spec, self.policy = pool, spec, policy
         self.capacity = capacity  # tokens this sequence may hold
         self.inv_freq = inv_freq
         self.evict_fraction = evict_fraction
+        self.sliding_window = sliding_window
         self.block = spec.block_size
         dev = pool.device
         self.table: list[int] = []
@@ -122,7 +123,7 @@ class PagedCache(KVCache):
         self.scores[start:start + T] = 0.0
         new_blocks = self._grow(start + T)
         held = self._slots(start + T) if not self.spec.quantized else None
-        mask = None if T == 1 else causal_mask(positions, self.positions[: start + T])
+        mask = step_mask(positions, self.positions[: start + T], self.sliding_window)
         self._step = (start, T, mask, held, new_blocks)
         return positions
 

@@ -48,8 +48,10 @@ def read_config(raw: dict, path: Path) -> ModelConfig:
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=arch == "qwen2" or bool(raw.get("attention_bias", False)),
+            output_bias=arch != "qwen2" and bool(raw.get("attention_bias", False)),
+            mlp_bias=bool(raw.get("mlp_bias", False)),
             rope_scaling=scaling,
-            sliding_window=raw.get("sliding_window") if arch == "mistral" else None,
+            sliding_window=(raw.get("sliding_window") or None) if arch == "mistral" else None,
             name=str(raw.get("_name_or_path") or path.name),
         )
     except KeyError as e:

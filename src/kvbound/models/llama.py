@@ -21,7 +21,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=bias)
-        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=config.output_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
         B, T, _ = x.shape
@@ -39,7 +39,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
 
     def forward(self, x, cos, sin, cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
@@ -71,7 +71,12 @@ class LlamaModel(nn.Module):
                 continue
             target = params.get(name)
             if target is None:
-                continue  # e.g. a lm_head stored beside tied embeddings
+                if name == "lm_head.weight" and config.tie_embeddings:
+                    continue  # some files store the tied output matrix again
+                from kvbound.errors import ModelFormatError
+
+                raise ModelFormatError(f"the checkpoint has a tensor '{name}' this {config.arch} model does not use; "
+                                       "the architecture differs from what its config says")
             if tuple(target.shape) != tuple(tensor.shape):
                 from kvbound.errors import ModelFormatError
 
