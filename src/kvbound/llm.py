@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import gc
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -15,11 +16,14 @@ from kvbound.config import CacheConfig, ModelConfig
 from kvbound.engine.generate import Generation, stream_tokens
 from kvbound.engine.runner import DEFAULT_CHUNK, Runner
 from kvbound.errors import ContextOverflowError
-from kvbound.kvcache.factory import build_cache, build_pool, cache_spec
+from kvbound.kvcache.factory import build_cache, build_pool, cache_spec, reserved_bytes
 from kvbound.kvcache.pool import BlockPool
 from kvbound.kvcache.paged import PagedCache
 from kvbound.kvcache.spec import KVSpec, parse_dtype, parse_size
 from kvbound.loading import open_checkpoint
+from kvbound.memory.devices import usage_bytes
+from kvbound.memory.guard import DEFAULT_THRESHOLDS, MemoryEvent, MemoryGuard
+from kvbound.memory.ledger import ProcessMemory, process_memory
 from kvbound.models.llama import LlamaModel
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -65,7 +69,13 @@ class ModelInfo:
 
 class LLM:
     def __init__(self, path: str | Path | None = None, *, dtype: str = "auto", device: str = "auto",
-                 chunk: int = DEFAULT_CHUNK):
+                 chunk: int = DEFAULT_CHUNK, memory_budget: int | str | None = None,
+                 thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS):
+        # The process budget is checked before anything loads, so a bad value costs nothing.
+        self.guard = MemoryGuard(memory_budget, thresholds) if memory_budget is not None else None
+        self.thresholds = thresholds
+        self._callbacks: list[Callable[[MemoryEvent], None]] = []
+        self._chats: weakref.WeakSet = weakref.WeakSet()
         self.device = pick_device(device)
         self.dtype_name = pick_dtype(dtype, self.device)
         self.checkpoint = open_checkpoint(path)
@@ -90,6 +100,8 @@ class LLM:
             cache = CacheConfig(**options)
         elif options:
             raise TypeError("give either a CacheConfig or cache options, not both")
+        if self.guard is not None and pool is None:  # the pool is preallocated: admit it before allocating
+            self.guard.admit(usage_bytes(self.device) + reserved_bytes(self.config, cache, self.dtype_name))
         return build_cache(self.config, cache, self.dtype_name, self.model.inv_freq, device=self.device, pool=pool)
 
     def shared_pool(self, budget: int | str, dtype: str = "auto", block_size: int = 32) -> BlockPool:
@@ -104,7 +116,23 @@ class LLM:
         """A new conversation with its own KV cache. Options: budget='64MiB' | tokens=N, dtype, policy, ..."""
         if system is not None and not isinstance(system, str):
             raise ValueError("system must be a string")
-        return Chat(self, self.new_cache(cache, pool=pool, **options), system=system or None)
+        chat = Chat(self, self.new_cache(cache, pool=pool, **options), system=system or None)
+        self._chats.add(chat)
+        return chat
+
+    # -- memory ---------------------------------------------------------------------------------------------------
+    def memory(self) -> ProcessMemory:
+        """The process's memory now: weights, every live chat's KV (each pool once), RSS, device figures."""
+        return process_memory(self, [c.cache for c in list(self._chats)])
+
+    def on_memory_event(self, fn: Callable[[MemoryEvent], None]) -> Callable[[MemoryEvent], None]:
+        """Call `fn(event)` on every memory event (threshold crossings, refusals) of this LLM and its chats."""
+        self._callbacks.append(fn)
+        if self.guard is not None:
+            self.guard.on_event(fn)
+        for chat in list(self._chats):
+            chat.kv_guard.on_event(fn)
+        return fn
 
     def generate(self, prompt: str, *, system: str | None = None, raw: bool = False,
                  cache: CacheConfig | None = None, **sampling: Any) -> Reply:
@@ -161,6 +189,9 @@ def _trim_heap() -> None:
 
 
 def load(model: str | Path | None = None, *, dtype: str = "auto", device: str = "auto",
-         chunk: int = DEFAULT_CHUNK) -> LLM:
-    """Load a model: a .gguf path, a safetensors directory, or a known name (default: smollm2-135m)."""
-    return LLM(model, dtype=dtype, device=device, chunk=chunk)
+         chunk: int = DEFAULT_CHUNK, memory_budget: int | str | None = None) -> LLM:
+    """Load a model: a .gguf path, a safetensors directory, or a known name (default: smollm2-135m).
+
+    `memory_budget` ('1GiB') bounds the whole process: each turn's predicted peak is checked before it runs
+    (a smaller prefill chunk is tried first), and a turn that cannot fit raises MemoryBudgetExceeded."""
+    return LLM(model, dtype=dtype, device=device, chunk=chunk, memory_budget=memory_budget)

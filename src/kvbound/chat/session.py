@@ -10,7 +10,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 from kvbound.chat.memory import NOTE_PREFIX, summarize_turns
 from kvbound.engine.generate import Generation, stream_tokens
 from kvbound.engine.sampler import SamplingParams
-from kvbound.errors import ContextOverflowError
+from kvbound.errors import ContextOverflowError, KVBudgetExceeded
+from kvbound.memory.devices import usage_bytes
+from kvbound.memory.guard import MemoryGuard, admit_turn, predict_turn_peak
+from kvbound.memory.ledger import Ledger, MemoryReport
 from kvbound.policies.turns import TurnsPolicy
 
 if TYPE_CHECKING:
@@ -31,6 +34,8 @@ class Reply:
     decode_tokens_per_s: float = 0.0
     reprefilled_tokens: int = 0  # history tokens fed again because the template rewrote earlier text
     receipt: dict[str, Any] = field(default_factory=dict)  # what the KV cache did this turn (see Receipt)
+    mem_events: list[dict[str, Any]] = field(default_factory=list)  # thresholds crossed this turn
+    forecast: str = ""  # "≈N more turns until the KV budget is full ..." 
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,6 +68,11 @@ class Chat:
         self._fed_ids: list[int] = []  # every token fed to the cache, in order (the logical sequence)
         self._fed_text = ""  # the rendered text those tokens spell
         self.last_reply: Reply | None = None
+        self.ledger = Ledger(kv_budget_bytes=cache.pool.nbytes + cache.spec.residual_bytes)
+        # KV thresholds are against what this session may hold: its pool (or its share) and residual window.
+        self.kv_guard = MemoryGuard(self.ledger.kv_budget_bytes, llm.thresholds, what="KV")
+        for fn in llm._callbacks:
+            self.kv_guard.on_event(fn)
         self.shared_prefix_tokens = 0  # system-prompt tokens found in the pool, not computed
 
     @property
@@ -110,10 +120,22 @@ class Chat:
         if reprefilled:
             cache.rollback(reprefilled)
             del self._fed_ids[keep:]
+        # Under a small budget a prefill chunk must leave room for what eviction keeps.
+        chunk = min(llm.runner.chunk, max(1, cache.capacity // 4)) if cache.policy.evicts else llm.runner.chunk
+        pinned = len(system_ids) + (cache.segment_tokens(0) if not system_ids else 0)
+        if cache.policy.evicts and pinned + len(new_ids) + 1 > cache.capacity:
+            raise KVBudgetExceeded(
+                f"this message is {len(new_ids)} tokens; with the pinned system prompt ({pinned} tokens) it does not "
+                f"fit the KV budget of {cache.capacity} tokens even after evicting everything else; send a shorter "
+                "message or raise --kv-budget", needed=pinned + len(new_ids) + 1, available=cache.capacity)
+        feed = len(system_ids) + len(new_ids)
+        # The step's activations (what memory beyond weights and the preallocated KV this turn needs).
+        activation = predict_turn_peak(llm, cache, feed, used_bytes=0, chunk=chunk)
+        if llm.guard is not None:  # refuse before any work if this turn's predicted peak cannot fit
+            chunk, predicted = admit_turn(llm.guard, llm, cache, feed, chunk)
+            activation = predict_turn_peak(llm, cache, feed, used_bytes=0, chunk=chunk)
         cache.receipt()  # start this turn's receipt
         try:
-            # Under a small budget a prefill chunk must leave room for what eviction keeps.
-            chunk = min(llm.runner.chunk, max(1, cache.capacity // 4)) if cache.policy.evicts else None
             if system_ids:
                 cache.set_segment(0, pinned={0})
                 shared = cache.attach_prefix(system_ids)  # another session's identical system prompt
@@ -153,6 +175,12 @@ class Chat:
         receipt = asdict(cache.receipt())
         if getattr(cache.policy, "summarize", False):
             self._summarize_evicted(receipt)
+        self.ledger.record_turn(len(system_ids) + len(note_ids) + len(new_ids) + len(result.token_ids), receipt,
+                                activation)
+        events = self.kv_guard.check(cache.nbytes)
+        if llm.guard is not None:
+            events += llm.guard.check(usage_bytes(llm.device))
+        _, forecast = self.ledger.forecast(cache.capacity - cache.num_tokens, cache.policy.name, cache.policy.evicts)
         elapsed = time.perf_counter() - started
         decoded = max(len(result.token_ids) - 1, 0)
         self.last_reply = Reply(
@@ -160,7 +188,8 @@ class Chat:
             context_tokens=cache.num_tokens, kv_bytes=cache.nbytes, elapsed_s=elapsed,
             finish_reason=result.finish_reason, ttft_s=result.prefill_s,
             decode_tokens_per_s=decoded / result.decode_s if result.decode_s > 0 else 0.0,
-            reprefilled_tokens=reprefilled, receipt=receipt)
+            reprefilled_tokens=reprefilled, receipt=receipt, mem_events=[e.to_dict() for e in events],
+            forecast=forecast)
 
     def _system_ids(self, rendered: str) -> list[int]:
         """Tokens of the system prompt alone, when the rendered conversation starts with it (segment 0)."""
@@ -225,9 +254,9 @@ class Chat:
         if text:
             self.summary = self._pending_note = text
 
-    def memory(self) -> dict[str, int]:
-        return {"kv_bytes": self.cache.nbytes, "context_tokens": self.cache.num_tokens,
-                "capacity_tokens": self.cache.capacity}
+    def memory(self) -> MemoryReport:
+        """This session's memory: KV reserved/used, tokens held/evicted/quantized/summarized, forecast, RSS."""
+        return self.ledger.report(self.llm, self.cache)
 
     def close(self) -> None:
         """Give the cache's blocks back to the pool."""

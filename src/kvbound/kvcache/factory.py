@@ -33,6 +33,13 @@ def cache_capacity(model: ModelConfig, cache: CacheConfig, spec: KVSpec) -> int:
     return min(tokens, model.max_context)
 
 
+def reserved_bytes(model: ModelConfig, cache: CacheConfig, compute_dtype: str) -> int:
+    """Bytes a cache built from `cache` preallocates: its pool and its residual window (before building it)."""
+    spec = cache_spec(model, cache, compute_dtype)
+    pooled = cache_capacity(model, cache, spec) - (spec.block_size - 1 if spec.quantized else 0)
+    return max(1, spec.blocks_for(max(pooled, 1))) * spec.bytes_per_block + spec.residual_bytes
+
+
 def build_pool(model: ModelConfig, cache: CacheConfig, compute_dtype: str, device: torch.device | str = "cpu",
                capacity: int | None = None) -> BlockPool:
     """A pool holding the budget's blocks (one sequence's capacity by default)."""
