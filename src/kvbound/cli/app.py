@@ -111,7 +111,27 @@ def _chat_turn(session: Chat, text: str, params: dict[str, Any], capacity: int |
         err.print(f"[red]error:[/] {escape(_one_line(e))}")
         return
     out.print("" if started else "[bold magenta]bot ›[/] [dim](empty reply)[/]")
-    out.print(f"[dim]{reply_status(session.last_reply, capacity)}[/]")
+    reply = session.last_reply
+    out.print(f"[dim]{reply_status(reply, capacity)}[/]")
+    out.print(memory_bar(session))
+    for event in reply.mem_events:
+        colour = "red" if event["kind"] == "critical" else "yellow"
+        out.print(f"[{colour}]{event['kind']}:[/] {escape(event['message'])}")
+    evicted = reply.receipt.get("evicted_tokens", 0)
+    if evicted:
+        out.print(f"[dim]this turn the cache evicted {evicted:,} tokens (policy {reply.receipt['policy']})[/]")
+
+
+def memory_bar(session: Chat, width: int = 30) -> str:
+    """A one-line gauge of the session's KV use against its budget, with the process RSS and the forecast."""
+    report = session.memory()
+    budget = report.kv_budget_bytes or report.kv_reserved_bytes
+    fraction = min(1.0, report.kv_used_bytes / budget) if budget else 0.0
+    colour = "red" if fraction >= 0.95 else "yellow" if fraction >= 0.8 else "green"
+    filled = round(fraction * width)
+    return (f"[{colour}]{'█' * filled}[/][dim]{'░' * (width - filled)}[/] KV {format_bytes(report.kv_used_bytes)}"
+            f" / {format_bytes(budget)} ({fraction:.0%}) · RSS {format_bytes(report.rss_bytes)} · "
+            f"[dim]{escape(report.forecast)}[/]")
 
 
 # -- generate -----------------------------------------------------------------------------------------------------
@@ -261,7 +281,8 @@ def converse(
             "turn": number, "prompt_tokens": reply.prompt_tokens, "reply_tokens": len(reply.token_ids),
             "context_tokens": reply.context_tokens, "kv_bytes": reply.kv_bytes, "rss_bytes": rss,
             "elapsed_s": round(reply.elapsed_s, 4), "finish_reason": reply.finish_reason,
-            "reprefilled_tokens": reply.reprefilled_tokens, "reply": reply.text, "receipt": reply.receipt}
+            "reprefilled_tokens": reply.reprefilled_tokens, "reply": reply.text, "receipt": reply.receipt,
+            "mem_events": reply.mem_events, "forecast": reply.forecast}
         if turn.expect is not None:
             record["recalled"] = any(e.lower() in reply.text.lower() for e in turn.expect)
             asked += 1

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 
 from kvbound.config import CacheConfig
+from kvbound.kvcache.spec import parse_size
 from kvbound.engine.sampler import SamplingParams
 from kvbound.llm import DTYPES, LLM, load
 
@@ -40,17 +41,23 @@ class ModelOptions:
         rich_help_panel="Model")] = None
     dtype: DtypeOption = Dtype["auto"]
     device: DeviceOption = "auto"
+    memory_budget: Annotated[Optional[str], typer.Option(
+        "--memory-budget", help="Memory for the whole process (e.g. 1GiB): a turn or a KV pool that would cross it "
+                                "is refused before it runs.", rich_help_panel="Model")] = None
 
     def load(self, console: Console | None = None) -> LLM:
-        return load_model(self.model, self.dtype, self.device, console)
+        if self.memory_budget is not None:
+            parse_size(self.memory_budget)  # a typo fails before the model loads
+        return load_model(self.model, self.dtype, self.device, console, self.memory_budget)
 
 
-def load_model(model: str | None, dtype: Enum, device: str, console: Console | None = None) -> LLM:
+def load_model(model: str | None, dtype: Enum, device: str, console: Console | None = None,
+               memory_budget: str | None = None) -> LLM:
     """`kvbound.load` with a spinner on an interactive terminal (loading dequantizes every weight: seconds)."""
     if console is None or not console.is_terminal:
-        return load(model, dtype=dtype.value, device=device)
+        return load(model, dtype=dtype.value, device=device, memory_budget=memory_budget)
     with console.status(f"loading {model or 'the default model'}…"):
-        return load(model, dtype=dtype.value, device=device)
+        return load(model, dtype=dtype.value, device=device, memory_budget=memory_budget)
 
 
 # SamplingParams field → the flag that sets it, so its validation messages name what the user typed.
