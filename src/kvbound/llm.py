@@ -88,6 +88,8 @@ class LLM:
         self.checkpoint.tensors = self.checkpoint.make_tokenizer = None
         gc.collect()
         _trim_heap()
+        if self.guard is not None:  # loading may already cross a threshold
+            self.guard.check(usage_bytes(self.device))
         self.runner = Runner(self.model, chunk=chunk)
         self.kv_spec = KVSpec.for_model(self.config, self.dtype_name)
 

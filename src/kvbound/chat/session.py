@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from kvbound.chat.memory import NOTE_PREFIX, summarize_turns
 from kvbound.engine.generate import Generation, stream_tokens
+from kvbound.engine.runner import prefill_chunk
 from kvbound.engine.sampler import SamplingParams
 from kvbound.errors import ContextOverflowError, KVBudgetExceeded
 from kvbound.memory.devices import usage_bytes
@@ -117,23 +118,22 @@ class Chat:
                 f"this turn needs {needed} tokens of context and the KV cache holds {cache.capacity} "
                 f"({cache.num_tokens} already used by the conversation); start a new chat, send a shorter "
                 "message, raise the KV budget or choose an evicting policy", needed=needed, available=cache.capacity)
-        if reprefilled:
-            cache.rollback(reprefilled)
-            del self._fed_ids[keep:]
-        # Under a small budget a prefill chunk must leave room for what eviction keeps.
-        chunk = min(llm.runner.chunk, max(1, cache.capacity // 4)) if cache.policy.evicts else llm.runner.chunk
+        chunk = prefill_chunk(llm.runner.chunk, cache.capacity, cache.policy.evicts)
         pinned = len(system_ids) + (cache.segment_tokens(0) if not system_ids else 0)
         if cache.policy.evicts and pinned + len(new_ids) + 1 > cache.capacity:
             raise KVBudgetExceeded(
                 f"this message is {len(new_ids)} tokens; with the pinned system prompt ({pinned} tokens) it does not "
                 f"fit the KV budget of {cache.capacity} tokens even after evicting everything else; send a shorter "
                 "message or raise --kv-budget", needed=pinned + len(new_ids) + 1, available=cache.capacity)
-        feed = len(system_ids) + len(new_ids)
+        feed = len(system_ids) + len(note_ids) + len(new_ids)
         # The step's activations (what memory beyond weights and the preallocated KV this turn needs).
         activation = predict_turn_peak(llm, cache, feed, used_bytes=0, chunk=chunk)
         if llm.guard is not None:  # refuse before any work if this turn's predicted peak cannot fit
             chunk, predicted = admit_turn(llm.guard, llm, cache, feed, chunk)
             activation = predict_turn_peak(llm, cache, feed, used_bytes=0, chunk=chunk)
+        if reprefilled:
+            cache.rollback(reprefilled)
+            del self._fed_ids[keep:]
         cache.receipt()  # start this turn's receipt
         try:
             if system_ids:

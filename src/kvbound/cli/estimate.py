@@ -68,15 +68,16 @@ def _table(result, turns: int | None) -> Table:
     rows = [
         ("model", escape(r.model), f"{r.format} · {r.dtype} on {r.device}"),
         ("weights", format_bytes(r.weights_bytes), f"{r.weights_bytes:,} bytes"),
-        ("KV per token", format_bytes(r.kv_bytes_per_token), f"{r.kv_dtype}"),
-        ("KV cache", format_bytes(r.kv_bytes),
-         f"{r.capacity_tokens:,} tokens preallocated{each} ({r.kv_bytes:,} bytes, exactly what the pool reserves)"),
-        ("cache metadata", format_bytes(r.cache_metadata_bytes), "positions, segments, scores per token"),
-        ("workspace", format_bytes(r.workspace_bytes), "dequantize scratch (quantized KV)"),
-        ("activations", format_bytes(r.activation_peak_bytes), f"peak of a {r.chunk}-token prefill chunk"),
-        ("baseline", format_bytes(r.baseline_bytes),
-         f"runtime {format_bytes(r.runtime_bytes)} + checkpoint metadata/mapped file {format_bytes(r.loader_bytes)}"),
-        ("total peak", format_bytes(r.total_peak_bytes), f"predicted process {measure}"),
+        ("KV per token", format_bytes(r.kv_bytes_per_token), r.kv_dtype),
+        ("KV cache", format_bytes(r.kv_bytes), f"{r.capacity_tokens:,} tokens{each}, preallocated"),
+        ("cache metadata", format_bytes(r.cache_metadata_bytes), "positions, segments, scores"),
+        ("workspace", format_bytes(r.workspace_bytes), "dequantize scratch"),
+        ("activations", format_bytes(r.activation_peak_bytes), f"{r.chunk}-token prefill chunk"),
+        ("baseline", format_bytes(r.baseline_bytes), "runtime + tokenizer"),
+        ("loading", format_bytes(r.loader_bytes), "metadata + file map, until loaded"),
+        ("peak loading", format_bytes(r.load_peak_bytes), "baseline + loading + weights"),
+        ("peak of a turn", format_bytes(r.run_peak_bytes), "baseline + weights + KV + the rest"),
+        ("total peak", format_bytes(r.total_peak_bytes), f"predicted {measure}"),
         ("longest context", f"{r.max_context_tokens:,} tokens", _limit(r)),
     ]
     if turns is not None:
@@ -88,7 +89,7 @@ def _table(result, turns: int | None) -> Table:
 
 def _limit(result) -> str:
     if result.memory_budget_bytes is not None:
-        return f"within the memory budget of {format_bytes(result.memory_budget_bytes)}"
+        return f"within {format_bytes(result.memory_budget_bytes)} of memory"
     if result.kv_budget_bytes is not None:
-        return f"within the KV budget of {format_bytes(result.kv_budget_bytes)}"
+        return f"within {format_bytes(result.kv_budget_bytes)} of KV"
     return "the model's trained context"

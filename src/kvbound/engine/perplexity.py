@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbound.config import CacheConfig
+from kvbound.engine.runner import prefill_chunk
 
 
 @dataclass
@@ -41,8 +42,7 @@ def perplexity(llm, text: str, cache: CacheConfig | None = None, chunk: int = 51
     if len(ids) < 2:
         raise ValueError("the text is a single token; give more text to score")
     kv = llm.new_cache(cache)
-    # A chunk must fit beside what eviction keeps; a quarter of the capacity keeps most of the window in view.
-    step = max(1, min(chunk, kv.capacity // 4 if kv.policy.evicts else kv.capacity))
+    step = min(prefill_chunk(chunk, kv.capacity, kv.policy.evicts), kv.capacity)
     if not kv.policy.evicts and len(ids) > kv.capacity:
         ids = ids[: kv.capacity]  # without eviction the text is cut to what the cache holds
     total, scored, peak, evicted = 0.0, 0, 0, 0

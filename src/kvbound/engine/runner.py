@@ -10,6 +10,12 @@ from kvbound.models.llama import LlamaModel
 DEFAULT_CHUNK = 512
 
 
+def prefill_chunk(chunk: int, capacity: int, evicts: bool) -> int:
+    """The prefill step for a cache: under an evicting budget a chunk must leave room for what eviction keeps,
+    so it is at most a quarter of the capacity (the window stays mostly in view)."""
+    return max(1, min(chunk, capacity // 4)) if evicts else chunk
+
+
 class Runner:
     def __init__(self, model: LlamaModel, chunk: int = DEFAULT_CHUNK):
         if chunk < 1:

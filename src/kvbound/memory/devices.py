@@ -23,6 +23,12 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def usage_bytes(device: torch.device | str = "cpu") -> int:
+    """What a memory budget counts on `device`: the process RSS on CPU, torch's allocated bytes on CUDA."""
+    device = torch.device(device)
+    return device_memory(device).allocated_bytes if device.type == "cuda" else rss_bytes()
+
+
 @dataclass(frozen=True)
 class DeviceMemory:
     """One device's figures; all zero for the CPU (its memory is the process RSS)."""

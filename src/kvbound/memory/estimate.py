@@ -3,39 +3,47 @@
 KV bytes come from the allocator itself: the cache is built on the meta device (no memory) through the same
 `build_cache` a chat uses, so an estimate and an allocation cannot disagree. Activations are derived from tensor
 shapes; the runtime and loader baselines are per-platform constants calibrated by benchmarks/estimate_accuracy.py.
+The process peaks either while loading (checkpoint metadata and file map beside the weights) or during a turn.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kvbound.config import CacheConfig, ModelConfig
-from kvbound.engine.runner import DEFAULT_CHUNK
+from kvbound.engine.runner import DEFAULT_CHUNK, prefill_chunk
 from kvbound.kvcache.factory import build_cache
 from kvbound.kvcache.paged import SCORE_QUERIES
 from kvbound.kvcache.pool import BlockPool
 from kvbound.kvcache.spec import FLOAT_DTYPES, KVSpec, parse_size
 
-# -- calibration ---------------------------------------------------------------------------------------------------
-# Resident bytes of the runtime itself, whatever the model: Python + torch + tokenizers + gguf + the CLI's typer/rich,
-# plus what torch initializes lazily on the first meta-device model and the first forward (~75 MiB on CPU).
-# CPU: psutil RSS of a fresh process that imported kvbound.cli.app and ran one forward of a tiny random model —
-#   `python benchmarks/estimate_accuracy.py` ("runtime" row; Linux x86-64, torch 2.13 CPU, Python 3.11).
-# CUDA: the accuracy target there is torch.cuda.max_memory_allocated, which counts tensors only; what remains is
-#   cuBLAS's workspace, allocated through torch's caching allocator on the first matmul (same benchmark, --device cuda).
-RUNTIME_BASELINE_BYTES: dict[str, int] = {"cpu": 322 << 20, "cuda": 0}
-# Python objects a checkpoint's metadata becomes before any weight: the gguf package parses every vocabulary entry
-# and merge into numpy views (~3.7 KiB per vocabulary entry with its merge), plus the tokenizer built from them.
-# Measured as RSS after open_checkpoint + make_tokenizer minus RSS after the imports (same benchmark, "metadata").
-METADATA_BYTES_PER_VOCAB_ENTRY: dict[str, int] = {"gguf": 3860, "safetensors": 600, "none": 0}
-# glibc keeps freed chunks below its (dynamic, <= 32 MiB) mmap threshold in the heap, so RSS rises above the bytes
-# torch holds at the peak. Calibrated as measured peak RSS minus every other term, over the CPU runs of the
-# benchmark (contexts 512-8192, fp32/bf16, KV auto/int8).
-ALLOCATOR_SLACK: dict[str, tuple[float, int]] = {"cpu": (1.0, 0), "cuda": (1.0, 0)}  # (× activation, + bytes)
+# -- calibration (benchmarks/estimate_accuracy.py measures each constant; results/estimate_accuracy.json) ----------
+# The runtime itself, whatever the model. CPU: RSS of a fresh process that imported kvbound.cli.app (Python, torch,
+#   tokenizers, typer, rich) and ran one forward of a tiny random model — the first meta-device model and the first
+#   forward make torch import and initialize ~85 MiB more (the benchmark's "runtime" child: 322.9 MiB on Linux
+#   x86-64, Python 3.11, torch 2.13 CPU). CUDA: the target is torch.cuda.max_memory_allocated, which counts tensors
+#   only; what the runtime adds there is cuBLAS's workspace, taken from torch's caching allocator on the first
+#   matmul (the same child on an H200, torch 2.11+cu130: 32.0 MiB).
+RUNTIME_BASELINE_BYTES: dict[str, int] = {"cpu": 323 << 20, "cuda": 32 << 20}
+# Loading, per vocabulary entry of the checkpoint (LLM drops the file reader once the weights are in):
+# - while loading: the gguf package parses every token and merge into numpy views (tokenizer.json is parsed in
+#   Rust), and a GGUF's tensor data is memory-mapped (file_tensor_bytes, resident once dequantized) — a run's peak
+#   RSS at the end of kvbound.load() minus its RSS then and the mapped bytes;
+# - what stays: the tokenizer and the heap around it — a run's RSS after kvbound.load() minus runtime and weights.
+# The benchmark's medians over its 16 CPU runs of SmolLM2 (49,152 entries): GGUF 3,288 and 487 bytes;
+# safetensors (the same vocabulary as tokenizer.json) 24 and 110 bytes.
+LOADING_BYTES_PER_VOCAB_ENTRY: dict[str, int] = {"gguf": 3288, "safetensors": 24, "none": 0}
+TOKENIZER_BYTES_PER_VOCAB_ENTRY: dict[str, int] = {"gguf": 487, "safetensors": 110, "none": 0}
+# glibc malloc: freeing an mmapped chunk raises the mmap threshold to that chunk's size (up to 32 MiB) and the heap
+# then keeps up to twice the threshold free before it trims, so a turn's RSS peak exceeds the bytes torch holds by
+# about twice its largest tensor, plus fragmentation: 18 MiB fits the turns the benchmark isolates (the RSS
+# high-water mark is reset after loading) within ±10 MiB. CUDA's max_memory_allocated counts requested bytes.
+GLIBC_MMAP_THRESHOLD_MAX = 32 << 20
+HEAP_FRAGMENTATION_BYTES: dict[str, int] = {"cpu": 18 << 20, "cuda": 0}
 DEVICE_TYPES = ("cpu", "cuda")
 
 
@@ -60,9 +68,12 @@ class Estimate:
     workspace_bytes: int  # each pool's gather/dequantize scratch (quantized KV)
     activation_peak_bytes: int  # one prefill chunk at full context, allocator slack included
     runtime_bytes: int  # the runtime itself (see RUNTIME_BASELINE_BYTES)
-    loader_bytes: int  # checkpoint metadata + tokenizer + the memory-mapped file's resident pages
-    baseline_bytes: int  # runtime_bytes + loader_bytes
-    total_peak_bytes: int
+    tokenizer_bytes: int  # what loading leaves besides the weights: the tokenizer
+    baseline_bytes: int  # runtime_bytes + tokenizer_bytes: resident before any session
+    loader_bytes: int  # held only while loading: parsed checkpoint metadata, the file's mapped pages
+    load_peak_bytes: int  # baseline + loader + weights: the peak while loading
+    run_peak_bytes: int  # baseline + weights + KV + cache metadata + workspace + activations: the peak of a turn
+    total_peak_bytes: int  # the larger of the two
     max_context_tokens: int  # longest context the budget allows (KV budget, memory budget, or the model's limit)
     kv_budget_bytes: int | None = None
     memory_budget_bytes: int | None = None
@@ -132,8 +143,8 @@ def _source(model: Any) -> _Source:
         from kvbound.loading import open_checkpoint
 
         model = open_checkpoint(model)
-    # GGUF weights are dequantized from a memory map that stays open with the tokenizer; safetensors files are
-    # mapped one tensor at a time and closed.
+    # GGUF weights are dequantized from one memory map of the file, open until the load ends; safetensors files
+    # are mapped one tensor at a time.
     mapped = model.file_tensor_bytes if model.format == "gguf" else 0
     return _Source(model.config, model.format, mapped)
 
@@ -172,20 +183,25 @@ def _estimate(context: int | None, source: _Source, kv_dtype: str, kv_budget: in
     # Every read of a quantized cache dequantizes into the pool's scratch, allocated on first use and kept.
     workspace = scratch_bytes(spec, pool.num_blocks) if spec.quantized else 0
     held = min(context, cache.capacity)
+    chunk = prefill_chunk(chunk, cache.capacity, cache.policy.evicts)  # the step the chat will use
     activation = activation_peak(config, spec, min(chunk, held), held, device, cache.policy.needs_attention)
     weights = config.num_params * FLOAT_DTYPES[compute].itemsize
     runtime = RUNTIME_BASELINE_BYTES[device]
-    loader = 0
+    tokenizer = loader = 0
     if device == "cpu":  # device memory holds none of this
-        loader = config.vocab_size * METADATA_BYTES_PER_VOCAB_ENTRY[source.format] + source.mapped_bytes
-    total = (runtime + loader + weights + sessions * (kv_session + metadata + workspace) + activation)
+        tokenizer = config.vocab_size * TOKENIZER_BYTES_PER_VOCAB_ENTRY[source.format]
+        loader = config.vocab_size * LOADING_BYTES_PER_VOCAB_ENTRY[source.format] + source.mapped_bytes
+    baseline = runtime + tokenizer
+    load_peak = baseline + loader + weights
+    run_peak = baseline + weights + sessions * (kv_session + metadata + workspace) + activation
     return Estimate(
         model=config.name, format=source.format, device=device, dtype=compute, kv_dtype=spec.dtype, context=context,
         capacity_tokens=cache.capacity, chunk=chunk, sessions=sessions, weights_bytes=weights,
         kv_bytes=sessions * kv_session, kv_bytes_per_token=spec.bytes_per_token, kv_bytes_per_session=kv_session,
         cache_metadata_bytes=sessions * metadata, workspace_bytes=sessions * workspace,
-        activation_peak_bytes=activation, runtime_bytes=runtime, loader_bytes=loader,
-        baseline_bytes=runtime + loader, total_peak_bytes=total, max_context_tokens=cache.capacity,
+        activation_peak_bytes=activation, runtime_bytes=runtime, tokenizer_bytes=tokenizer, baseline_bytes=baseline,
+        loader_bytes=loader, load_peak_bytes=load_peak, run_peak_bytes=run_peak,
+        total_peak_bytes=max(load_peak, run_peak), max_context_tokens=cache.capacity,
         kv_budget_bytes=parse_size(kv_budget) if kv_budget is not None else None)
 
 
@@ -204,48 +220,67 @@ def scratch_bytes(spec: KVSpec, num_blocks: int) -> int:
 
 def activation_peak(config: ModelConfig, spec: KVSpec, tokens: int, keys: int, device: str,
                     observes: bool = False) -> int:
-    """Resident bytes a forward step of `tokens` queries over `keys` keys adds at its peak: the tensors'
-    bytes (activation_bytes) plus what the allocator keeps around them (ALLOCATOR_SLACK, per platform)."""
-    factor, extra = ALLOCATOR_SLACK[device]
-    return int(activation_bytes(config, spec, tokens, keys, device, observes) * factor) + extra
+    """Memory a forward step of `tokens` queries over `keys` keys adds at its peak on `device`: the bytes its
+    tensors take (activation_bytes) plus what the allocator keeps around them (see HEAP_FRAGMENTATION_BYTES)."""
+    held, largest = _step_bytes(config, spec, tokens, keys, device, observes)
+    if device != "cpu":
+        return held
+    return held + 2 * min(largest, GLIBC_MMAP_THRESHOLD_MAX) + HEAP_FRAGMENTATION_BYTES[device]
 
 
 def activation_bytes(config: ModelConfig, spec: KVSpec, tokens: int, keys: int, device: str = "cpu",
                      observes: bool = False) -> int:
     """Bytes torch holds at the peak of one forward step of `tokens` queries over `keys` held keys (new ones
-    included), weights and KV pool excluded. From shapes, following models/llama.py and kvcache/paged.py:
+    included), weights and KV pool excluded, derived from the shapes in models/llama.py and kvcache/paged.py."""
+    return _step_bytes(config, spec, tokens, keys, device, observes)[0]
 
-    alive through the layer loop: the residual stream x and the block output added to it, cos/sin, the causal
-    mask (T, S) bool; then the larger of the attention phase (normed input, q/k/v, the mask converted to the
-    compute dtype inside SDPA, SDPA's workspace and output, K/V converted when the pool stores another float
-    type, the eviction scores' (n_kv, G*32, S) float logits) and the MLP phase (gate→silu, up, their product).
-    """
+
+def _step_bytes(config: ModelConfig, spec: KVSpec, tokens: int, keys: int, device: str,
+                observes: bool) -> tuple[int, int]:
+    """(bytes at the peak, the largest single tensor). Alive through the layer loop: the residual stream x and
+    the block output added to it, cos/sin, the causal mask (T, S) bool. On top, the larger of the attention
+    phase (normed input, q/k/v, the mask converted to the compute dtype inside SDPA, SDPA's workspace and output,
+    K/V converted when the pool stores another float type, the eviction scores' (G*32, S) float logits) and the
+    MLP phase (gate→silu, up, their product: 3 × (T, I))."""
     T, S, e = tokens, keys, spec.compute_element_bytes
     H, I, D = config.hidden_size, config.intermediate_size, config.head_dim
     q_width, kv_width = config.num_heads * D, config.num_kv_heads * D
-    persistent = 2 * T * H * e + 2 * T * D * e + (T * S if T > 1 else 0)  # x, block out, cos/sin, mask
+    mask = T * S if T > 1 else 0  # decode steps need no mask
+    persistent = 2 * T * H * e + 2 * T * D * e + mask
     attention = T * H * e + T * (q_width + 2 * kv_width) * e + 2 * T * q_width * e  # norm out, q/k/v, sdpa out + o
-    if T > 1:
-        attention += T * S * e  # SDPA turns the bool mask into an additive one in the compute dtype
-    attention += _sdpa_workspace(T, S, q_width, kv_width, spec.compute_dtype, device)
+    attention += mask * e  # SDPA turns the bool mask into an additive one in the compute dtype
+    workspace, sdpa_largest = _sdpa_workspace(config, T, S, spec.compute_dtype, device)
+    attention += workspace
+    converted = 0
     if not spec.quantized and spec.dtype != spec.compute_dtype:
-        attention += 2 * S * kv_width * e  # K and V read from the pool and converted to the compute dtype
+        converted = S * kv_width * e  # K and V each read from the pool and converted to the compute dtype
+        attention += 2 * converted
+    scores = 0
     if observes:
-        rows = config.num_heads * min(T, SCORE_QUERIES)
-        attention += 2 * rows * S * 4  # eviction scores: logits and their softmax in fp32
+        scores = config.num_heads * min(T, SCORE_QUERIES) * S * 4  # eviction scores: logits, softmax, in fp32
+        attention += 2 * scores
     mlp = T * H * e + 3 * T * I * e
     logits = config.vocab_size * (e + 4)  # the last position's logits, then as float32
-    return persistent + max(attention, mlp) + logits
+    largest = max(mask * e, sdpa_largest, converted, scores, T * I * e, T * H * 4, logits)
+    return persistent + max(attention, mlp) + logits, largest
 
 
-def _sdpa_workspace(T: int, S: int, q_width: int, kv_width: int, compute: str, device: str) -> int:
-    """Scratch of F.scaled_dot_product_attention beyond its output, as measured with torch.profiler (torch 2.13).
+def _sdpa_workspace(config: ModelConfig, T: int, S: int, compute: str, device: str) -> tuple[int, int]:
+    """(bytes, largest tensor) of F.scaled_dot_product_attention's scratch beyond its output with a boolean mask
+    and grouped KV heads, as torch.profiler / max_memory_allocated measured it (torch 2.11-2.13):
 
-    CPU (flash kernel): per-split accumulators, about half a query block; bf16 with 64+ queries also packs
-    K and V (for its brgemm kernels) — a full copy of both.
+    CPU flash kernel: per-split accumulators, about half a query block; bf16 with 64+ queries also packs K and V
+    for its brgemm kernels (a copy of both). CUDA: bf16/fp16 run cuDNN attention (flash and memory-efficient
+    refuse a mask with grouped heads), whose scratch is small; fp32 falls back to the math path, which expands
+    K and V to every query head and materializes the scores and probabilities (H, T, S).
     """
     e = FLOAT_DTYPES[compute].itemsize
-    workspace = T * q_width * e // 2
+    q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    workspace, largest = T * q_width * e // 2, T * q_width * e // 2
     if device == "cpu" and compute == "bf16" and T >= 64:
-        workspace += 2 * S * kv_width * e
-    return workspace
+        workspace, largest = workspace + 2 * S * kv_width * e, max(largest, S * kv_width * e)
+    if device == "cuda" and compute == "fp32":
+        scores = config.num_heads * T * S * e
+        workspace += 2 * scores + 3 * S * q_width * e + (T * S * e if T > 1 else 0)
+        largest = max(largest, scores)
+    return workspace, largest

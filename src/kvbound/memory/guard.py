@@ -16,7 +16,7 @@ from kvbound.memory.estimate import activation_peak, scratch_bytes
 
 logger = logging.getLogger("kvbound.memory")
 DEFAULT_THRESHOLDS = (0.8, 0.95)
-SUGGESTION = "use --kv-dtype int8 (or int4), a smaller --kv-budget or --chunk, or send a shorter message"
+SUGGESTION = "use --kv-dtype int8 (or int4), a smaller --kv-budget, or send a shorter message"
 
 
 class MemoryWarning(UserWarning):
@@ -67,8 +67,8 @@ class MemoryGuard:
                 fraction = used_bytes / self.budget_bytes
                 events.append(MemoryEvent(
                     kind, used_bytes, self.budget_bytes, fraction,
-                    f"{self.what} use {format_bytes(used_bytes)} is {fraction:.0%} of the {format_bytes(self.budget_bytes)} "
-                    f"budget (crossed {threshold:.0%})", threshold))
+                    f"{self.what} use {format_bytes(used_bytes)} is {fraction:.0%} of the "
+                    f"{format_bytes(self.budget_bytes)} budget (crossed {threshold:.0%})", threshold))
             self._armed[i] = not above
         for event in events:
             self._emit(event)
@@ -79,7 +79,7 @@ class MemoryGuard:
         """Let a turn whose predicted peak is `predicted_peak_bytes` run, first climbing `ladder` (name, relief)
         rungs while it does not fit; return the names of the rungs used. Raise MemoryBudgetExceeded if it still
         does not fit (nothing of the turn has run, so the session stays usable)."""
-        used = devices.rss_bytes() if used_bytes is None else used_bytes
+        used = devices.rss_bytes() if used_bytes is None else used_bytes  # CUDA callers pass allocated bytes
         needed, applied = predicted_peak_bytes, []
         for name, relief in ladder:
             if needed <= self.budget_bytes:
@@ -106,16 +106,46 @@ class MemoryGuard:
             fn(event)
 
 
-def predict_turn_peak(llm: Any, cache: Any, new_tokens: int, used_bytes: int | None = None) -> int:
+def predict_turn_peak(llm: Any, cache: Any, new_tokens: int, used_bytes: int | None = None,
+                      chunk: int | None = None) -> int:
     """Predicted peak of the process (CPU: RSS; CUDA: allocated device bytes) while `cache` takes `new_tokens`
-    more tokens through `llm`: what is in use now plus the largest step's activations (prefill chunks see up to
-    the cache's capacity) plus a scratch the pool has yet to allocate. The KV pool is preallocated: no growth."""
+    more tokens through `llm` in prefill steps of `chunk` (default: the runner's): what is in use now plus the
+    largest step's activations plus a scratch the pool has yet to allocate. The KV pool is preallocated."""
     device = llm.device.type
-    if used_bytes is None:
-        used_bytes = devices.rss_bytes() if device == "cpu" else devices.device_memory(llm.device).allocated_bytes
+    used_bytes = devices.usage_bytes(llm.device) if used_bytes is None else used_bytes
     spec, pool = cache.spec, cache.pool
     keys = min(cache.num_tokens + new_tokens, cache.capacity)
-    step = max(1, min(llm.runner.chunk, new_tokens, keys))
+    step = max(1, min(chunk or llm.runner.chunk, new_tokens, keys))
     transient = activation_peak(llm.config, spec, step, keys, device, cache.policy.needs_attention)
     pending_scratch = scratch_bytes(spec, pool.num_blocks) if spec.quantized and not pool.workspace_bytes else 0
     return used_bytes + transient + pending_scratch
+
+
+def fitting_chunk(llm: Any, cache: Any, new_tokens: int, budget_bytes: int, used_bytes: int | None = None) -> int:
+    """The largest prefill chunk (halving from the runner's) whose predicted turn peak fits `budget_bytes`; 0 if
+    not even one token at a time fits. A first, lossless rung of the relief ladder: activations shrink with
+    the chunk while the conversation stays whole."""
+    used_bytes = devices.usage_bytes(llm.device) if used_bytes is None else used_bytes
+    chunk = llm.runner.chunk
+    while chunk >= 1:
+        if predict_turn_peak(llm, cache, new_tokens, used_bytes, chunk) <= budget_bytes:
+            return chunk
+        chunk //= 2
+    return 0
+
+
+def admit_turn(guard: MemoryGuard, llm: Any, cache: Any, new_tokens: int, chunk: int | None = None,
+               ladder: Sequence[tuple[str, Relief]] = (), used_bytes: int | None = None) -> tuple[int, int]:
+    """Admit a turn that prefills `new_tokens` into `cache` under `guard`'s budget; return (the prefill chunk to
+    use, the predicted peak). The chunk is `chunk` (default: the runner's) if the turn fits, else the largest
+    smaller one that fits (lossless); else `ladder`'s rungs run; else MemoryBudgetExceeded, before any work."""
+    used = devices.usage_bytes(llm.device) if used_bytes is None else used_bytes
+    chunk = chunk or llm.runner.chunk
+    predicted = predict_turn_peak(llm, cache, new_tokens, used, chunk)
+    if predicted > guard.budget_bytes:
+        smaller = fitting_chunk(llm, cache, new_tokens, guard.budget_bytes, used)
+        if smaller:
+            chunk = min(chunk, smaller)
+            predicted = predict_turn_peak(llm, cache, new_tokens, used, chunk)
+    guard.admit(predicted, used_bytes=used, ladder=ladder)
+    return chunk, predicted

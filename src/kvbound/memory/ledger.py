@@ -1,12 +1,12 @@
-"""Live accounting of one chat session: KV reserved/used (the pool's real tensor bytes), tokens held / evicted /
-quantized / summarized from the cache's receipts, the process's RSS and device figures, and a forecast of how
-many more turns fit. Reads the cache and the OS; changes nothing."""
+"""Live accounting: per chat session, KV reserved/used (the pool's real tensor bytes), tokens held / evicted /
+quantized / summarized from the cache's receipts and a forecast of how many more turns fit; per process, weights,
+every live pool once, RSS and device figures. Reads caches and the OS; changes nothing."""
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterable
 
 from kvbound.memory import devices
 
@@ -86,3 +86,36 @@ class Ledger:
             activation_peak_bytes=self.activation_peak_bytes, rss_bytes=devices.rss_bytes(),
             peak_rss_bytes=devices.peak_rss_bytes(), device_allocated_bytes=device.allocated_bytes,
             device_free_bytes=device.free_bytes, turns_left_forecast=turns_left, forecast=text)
+
+
+@dataclass(frozen=True)
+class ProcessMemory:
+    weights_bytes: int
+    kv_reserved_bytes: int  # every live pool once (shared pools are shared), residual windows included
+    kv_used_bytes: int  # blocks holding tokens, over all live caches
+    sessions: int
+    workspace_bytes: int  # the pools' gather/dequantize scratch allocated so far
+    rss_bytes: int
+    peak_rss_bytes: int
+    device_allocated_bytes: int
+    device_peak_allocated_bytes: int
+    device_free_bytes: int
+    nvml_used_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def process_memory(llm: Any, caches: Iterable[Any]) -> ProcessMemory:
+    """The process's figures with `caches` (the live sessions' caches) counted, each pool once."""
+    caches = list(caches)
+    pools = {id(c.pool): c.pool for c in caches}.values()
+    residual = sum(c.spec.residual_bytes for c in caches)
+    device = devices.device_memory(llm.device)
+    return ProcessMemory(
+        weights_bytes=sum(p.nbytes for p in llm.model.parameters()),
+        kv_reserved_bytes=sum(p.nbytes for p in pools) + residual, kv_used_bytes=sum(c.nbytes for c in caches),
+        sessions=len(caches), workspace_bytes=sum(p.workspace_bytes for p in pools), rss_bytes=devices.rss_bytes(),
+        peak_rss_bytes=devices.peak_rss_bytes(), device_allocated_bytes=device.allocated_bytes,
+        device_peak_allocated_bytes=device.peak_allocated_bytes, device_free_bytes=device.free_bytes,
+        nvml_used_bytes=device.nvml_used_bytes)
