@@ -307,6 +307,9 @@ def _print_turn(record: dict[str, Any], json_output: bool) -> None:
     recall = ""
     if "recalled" in record:
         recall = " · [green]recalled[/]" if record["recalled"] else " · [red]not recalled[/]"
+    evicted = record.get("receipt", {}).get("evicted_tokens", 0)
+    recall += f" · [yellow]evicted {evicted:,}[/]" if evicted else ""
+    recall += "".join(f" · [red]{escape(e['kind'])}: {e['fraction']:.0%} of budget[/]" for e in record.get("mem_events", []))
     preview = " ".join(record["reply"].split())
     preview = preview if len(preview) <= 60 else preview[:59] + "…"
     out.print(f"turn {record['turn']:>3} · +{record['prompt_tokens']:,} prompt · {record['reply_tokens']} reply · "
@@ -419,6 +422,11 @@ def _fail(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI. Bad input of any kind ends in one `error: ...` line on stderr and exit code 2, no traceback
     (set KVBOUND_DEBUG=1 to get the traceback of a kvbound/ValueError/OSError instead)."""
+    import warnings
+
+    from kvbound.memory.guard import MemoryWarning
+
+    warnings.filterwarnings("ignore", category=MemoryWarning)  # the commands print memory events themselves
     try:
         code = app(args=argv, prog_name="kvbound", standalone_mode=False)
     except typer.TyperException as e:  # the parser's: unknown flag, bad value, missing option
