@@ -14,7 +14,7 @@ import torch
 from kvbound.chat.session import Chat, Reply, sampling_params
 from kvbound.config import CacheConfig, ModelConfig
 from kvbound.engine.generate import Generation, stream_tokens
-from kvbound.engine.runner import DEFAULT_CHUNK, Runner
+from kvbound.engine.runner import DEFAULT_CHUNK, Runner, prefill_chunk
 from kvbound.errors import ContextOverflowError
 from kvbound.kvcache.factory import build_cache, build_pool, cache_spec, reserved_bytes
 from kvbound.kvcache.pool import BlockPool
@@ -140,33 +140,41 @@ class LLM:
                  cache: CacheConfig | None = None, **sampling: Any) -> Reply:
         """One user message through the chat template (or `raw` text completion) in a fresh cache."""
         if raw:
-            for _ in self.stream_raw(prompt, cache=cache, **sampling):
+            completion = self.stream_raw(prompt, cache=cache, **sampling)
+            for _ in completion:
                 pass
-            return self.last_raw_reply
+            return completion.reply
         return self.chat(system=system, cache=cache).send(prompt, **sampling)
 
-    def stream_raw(self, prompt: str, *, cache: CacheConfig | None = None, **sampling: Any) -> Iterator[str]:
+    def stream_raw(self, prompt: str, *, cache: CacheConfig | None = None, **sampling: Any) -> "Completion":
+        """A plain-text completion (no chat template): iterate it for text pieces; `.reply` holds the Reply after."""
         if not isinstance(prompt, str) or not prompt:
             raise ValueError("the prompt is empty; give some text to complete")
-        params = sampling_params(**sampling)
+        completion = Completion()
+        completion.pieces = self._complete(prompt, cache, sampling_params(**sampling), completion)
+        return completion
+
+    def _complete(self, prompt: str, cache: CacheConfig | None, params, completion: "Completion") -> Iterator[str]:
         started = time.perf_counter()
         ids = self.tokenizer.encode(prompt, add_special=True)
         kv = self.new_cache(cache)
-        if not kv.policy.evicts and len(ids) + 1 > kv.capacity:
-            raise ContextOverflowError(f"the prompt is {len(ids)} tokens and the KV cache holds {kv.capacity}; "
-                                       "shorten the prompt, raise the KV budget or choose an evicting policy",
-                                       needed=len(ids) + 1, available=kv.capacity)
-        logits = self.runner.prefill(ids, kv)
-        result = Generation(prefill_s=time.perf_counter() - started)
-        yield from stream_tokens(self.runner, self.tokenizer, kv, logits, params, ids, result)
-        decoded = max(len(result.token_ids) - 1, 0)
-        self.last_raw_reply = Reply(
-            text=result.text, token_ids=result.token_ids, prompt_tokens=len(ids), context_tokens=kv.num_tokens,
-            kv_bytes=kv.nbytes, elapsed_s=time.perf_counter() - started,
-            finish_reason=result.finish_reason, ttft_s=result.prefill_s,
-            decode_tokens_per_s=decoded / result.decode_s if result.decode_s > 0 else 0.0,
-            receipt=asdict(kv.receipt()))
-        kv.free()
+        try:
+            if not kv.policy.evicts and len(ids) + 1 > kv.capacity:
+                raise ContextOverflowError(f"the prompt is {len(ids)} tokens and the KV cache holds {kv.capacity}; "
+                                           "shorten the prompt, raise the KV budget or choose an evicting policy",
+                                           needed=len(ids) + 1, available=kv.capacity)
+            logits = self.runner.prefill(ids, kv, prefill_chunk(self.runner.chunk, kv.capacity, kv.policy.evicts))
+            result = Generation(prefill_s=time.perf_counter() - started)
+            yield from stream_tokens(self.runner, self.tokenizer, kv, logits, params, ids, result)
+            decoded = max(len(result.token_ids) - 1, 0)
+            completion.reply = Reply(
+                text=result.text, token_ids=result.token_ids, prompt_tokens=len(ids), context_tokens=kv.num_tokens,
+                kv_bytes=kv.nbytes, elapsed_s=time.perf_counter() - started,
+                finish_reason=result.finish_reason, ttft_s=result.prefill_s,
+                decode_tokens_per_s=decoded / result.decode_s if result.decode_s > 0 else 0.0,
+                receipt=asdict(kv.receipt()))
+        finally:
+            kv.free()
 
     def info(self) -> ModelInfo:
         c = self.config
@@ -178,6 +186,20 @@ class LLM:
             kv_bytes_per_token=int(self.kv_spec.bytes_per_token),
             weights_bytes=sum(p.nbytes for p in self.model.parameters()),
             file_tensor_types=dict(self.checkpoint.tensor_types))
+
+
+class Completion:
+    """The text pieces of a raw completion as they are generated; `reply` is set once they are exhausted."""
+
+    def __init__(self) -> None:
+        self.pieces: Iterator[str] = iter(())
+        self.reply: Reply | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self.pieces
+
+    def close(self) -> None:
+        self.pieces.close()
 
 
 def _trim_heap() -> None:

@@ -164,7 +164,7 @@ def generate(
                                    f"{'' if raw else ' with the chat template'} and the context holds "
                                    f"{e.available:,}; shorten the prompt{cache.overflow_hint(llm.config.max_context)}",
                                    needed=e.needed, available=e.available) from None
-    reply: Reply = llm.last_raw_reply if session is None else session.last_reply
+    reply: Reply = pieces.reply if session is None else session.last_reply
     if json_output:
         write(json.dumps({"model": llm.config.name, **reply.to_dict()}, ensure_ascii=False) + "\n")
         return
