@@ -1,0 +1,266 @@
+"""Shared helpers for the benchmark suites: thread pinning, machine facts, timing, RSS, results on disk,
+a small progress bar. Only the standard library at import time, so peer scripts in other venvs use it too."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository root
+BENCH = ROOT / "benchmarks"
+RESULTS = BENCH / "results"
+VENVS = BENCH / ".venvs"
+SHARED_DATA = Path("/work/shared/data")
+THREADS = 1  # every system in every suite runs on one thread: on a shared 2-core box more threads only add noise
+
+
+def pin_threads(threads: int = THREADS) -> int:
+    """Pin BLAS/OpenMP to `threads` before torch is imported, and torch itself if it already is."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(threads)
+        except RuntimeError:  # already set once in this process
+            pass
+    return threads
+
+
+def data_file(relative: str) -> Path:
+    """A data file from the repo's data/ (or examples/), else the shared copy."""
+    for base in (ROOT / "data", ROOT / "examples", SHARED_DATA):
+        for candidate in (base / relative, base / Path(relative).name):
+            if candidate.is_file():
+                return candidate
+    raise FileNotFoundError(f"{relative} is neither under {ROOT / 'data'} nor under {SHARED_DATA}")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# -- machine facts ---------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "fma", "f16c")
+                return [f for f in line.split(":", 1)[1].split() if f in wanted]
+    except OSError:
+        pass
+    return []
+
+
+def command_line() -> str:
+    """The command as typed: `python -m benchmarks.decode --quick` rather than the module's file path."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        head = f"-m {spec.name}"
+    else:
+        script = Path(sys.argv[0]).resolve()
+        head = str(script.relative_to(ROOT)) if script.is_relative_to(ROOT) else sys.argv[0]
+    return " ".join(["python", head, *(shlex.quote(a) for a in sys.argv[1:])])
+
+
+def machine_info(threads: int = THREADS) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "logical_cores": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "threads": threads,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line(),
+        "executable": sys.executable,
+    }
+    from importlib import metadata
+
+    for dist in ("torch", "transformers", "kvbound", "kvpress", "llama-cpp-python"):
+        try:
+            info[f"{dist.replace('-', '_')}_version"] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["torch_threads"] = torch.get_num_threads()
+    return info
+
+
+# -- memory ----------------------------------------------------------------------------------------------------
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far: VmHWM, which starts afresh at exec. (ru_maxrss does not:
+    a child started from a big parent inherits the parent's peak.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def mib(n: float | int | None) -> float | None:
+    return None if n is None else round(n / 2**20, 2)
+
+
+# -- timing ----------------------------------------------------------------------------------------------------
+def timed(fn: Callable[[], Any], warmup: int = 1, repeat: int = 3) -> dict[str, float]:
+    """Run `fn` warmup+repeat times; seconds of the repeats (min is the figure least hurt by other processes)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return {"min_s": min(times), "median_s": statistics.median(times), "repeat": repeat}
+
+
+@contextmanager
+def stopwatch() -> Iterator[dict[str, float]]:
+    box: dict[str, float] = {}
+    start = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box["s"] = time.perf_counter() - start
+
+
+@contextmanager
+def progress(total: int, description: str) -> Iterator[Callable[..., None]]:
+    """A one-line progress bar on stderr; yields `advance(n=1, note='')`. Falls back to plain lines."""
+    try:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:
+        done = [0]
+
+        def advance(n: int = 1, note: str = "") -> None:
+            done[0] += n
+            print(f"[{description}] {done[0]}/{total} {note}", file=sys.stderr, flush=True)
+
+        yield advance
+        return
+    from rich.console import Console
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[note]}"))
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task(description, total=total, note="")
+
+        def advance(n: int = 1, note: str = "") -> None:
+            bar.update(task, advance=n, note=note)
+
+        yield advance
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- results ---------------------------------------------------------------------------------------------------
+def write_result(name: str, payload: dict[str, Any], threads: int = THREADS) -> Path:
+    """benchmarks/results/NAME.json with the machine facts and the exact command next to the numbers."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    body = {"suite": name, "machine": machine_info(threads), **payload}
+    body["machine"]["peak_rss_mib"] = mib(peak_rss_bytes())
+    path.write_text(json.dumps(body, indent=2, default=_jsonable) + "\n")
+    log(f"wrote {path.relative_to(ROOT)}")
+    return path
+
+
+def finish(name: str, result: dict[str, Any], quick: bool, markdown: Callable[[dict[str, Any]], str]) -> int:
+    """A suite's last step: its JSON on disk, its tables on stdout."""
+    result["quick"] = quick
+    write_result(name, result)
+    print(markdown(result))
+    return 0
+
+
+def read_result(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, set):
+        return sorted(value)
+    return str(value)
+
+
+# -- subprocesses ----------------------------------------------------------------------------------------------
+def venv_python(name: str) -> Path:
+    return VENVS / name / "bin" / "python"
+
+
+def run_python(python: Path | str, args: list[str], threads: int = THREADS, timeout: float | None = None,
+               capture: bool = False) -> subprocess.CompletedProcess:
+    """Run a benchmark script in its own process (clean RSS, its own venv), threads pinned by environment."""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+        env[var] = str(threads)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env.pop("VIRTUAL_ENV", None)
+    return subprocess.run([str(python), *args], cwd=ROOT, env=env, timeout=timeout, check=False,
+                          stdout=subprocess.PIPE if capture else None, text=True)
+
+
+def hf_cache_kwarg(model) -> str:
+    """transformers 5.3+ names the cache argument `cache`; older versions `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if v is None:
+            return "—"
+        if isinstance(v, float):
+            return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

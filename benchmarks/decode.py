@@ -1,0 +1,306 @@
+"""Prefill and decode speed at long contexts: kvbound (KV fp32/bf16/int8/int4) against transformers on the same
+GGUF (dequantized to fp32), DynamicCache and StaticCache (and QuantizedCache where its backend is installed).
+
+Every system runs in this one process on one thread, interleaved per context (A, B, C, A, B, C, ...); the
+reported time is the best of the repeats, the figure least disturbed by other processes on a shared machine.
+
+    python -m benchmarks.decode [--quick] [--contexts 512 2048 8192] [--tokens 32] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from benchmarks import common
+
+SUITE = "decode"
+KV_DTYPES = ("fp32", "bf16", "int8", "int4")
+BASELINE = "transformers DynamicCache"
+BF16_WEIGHTS = "kvbound bf16 weights, KV bf16"
+
+
+@dataclass
+class Run:
+    prefill_s: float
+    decode_s: float
+    decoded: int
+    tokens: list[int]
+    kv_bytes: int
+
+
+class KvboundSystem:
+    def __init__(self, llm, kv_dtype: str, name: str | None = None):
+        self.llm, self.kv_dtype = llm, kv_dtype
+        self.name = name or f"kvbound KV {kv_dtype}"
+
+    def run(self, ids: list[int], decode_tokens: int) -> Run:
+        import torch
+        from kvbound.config import CacheConfig
+
+        runner = self.llm.runner
+        cache = self.llm.new_cache(CacheConfig(dtype=self.kv_dtype, tokens=len(ids) + decode_tokens + 1))
+        try:
+            t0 = time.perf_counter()
+            logits = runner.prefill(ids, cache)
+            token = int(torch.argmax(logits))
+            t1 = time.perf_counter()
+            out = [token]
+            for _ in range(decode_tokens):
+                token = int(torch.argmax(runner.decode(token, cache)))
+                out.append(token)
+            t2 = time.perf_counter()
+            return Run(t1 - t0, t2 - t1, decode_tokens, out, cache.nbytes)
+        finally:
+            cache.free()
+
+
+class TransformersSystem:
+    def __init__(self, model, kind: str, make_cache: Callable[[int], Any]):
+        self.model, self.kind, self.make_cache = model, kind, make_cache
+        self.name = f"transformers {kind}"
+
+    def run(self, ids: list[int], decode_tokens: int) -> Run:
+        import torch
+
+        model = self.model
+        cache = self.make_cache(len(ids) + decode_tokens + 1)
+        kw = {common.hf_cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            inp = torch.tensor([ids])
+            position = torch.arange(len(ids))
+            out = model(input_ids=inp, cache_position=position, **kw)
+            token = int(torch.argmax(out.logits[0, -1]))
+            t1 = time.perf_counter()
+            tokens = [token]
+            for i in range(decode_tokens):
+                pos = torch.tensor([len(ids) + i])
+                out = model(input_ids=torch.tensor([[token]]), cache_position=pos, **kw)
+                token = int(torch.argmax(out.logits[0, -1]))
+                tokens.append(token)
+            t2 = time.perf_counter()
+        return Run(t1 - t0, t2 - t1, decode_tokens, tokens, hf_cache_bytes(cache))
+
+
+class LlamaCppSystem:
+    """llama-cpp-python in its own venv and process (benchmarks/peers/llamacpp_decode.py), same GGUF, same ids."""
+
+    script = common.BENCH / "peers" / "llamacpp_decode.py"
+
+    def __init__(self, model_path, kv: str):
+        self.model_path, self.kv = model_path, kv
+        self.name = f"llama.cpp KV {kv}"
+        self.last: dict[str, Any] = {}
+
+    @staticmethod
+    def available() -> tuple[bool, str]:
+        python = common.venv_python("llamacpp")
+        if not python.is_file():
+            return False, f"unavailable: no venv at {python.parent.parent} (see benchmarks/peers/setup.sh)"
+        probe = common.run_python(python, ["-c", "import llama_cpp"], capture=True)
+        return (True, "") if probe.returncode == 0 else (False, "unavailable: llama_cpp does not import in its venv")
+
+    def run(self, ids: list[int], decode_tokens: int) -> Run:
+        import json
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ids_file, out = Path(tmp) / "ids.json", Path(tmp) / "out.json"
+            ids_file.write_text(json.dumps(ids))
+            proc = common.run_python(common.venv_python("llamacpp"), [
+                str(self.script), "--ids", str(ids_file), "--model", str(self.model_path), "--kv", self.kv,
+                "--tokens", str(decode_tokens), "--out", str(out)])
+            if proc.returncode != 0 or not out.is_file():
+                raise RuntimeError(f"{self.script.name} --kv {self.kv} exited with status {proc.returncode}")
+            self.last = json.loads(out.read_text())
+        r = self.last
+        return Run(r["prefill_s"], r["decode_s"], r["decoded"], r["tokens"], r["kv_bytes"])
+
+
+def hf_cache_bytes(cache) -> int:
+    """Bytes of the tensors a transformers cache holds (whatever its layer type keeps)."""
+    import torch
+
+    total, seen = 0, set()
+    for layer in getattr(cache, "layers", []):
+        for value in vars(layer).values():
+            items = value if isinstance(value, (list, tuple)) else [value]
+            for t in items:
+                if isinstance(t, torch.Tensor) and id(t) not in seen:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+    return total
+
+
+def load_transformers(model_path):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32)
+    return model.eval()
+
+
+def quantized_cache_backend() -> tuple[str | None, str]:
+    """transformers' QuantizedCache needs optimum-quanto or hqq; say which is importable, or why none."""
+    if importlib.util.find_spec("optimum") and importlib.util.find_spec("optimum.quanto"):
+        return "quanto", "optimum-quanto importable"
+    if importlib.util.find_spec("hqq"):
+        return "HQQ", "hqq importable"
+    return None, ("unavailable: transformers QuantizedCache needs optimum-quanto or hqq, neither is installed "
+                  "in the benchmark venv (no CPU wheel is installed here)")
+
+
+def build_systems(llm, hf, model_path, kv_dtypes=KV_DTYPES, peers: bool = True,
+                  llm_bf16=None) -> tuple[list, dict[str, str]]:
+    import transformers
+
+    systems: list = [KvboundSystem(llm, d) for d in kv_dtypes]
+    if llm_bf16 is not None:  # the same engine computing in bf16: half the weight bytes read per decoded token
+        systems.append(KvboundSystem(llm_bf16, "auto", name=BF16_WEIGHTS))
+    config = hf.config
+    systems.append(TransformersSystem(hf, "DynamicCache", lambda n: transformers.DynamicCache(config=config)))
+    systems.append(TransformersSystem(hf, "StaticCache",
+                                      lambda n: transformers.StaticCache(config=config, max_cache_len=n)))
+    unavailable = {}
+    backend, why = quantized_cache_backend()
+    if backend is None:
+        unavailable["transformers QuantizedCache"] = why
+    else:
+        systems.append(TransformersSystem(
+            hf, f"QuantizedCache({backend}, int4)",
+            lambda n: transformers.QuantizedCache(backend=backend, config=config, nbits=4)))
+    if peers:
+        ok, why = LlamaCppSystem.available()
+        if ok:
+            systems += [LlamaCppSystem(model_path, "f16"), LlamaCppSystem(model_path, "q8_0")]
+        else:
+            unavailable["llama.cpp"] = why
+    return systems, unavailable
+
+
+def prompt_ids(llm, count: int) -> list[int]:
+    text = common.data_file("texts/prideprejudice.txt").read_text()
+    ids = llm.tokenizer.encode(text[: count * 8], add_special=True)
+    if len(ids) < count:
+        raise ValueError(f"the text gives only {len(ids)} tokens, {count} are needed")
+    return ids[:count]
+
+
+def measure(contexts: list[int], decode_tokens: int, repeats: int, kv_dtypes=KV_DTYPES,
+            peers: bool = True, bf16_weights: bool = True) -> dict[str, Any]:
+    common.pin_threads()
+    import torch
+
+    torch.set_num_threads(common.THREADS)
+    import kvbound
+    import transformers  # noqa: F401  (its version goes into the machine facts)
+    from kvbound.loading import resolve_model
+
+    path = resolve_model()
+    llm = kvbound.load(path, dtype="fp32", device="cpu")
+    hf = load_transformers(path)
+    llm_bf16 = kvbound.load(path, dtype="bf16", device="cpu") if bf16_weights else None
+    max_context = llm.config.max_context
+    systems, unavailable = build_systems(llm, hf, path, kv_dtypes, peers, llm_bf16)
+    all_ids = prompt_ids(llm, max(contexts))
+
+    for system in systems:  # warm-up: first-call allocations, kernel selection (llama.cpp warms up per process)
+        if not isinstance(system, LlamaCppSystem):
+            system.run(all_ids[:64], 4)
+
+    rows: list[dict[str, Any]] = []
+    total = len(contexts) * repeats * len(systems)
+    with common.progress(total, "decode") as advance:
+        for context in contexts:
+            prefill = min(context, max_context - decode_tokens - 1)
+            ids = all_ids[:prefill]
+            best: dict[str, dict[str, Any]] = {}
+            for rep in range(repeats):
+                order = systems if rep % 2 == 0 else systems[::-1]  # A,B,C then C,B,A: no system always first
+                for system in order:
+                    run = system.run(ids, decode_tokens)
+                    entry = best.setdefault(system.name, {
+                        "system": system.name, "context": context, "prefill_tokens": prefill,
+                        "decode_tokens": decode_tokens, "prefill_s": [], "decode_s": [],
+                        "kv_bytes": run.kv_bytes, "tokens": run.tokens})
+                    entry["prefill_s"].append(run.prefill_s)
+                    entry["decode_s"].append(run.decode_s)
+                    if isinstance(system, LlamaCppSystem):
+                        entry["peak_rss_bytes"] = max(entry.get("peak_rss_bytes", 0), system.last["peak_rss_bytes"])
+                    advance(note=f"{context} {system.name}: {decode_tokens / run.decode_s:.1f} tok/s")
+            reference = best[BASELINE]
+            for entry in best.values():
+                entry["prefill_tok_s"] = prefill / min(entry["prefill_s"])
+                entry["decode_tok_s"] = decode_tokens / min(entry["decode_s"])
+                entry["prefill_vs_baseline"] = min(reference["prefill_s"]) / min(entry["prefill_s"])
+                entry["decode_vs_baseline"] = min(reference["decode_s"]) / min(entry["decode_s"])
+                entry["greedy_tokens_equal_to_baseline"] = _common_prefix(entry["tokens"], reference["tokens"])
+                rows.append(entry)
+    return {
+        "config": {"contexts": contexts, "decode_tokens": decode_tokens, "repeats": repeats,
+                   "model": str(path), "kvbound_compute_dtype": "fp32", "transformers_dtype": "float32",
+                   "kvbound_prefill_chunk": llm.runner.chunk, "transformers_prefill": "one forward pass",
+                   "llamacpp": "own process per run, n_batch 512, flash attention on, use_extra_bufts off",
+                   "in_process_peak_rss_bytes": common.peak_rss_bytes(),
+                   "baseline": BASELINE, "timing": "best of repeats, systems interleaved per context"},
+        "rows": rows,
+        "unavailable": unavailable,
+    }
+
+
+def _common_prefix(a: list[int], b: list[int]) -> str:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return f"{n}/{min(len(a), len(b))}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows = []
+    for r in result["rows"]:
+        rows.append([r["system"], r["context"], round(r["prefill_tok_s"], 1), f"{r['prefill_vs_baseline']:.2f}x",
+                     round(r["decode_tok_s"], 2), f"{r['decode_vs_baseline']:.2f}x", common.mib(r["kv_bytes"]),
+                     common.mib(r.get("peak_rss_bytes")), r["greedy_tokens_equal_to_baseline"]])
+    table = common.markdown_table(
+        ["system", "context", "prefill tok/s", "prefill vs HF Dynamic", "decode tok/s", "decode vs HF Dynamic",
+         "KV MiB", "own process peak RSS MiB", "greedy tokens = HF Dynamic"], rows)
+    notes = [f"- {name}: {why}" for name, why in result.get("unavailable", {}).items()]
+    cfg_rss = result["config"].get("in_process_peak_rss_bytes")
+    if cfg_rss:
+        notes.append(f"- kvbound and transformers share one process (the models of all in-process systems "
+                     f"loaded): its peak RSS was "
+                     f"{common.mib(cfg_rss):,.0f} MiB; llama.cpp runs in its own process per run.")
+    cfg = result["config"]
+    head = (f"{cfg['decode_tokens']} greedy tokens after a prefill of the context (capped at the model's 8192 "
+            f"minus the decoded tokens); kvbound prefills in chunks of {cfg['kvbound_prefill_chunk']}, "
+            f"transformers in {cfg['transformers_prefill']}; {cfg['timing']}.")
+    return "\n".join([head, "", table, *([""] + notes if notes else [])])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="contexts 512 and 2048, 16 tokens")
+    parser.add_argument("--contexts", type=int, nargs="+")
+    parser.add_argument("--tokens", type=int, help="greedy tokens decoded per run")
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--no-peers", action="store_true", help="skip llama.cpp (its venv)")
+    parser.add_argument("--no-bf16-weights", action="store_true", help="skip kvbound computing in bf16")
+    args = parser.parse_args(argv)
+    contexts = args.contexts or ([512, 2048] if args.quick else [512, 2048, 8192])
+    tokens = args.tokens or (16 if args.quick else 32)
+    repeats = args.repeats or (2 if args.quick else 3)
+    result = measure(contexts, tokens, repeats, peers=not args.no_peers, bf16_weights=not args.no_bf16_weights)
+    return common.finish(SUITE, result, args.quick, markdown)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""llama.cpp (llama-cpp-python) side of the decode benchmark; runs inside benchmarks/.venvs/llamacpp.
+Started by benchmarks/decode.py once per context and KV type, interleaved with the in-process systems, so each
+run is its own process and its peak RSS is its own.
+
+Prefill the given token ids (batches of 512), then decode greedily (argmax of the last logits), one thread.
+
+    benchmarks/.venvs/llamacpp/bin/python benchmarks/peers/llamacpp_decode.py --ids IDS.json --model M.gguf \
+        --kv f16 --tokens 32 --out OUT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks import common  # noqa: E402
+
+KV_TYPES = {"f16": 1, "q8_0": 8}  # GGML_TYPE_F16, GGML_TYPE_Q8_0
+BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 34 / 32}  # q8_0: blocks of 32 int8 + one fp16 scale
+
+
+def no_extra_buffers() -> None:
+    """Turn off llama.cpp's extra CPU weight buffers (weight repacking), which crash with quantized weights on some
+    CPUs. llama-cpp-python has no keyword for `use_extra_bufts`, so the default model params that `Llama()` reads
+    (from the low-level module) are wrapped here, in this benchmark process only."""
+    import llama_cpp.llama_cpp as low
+
+    default = low.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = params
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ids", type=Path, required=True, help="JSON list of prompt token ids")
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--kv", choices=list(KV_TYPES), default="f16")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--extra-bufts", action="store_true", help="keep llama.cpp's weight repacking buffers")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    common.pin_threads()
+    import numpy as np
+    import llama_cpp
+
+    if not args.extra_bufts:
+        no_extra_buffers()
+    ids = json.loads(args.ids.read_text())
+    rss_start = common.rss_bytes()
+    kv = KV_TYPES[args.kv]
+    llm = llama_cpp.Llama(model_path=str(args.model), n_ctx=len(ids) + args.tokens + 8, n_batch=512, n_ubatch=512,
+                          n_threads=common.THREADS, n_threads_batch=common.THREADS, type_k=kv, type_v=kv,
+                          flash_attn=True, logits_all=False, verbose=False)
+    rss_loaded = common.rss_bytes()
+    n_vocab = llm.n_vocab()
+    meta = llm.metadata
+    arch = meta.get("general.architecture", "llama")
+    heads, kv_heads = int(meta[f"{arch}.attention.head_count"]), int(meta[f"{arch}.attention.head_count_kv"])
+    head_dim = int(meta[f"{arch}.embedding_length"]) // heads
+    kv_values_per_token = 2 * int(meta[f"{arch}.block_count"]) * kv_heads * head_dim  # K and V, all layers
+
+    def last_token() -> int:
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+
+    llm.eval(ids[:16])  # warm-up (first-call allocations), then start over
+    llm.reset()  # the next eval removes every cached position from 0 on
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    token = last_token()
+    t1 = time.perf_counter()
+    tokens = [token]
+    for _ in range(args.tokens):
+        llm.eval([token])
+        token = last_token()
+        tokens.append(token)
+    t2 = time.perf_counter()
+    args.out.write_text(json.dumps({
+        "system": f"llama.cpp KV {args.kv}", "prefill_s": t1 - t0, "decode_s": t2 - t1, "decoded": args.tokens,
+        "tokens": tokens, "n_ctx": llm.n_ctx(), "flash_attn": True, "extra_bufts": args.extra_bufts,
+        "kv_bytes": int(kv_values_per_token * BYTES_PER_VALUE[args.kv] * llm.n_ctx()),
+        "rss_start_bytes": rss_start, "rss_loaded_bytes": rss_loaded,
+        "rss_end_bytes": common.rss_bytes(), "peak_rss_bytes": common.peak_rss_bytes(),
+        "llama_cpp_version": llama_cpp.__version__, "machine": common.machine_info()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
