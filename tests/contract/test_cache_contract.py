@@ -184,3 +184,14 @@ def test_sessions_share_system_prompt_blocks(llm, dtype):
     third = llm.chat(system=system, pool=pool, dtype=dtype)
     third.send("hello", max_new_tokens=2, temperature=0)
     assert third.shared_prefix_tokens == 0, "freed blocks must not be offered as a prefix"
+
+
+def test_recent_turn_pins_are_soft(llm):
+    """`turns` pins the newest turn only while the current one still fits: a long message is never refused
+    because the previous turn is pinned."""
+    chat = llm.chat(system="hi", tokens=96, policy="turns+h2o")
+    text = "tea and rain " * 4  # ~40 tokens with the template, so two turns do not fit beside each other
+    for turn in range(6):
+        reply = chat.send(text, max_new_tokens=8, temperature=1.0, seed=turn)
+        assert reply.context_tokens <= 96
+    assert chat.cache.evicted_total > 0 and chat.cache.segment_tokens(0) > 0

@@ -85,11 +85,15 @@ class Chat:
             pass
         return self.last_reply
 
-    def _pins(self, turn: int) -> set[int]:
+    def _pins(self, turn: int, room_for: int = 0) -> set[int]:
+        """System prompt, summary note and the current turn are always pinned. `turns` policies also pin the
+        newest turns, but only while that leaves room for `room_for` new tokens: a soft pin never refuses a turn."""
+        hard = {0, turn} | ({self._note_segment} if self._note_segment is not None else set())
         policy = self.cache.policy
         recent = getattr(policy, "recent_turns", 0) if isinstance(policy, TurnsPolicy) else 0
-        pins = {0, turn, *range(max(1, turn - recent), turn)}
-        return pins | ({self._note_segment} if self._note_segment is not None else set())
+        soft = set(range(max(1, turn - recent), turn))
+        held = sum(self.cache.segment_tokens(s) for s in hard | soft)
+        return hard | soft if held + room_for <= self.cache.capacity else hard
 
     def stream(self, text: str, **sampling: Any) -> Iterator[str]:
         """Yield the reply in text pieces; `last_reply` holds the Reply once the iterator is exhausted."""
@@ -134,6 +138,7 @@ class Chat:
         if reprefilled:
             cache.rollback(reprefilled)
             del self._fed_ids[keep:]
+        room = feed + params.max_new_tokens  # what this turn adds, at most
         cache.receipt()  # start this turn's receipt
         try:
             if system_ids:
@@ -145,9 +150,9 @@ class Chat:
                 self.shared_prefix_tokens = shared
             if note_ids:
                 old_note, self._note_segment = self._note_segment, -10 - turn
-                cache.set_segment(self._note_segment, pinned=self._pins(turn) - {old_note})
+                cache.set_segment(self._note_segment, pinned=self._pins(turn, room) - {old_note})
                 llm.runner.prefill(note_ids, cache, chunk)
-            cache.set_segment(turn, pinned=self._pins(turn))
+            cache.set_segment(turn, pinned=self._pins(turn, room))
             logits = llm.runner.prefill(new_ids, cache, chunk)
             result = Generation(prefill_s=time.perf_counter() - started)
             yield from stream_tokens(llm.runner, tokenizer, cache, logits, params,
