@@ -66,6 +66,7 @@ class PagedCache(KVCache):
         self.receipt_log = Receipt(policy=getattr(policy, "name", "none"))
         self.evicted_total = 0
         self._step = None
+        self._contiguous_table = True
 
     # -- accounting ---------------------------------------------------------------------------------------------
     @property
@@ -122,9 +123,16 @@ class PagedCache(KVCache):
         self.segments[start:start + T] = self.segment
         self.scores[start:start + T] = 0.0
         new_blocks = self._grow(start + T)
-        held = self._slots(start + T) if not self.spec.quantized else None
         mask = step_mask(positions, self.positions[: start + T], self.sliding_window)
-        self._step = (start, T, mask, held, new_blocks)
+        # Where the new tokens go, and how the held ones are read: one view when the table is consecutive
+        # (the common single-session case), else a gather list. Decided once per step, not per layer.
+        self._contiguous_table = self._contiguous()
+        new_slots = None
+        if not self.spec.quantized:
+            B = self.block
+            new_slots = torch.tensor([self.table[i // B] * B + i % B for i in range(start, start + T)],
+                                     dtype=torch.long, device=self.positions.device)
+        self._step = (start, T, mask, new_slots, new_blocks)
         return positions
 
     def _grow(self, total: int) -> list[int]:
@@ -145,15 +153,19 @@ class PagedCache(KVCache):
     def _contiguous(self) -> bool:
         return all(b == self.table[0] + i for i, b in enumerate(self.table))
 
+    def _consecutive(self) -> bool:
+        """Whether the table is one run of blocks (reads are views); cached for the layers of a step."""
+        return self._contiguous_table if self._step is not None else self._contiguous()
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        start, T, mask, held, _ = self._step
+        start, T, mask, new_slots, _ = self._step
         end = start + T
         if self.spec.quantized:
             keys, values = self._write_quantized(layer, start, k[0], v[0])
         else:
-            self.pool.k[layer].index_copy_(1, held[start:end], k[0].to(self.pool.k.dtype))
-            self.pool.v[layer].index_copy_(1, held[start:end], v[0].to(self.pool.v.dtype))
-            keys, values = self._read_float(layer, end, held)
+            self.pool.k[layer].index_copy_(1, new_slots, k[0].to(self.pool.k.dtype))
+            self.pool.v[layer].index_copy_(1, new_slots, v[0].to(self.pool.v.dtype))
+            keys, values = self._read_float(layer, end)
         keys, values = keys.unsqueeze(0), values.unsqueeze(0)  # (1, n_kv, S, D)
         if self.policy is not None and self.policy.needs_attention:
             self._observe(layer, q[:, :, -SCORE_QUERIES:], keys, mask[-SCORE_QUERIES:] if mask is not None else None)
@@ -222,20 +234,24 @@ class PagedCache(KVCache):
         self.table, self.n, self.next_position = [], 0, 0
 
     # -- reading storage ----------------------------------------------------------------------------------------
-    def _read_float(self, layer: int, count: int, held: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._contiguous():
+    def _read_float(self, layer: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._consecutive():
             first = self.table[0] * self.block
             return self.pool.k[layer, :, first:first + count], self.pool.v[layer, :, first:first + count]
         k_out, v_out = self.pool.scratch(count)
-        slots = held if held is not None else self._slots(count)
-        k_out.copy_(self.pool.k[layer].index_select(1, slots[:count]))
-        v_out.copy_(self.pool.v[layer].index_select(1, slots[:count]))
+        slots = self._slots(count)
+        if self.pool.k.dtype == k_out.dtype:  # gather straight into the preallocated scratch
+            torch.index_select(self.pool.k[layer], 1, slots, out=k_out)
+            torch.index_select(self.pool.v[layer], 1, slots, out=v_out)
+        else:
+            k_out.copy_(self.pool.k[layer].index_select(1, slots))
+            v_out.copy_(self.pool.v[layer].index_select(1, slots))
         return k_out, v_out
 
     def _read_layer(self, layer: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All `count` held tokens of one layer in the compute dtype (a view or the pool's scratch)."""
         if not self.spec.quantized:
-            return self._read_float(layer, count, None)
+            return self._read_float(layer, count)
         pooled = (count // self.block) * self.block
         k_out, v_out = self.pool.scratch(count)
         if pooled:
@@ -249,7 +265,7 @@ class PagedCache(KVCache):
         spec, pool = self.spec, self.pool
         nblocks = pooled // self.block
         table = torch.tensor(self.table[:nblocks], dtype=torch.long, device=self.positions.device)
-        if self._contiguous():
+        if self._consecutive():
             first = self.table[0]
             s0, s1 = first * self.block, (first + nblocks) * self.block
             kc, vc = pool.k[layer, :, s0:s1], pool.v[layer, :, s0:s1]
