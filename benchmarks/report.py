@@ -101,9 +101,10 @@ def kvpress_headlines(r: dict[str, Any]) -> list[str]:
         theirs = [row for row in at if row["engine"] == "kvpress"]
         if ours and theirs:
             a, b = min(ours, key=lambda x: x["ppl"]), min(theirs, key=lambda x: x["ppl"])
-            winner = "kvbound" if a["ppl"] < b["ppl"] else "kvpress"
+            gap = a["delta_ppl_pct"] - b["delta_ppl_pct"]
+            winner = "about even" if abs(gap) < 0.5 else f"{'kvbound' if gap < 0 else 'kvpress'} wins"
             lines.append(f"Keeping 1/{f} of the context: best kvbound {a['method']} {a['delta_ppl_pct']:+.1f}%, best "
-                         f"kvpress {b['method']} {b['delta_ppl_pct']:+.1f}% (ΔPPL vs own full cache) — {winner} wins.")
+                         f"kvpress {b['method']} {b['delta_ppl_pct']:+.1f}% (ΔPPL vs own full cache) — {winner}.")
     return lines
 
 
@@ -119,15 +120,21 @@ def machine_section(results: dict[str, dict[str, Any]]) -> str:
     for key in ("torch_version", "transformers_version", "kvbound_version"):
         if key in m:
             rows.append([key.replace("_version", ""), m[key]])
-    peers = results.get("kvpress", {}).get("peer", {})
-    if peers.get("transformers_version"):
-        rows.append(["kvpress venv", f"kvpress {peers['machine'].get('kvpress_version', '?')}, "
-                                     f"transformers {peers['transformers_version']}"])
-    for row in results.get("decode", {}).get("rows", []):
-        if row["system"].startswith("llama.cpp"):
-            rows.append(["llama.cpp venv", "llama-cpp-python (see decode.json)"])
-            break
+    for venv in sorted(common.VENVS.glob("*")):
+        versions = venv_versions(venv.name, ("torch", "transformers", "kvpress", "llama_cpp_python"))
+        if versions:
+            rows.append([f"peer venv `{venv.name}`", ", ".join(f"{k} {v}" for k, v in versions.items())])
     return common.markdown_table(["", ""], rows)
+
+
+def venv_versions(name: str, dists: tuple[str, ...]) -> dict[str, str]:
+    """Versions installed in a peer venv, read from its *.dist-info folder names (no need to start it)."""
+    found = {}
+    for info in sorted((common.VENVS / name).glob("lib/python*/site-packages/*.dist-info")):
+        dist, _, version = info.name[: -len(".dist-info")].rpartition("-")
+        if dist.lower().replace("-", "_") in dists:
+            found[dist.lower()] = version
+    return found
 
 
 def render(command: str | None = None) -> str:
