@@ -84,10 +84,6 @@ class PagedCache(KVCache):
         own = len(self.table) * self.spec.bytes_per_block
         return own + (self.res_k.nbytes + self.res_v.nbytes if self.spec.quantized else 0)
 
-    @property
-    def used_bytes(self) -> int:
-        return self.nbytes
-
     def receipt(self) -> Receipt:
         """Return the receipt since the last call and start a new one."""
         done, self.receipt_log = self.receipt_log, Receipt(policy=self.receipt_log.policy)

@@ -134,6 +134,3 @@ class KVSpec:
     def tokens_in(self, budget_bytes: int, sequences: int = 1) -> int:
         extra = self.block_size - 1 if self.quantized else 0  # the residual window holds a partial block
         return self.blocks_in(budget_bytes, sequences) * self.block_size + extra * sequences
-
-    def tokens_for(self, num_bytes: int) -> int:
-        return self.tokens_in(num_bytes)
