@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 
@@ -24,7 +23,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
         parser.error(f"unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")
-    command = " ".join(["python -m benchmarks", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     failed = []
     for name in args.suites or list(SUITES):
         common.log(f"== {name} ==")
@@ -33,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         common.log(f"== {name}: exit {proc.returncode} after {time.perf_counter() - started:.0f} s ==")
         if proc.returncode != 0:
             failed.append(name)
-    report.write(command)
+    report.write()  # each section names the command that produced it
     if failed:
         common.log(f"failed: {', '.join(failed)}")
     return 1 if failed else 0

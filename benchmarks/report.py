@@ -31,9 +31,12 @@ def decode_headlines(r: dict[str, Any]) -> list[str]:
     lines = []
     ours = at.get("kvbound KV fp32")
     if ours:
-        lines.append(f"Decode at context {top}: kvbound (KV fp32) {ours['decode_tok_s']:.2f} tok/s, "
-                     f"{_fmt_x(ours['decode_vs_baseline'])} transformers DynamicCache; prefill "
-                     f"{_fmt_x(ours['prefill_vs_baseline'])}.")
+        line = (f"Decode at context {top}: kvbound (KV fp32) {ours['decode_tok_s']:.2f} tok/s, "
+                f"{_fmt_x(ours['decode_vs_baseline'])} transformers DynamicCache")
+        static = at.get("transformers StaticCache")
+        if static:
+            line += f" and {_fmt_x(ours['decode_tok_s'] / static['decode_tok_s'])} StaticCache"
+        lines.append(line + f"; prefill {_fmt_x(ours['prefill_vs_baseline'])} DynamicCache's.")
         for name in ("kvbound KV int8", "kvbound KV int4", "kvbound KV bf16"):
             if name in at:
                 q = at[name]
@@ -137,14 +140,12 @@ def venv_versions(name: str, dists: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
-def render(command: str | None = None) -> str:
+def render() -> str:
     results = {name: r for name, _, _ in SECTIONS if (r := common.read_result(name)) is not None}
     parts = ["# Benchmarks", "",
              "Generated from `benchmarks/results/*.json` by `python -m benchmarks.report`; regenerate, do not edit. "
              "Run everything with `python -m benchmarks [--quick] [decode long_chat quality kvpress]` (peers need "
              "`bash benchmarks/peers/setup.sh` once).", ""]
-    if command:
-        parts += [f"Last run: `{command}`", ""]
     if not results:
         return "\n".join(parts + ["No results yet."]) + "\n"
     parts += ["## Method", "",
@@ -176,8 +177,8 @@ def render(command: str | None = None) -> str:
     return "\n".join(parts)
 
 
-def write(command: str | None = None) -> None:
-    OUT.write_text(render(command))
+def write() -> None:
+    OUT.write_text(render())
     common.log(f"wrote {OUT.relative_to(common.ROOT)}")
 
 
