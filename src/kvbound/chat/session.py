@@ -130,11 +130,10 @@ class Chat:
                 f"fit the KV budget of {cache.capacity} tokens even after evicting everything else; send a shorter "
                 "message or raise --kv-budget", needed=pinned + len(new_ids) + 1, available=cache.capacity)
         feed = len(system_ids) + len(note_ids) + len(new_ids)
+        if llm.guard is not None:  # refuse before any work if this turn's predicted peak cannot fit
+            chunk, _ = admit_turn(llm.guard, llm, cache, feed, chunk)
         # The step's activations (what memory beyond weights and the preallocated KV this turn needs).
         activation = predict_turn_peak(llm, cache, feed, used_bytes=0, chunk=chunk)
-        if llm.guard is not None:  # refuse before any work if this turn's predicted peak cannot fit
-            chunk, predicted = admit_turn(llm.guard, llm, cache, feed, chunk)
-            activation = predict_turn_peak(llm, cache, feed, used_bytes=0, chunk=chunk)
         if reprefilled:
             cache.rollback(reprefilled)
             del self._fed_ids[keep:]
