@@ -19,12 +19,12 @@ from kvbound.errors import ContextOverflowError
 from kvbound.kvcache.factory import build_cache, build_pool, cache_spec, reserved_bytes
 from kvbound.kvcache.pool import BlockPool
 from kvbound.kvcache.paged import PagedCache
-from kvbound.kvcache.spec import KVSpec, parse_dtype, parse_size
+from kvbound.kvcache.spec import KVSpec, parse_size
 from kvbound.loading import open_checkpoint
 from kvbound.memory.devices import usage_bytes
 from kvbound.memory.guard import DEFAULT_THRESHOLDS, MemoryEvent, MemoryGuard
 from kvbound.memory.ledger import ProcessMemory, process_memory
-from kvbound.models.llama import LlamaModel
+from kvbound.models.weights import plan_weights
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
@@ -55,6 +55,8 @@ class ModelInfo:
     arch: str
     parameters: int
     dtype: str
+    weights: str  # storage mode asked for (auto, fp32, bf16, fp16, int8, int4)
+    weights_storage: dict  # storage → number of matrices, e.g. {"int4": 210, "int8": 1}
     device: str
     layers: int
     heads: int
@@ -70,19 +72,20 @@ class ModelInfo:
 class LLM:
     def __init__(self, path: str | Path | None = None, *, dtype: str = "auto", device: str = "auto",
                  chunk: int = DEFAULT_CHUNK, memory_budget: int | str | None = None,
-                 thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS):
+                 thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS, weights: str = "auto"):
         # The process budget is checked before anything loads, so a bad value costs nothing.
         self.guard = MemoryGuard(memory_budget, thresholds) if memory_budget is not None else None
         self.thresholds = thresholds
         self._callbacks: list[Callable[[MemoryEvent], None]] = []
         self._chats: weakref.WeakSet = weakref.WeakSet()
         self.device = pick_device(device)
-        self.dtype_name = pick_dtype(dtype, self.device)
+        pick_dtype(dtype, self.device)  # validate before reading the file
         self.checkpoint = open_checkpoint(path)
         self.config: ModelConfig = self.checkpoint.config
+        self.plan = plan_weights(self.config, self.checkpoint.file_types, weights, dtype, self.device.type)
+        self.dtype_name = self.plan.compute
         self.tokenizer = self.checkpoint.make_tokenizer()
-        self.model = LlamaModel.from_tensors(self.config, self.checkpoint.tensors(parse_dtype(self.dtype_name)),
-                                             device=self.device)
+        self.model = self.checkpoint.load_model(self.plan, self.device)
         # Drop the file reader: its memory map and parsed metadata would otherwise stay resident (~160 MB for
         # the default GGUF) beside weights that are already materialized.
         self.checkpoint.tensors = self.checkpoint.make_tokenizer = None
@@ -180,11 +183,11 @@ class LLM:
         c = self.config
         return ModelInfo(
             name=c.name, path=str(self.checkpoint.path), format=self.checkpoint.format, arch=c.arch,
-            parameters=sum(p.numel() for p in self.model.parameters()), dtype=self.dtype_name,
-            device=str(self.device), layers=c.num_layers, heads=c.num_heads, kv_heads=c.num_kv_heads,
+            parameters=c.num_params, dtype=self.dtype_name, weights=self.plan.mode,
+            weights_storage=self.plan.counts(), device=str(self.device), layers=c.num_layers, heads=c.num_heads, kv_heads=c.num_kv_heads,
             head_dim=c.head_dim, max_context=c.max_context, vocab_size=c.vocab_size,
             kv_bytes_per_token=int(self.kv_spec.bytes_per_token),
-            weights_bytes=sum(p.nbytes for p in self.model.parameters()),
+            weights_bytes=self.model.weights_bytes(),
             file_tensor_types=dict(self.checkpoint.tensor_types))
 
 
@@ -213,9 +216,12 @@ def _trim_heap() -> None:
 
 
 def load(model: str | Path | None = None, *, dtype: str = "auto", device: str = "auto",
-         chunk: int = DEFAULT_CHUNK, memory_budget: int | str | None = None) -> LLM:
+         chunk: int = DEFAULT_CHUNK, memory_budget: int | str | None = None, weights: str = "auto") -> LLM:
     """Load a model: a .gguf path, a safetensors directory, or a known name (default: smollm2-135m).
+
+    `weights` chooses how matrices are stored: `auto` keeps a quantized GGUF quantized (4-bit types as int4, 8-bit
+    as int8, computing in bf16), `int8`/`int4` quantize any checkpoint on load, `fp32`/`bf16`/`fp16` are dense.
 
     `memory_budget` ('1GiB') bounds the whole process: each turn's predicted peak is checked before it runs
     (a smaller prefill chunk is tried first), and a turn that cannot fit raises MemoryBudgetExceeded."""
-    return LLM(model, dtype=dtype, device=device, chunk=chunk, memory_budget=memory_budget)
+    return LLM(model, dtype=dtype, device=device, chunk=chunk, memory_budget=memory_budget, weights=weights)

@@ -116,6 +116,19 @@ def test_transformers5_config_layout(case: str, tmp_path: Path) -> None:
 # ---- GGUF -----------------------------------------------------------------------------------------------------
 
 
+def fused_state(hf) -> dict[str, torch.Tensor]:
+    """transformers' weights under our names: q/k/v and gate/up stacked along the output rows."""
+    state = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+    if hf.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    for name in list(state):
+        for parts, fused in ((("q_proj", "k_proj", "v_proj"), "qkv_proj"), (("gate_proj", "up_proj"), "gate_up_proj")):
+            if f".{parts[0]}." in name:
+                names = [name.replace(parts[0], p) for p in parts]
+                state[name.replace(parts[0], fused)] = torch.cat([state.pop(n) for n in names])
+    return state
+
+
 @pytest.mark.parametrize("case", list(TINY_CASES))
 def test_gguf_f32_round_trip(case: str, tmp_path: Path) -> None:
     """An F32 GGUF written like llama.cpp's converter (Q/K rows permuted for llama) loads to the exact HF
@@ -125,7 +138,8 @@ def test_gguf_f32_round_trip(case: str, tmp_path: Path) -> None:
     checkpoint = open_checkpoint(tmp_path / "tiny.gguf")
     assert checkpoint.config.tie_embeddings == hf.config.tie_word_embeddings
     ours = LlamaModel.from_tensors(checkpoint.config, checkpoint.tensors(torch.float32))
-    state = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+    state = fused_state(hf)
+    assert {name for name, _ in ours.named_parameters()} == set(state)
     for name, param in ours.named_parameters():
         assert torch.equal(param, state[name]), name
     ids = random_ids(SEQ, seed=1)

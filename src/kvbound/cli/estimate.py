@@ -34,6 +34,9 @@ def estimate_command(
     turn_tokens: Annotated[Optional[int], typer.Option(
         "--turn-tokens", min=1, help="With --memory-budget: how many turns of this many tokens fit.")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype: auto, fp32, bf16, fp16.")] = "auto",
+    weights: Annotated[str, typer.Option(
+        "--weights", help="Weights storage: auto (a quantized GGUF stays int4/int8), fp32, bf16, fp16, int8, int4.")
+    ] = "auto",
     device: Annotated[str, typer.Option(
         "--device", help="Device to predict for: auto, cpu or cuda (a GPU need not be present).")] = "auto",
 ) -> None:
@@ -45,7 +48,7 @@ def estimate_command(
     if turn_tokens is not None and memory_budget is None:
         raise ValueError("--turn-tokens counts the turns that fit a --memory-budget; give one")
     result = estimate(model, context=context, kv_dtype=kv_dtype, kv_budget=kv_budget, chunk=chunk, sessions=sessions,
-                      dtype=dtype, device=device, memory_budget=memory_budget)
+                      dtype=dtype, device=device, memory_budget=memory_budget, weights=weights)
     turns = result.turns_that_fit(memory_budget, turn_tokens) if turn_tokens is not None else None
     out = Console(soft_wrap=True, highlight=False)
     if json_out:
@@ -67,7 +70,8 @@ def _table(result, turns: int | None) -> Table:
     table.add_column(overflow="fold", style="dim")
     rows = [
         ("model", escape(r.model), f"{r.format} · {r.dtype} on {r.device}"),
-        ("weights", format_bytes(r.weights_bytes), f"{r.weights_bytes:,} bytes"),
+        ("weights", format_bytes(r.weights_bytes), f"{r.weights_bytes:,} bytes · " + ", ".join(
+            f"{count} {kind}" for kind, count in sorted(r.weights_storage.items()))),
         ("KV per token", format_bytes(r.kv_bytes_per_token), r.kv_dtype),
         ("KV cache", format_bytes(r.kv_bytes), f"{r.capacity_tokens:,} tokens{each}, preallocated"),
         ("cache metadata", format_bytes(r.cache_metadata_bytes), "positions, segments, scores"),

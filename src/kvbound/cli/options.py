@@ -21,6 +21,7 @@ from kvbound.config import CacheConfig
 from kvbound.kvcache.spec import parse_size
 from kvbound.engine.sampler import SamplingParams
 from kvbound.llm import DTYPES, LLM, load
+from kvbound.models.weights import WEIGHT_MODES
 
 Command = TypeVar("Command", bound=Callable[..., Any])
 
@@ -29,8 +30,13 @@ Command = TypeVar("Command", bound=Callable[..., Any])
 Dtype = Enum("Dtype", [(name, name) for name in DTYPES], type=str)
 
 
-DtypeOption = Annotated[Dtype, typer.Option("--dtype", help="Weights and KV dtype (auto: bf16 on CUDA, fp32 on CPU).",
-                                            rich_help_panel="Model")]
+DtypeOption = Annotated[Dtype, typer.Option(
+    "--dtype", help="Compute dtype of activations and dense weights (auto: bf16 with quantized weights or on CUDA, "
+                    "else fp32).", rich_help_panel="Model")]
+Weights = Enum("Weights", [(name, name) for name in WEIGHT_MODES], type=str)
+WeightsOption = Annotated[Weights, typer.Option(
+    "--weights", help="How weights are held: auto keeps a quantized GGUF quantized (int4/int8), int8/int4 quantize "
+                      "on load, fp32/bf16/fp16 are dense.", rich_help_panel="Model")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel="Model")]
 
 
@@ -40,6 +46,7 @@ class ModelOptions:
         "--model", "-m", help="A .gguf file, a safetensors directory, or a known name (default smollm2-135m).",
         rich_help_panel="Model")] = None
     dtype: DtypeOption = Dtype["auto"]
+    weights: WeightsOption = Weights["auto"]
     device: DeviceOption = "auto"
     memory_budget: Annotated[Optional[str], typer.Option(
         "--memory-budget", help="Memory for the whole process (e.g. 1GiB): a turn or a KV pool that would cross it "
@@ -48,16 +55,17 @@ class ModelOptions:
     def load(self, console: Console | None = None) -> LLM:
         if self.memory_budget is not None:
             parse_size(self.memory_budget)  # a typo fails before the model loads
-        return load_model(self.model, self.dtype, self.device, console, self.memory_budget)
+        return load_model(self.model, self.dtype, self.device, console, self.memory_budget, self.weights)
 
 
 def load_model(model: str | None, dtype: Enum, device: str, console: Console | None = None,
-               memory_budget: str | None = None) -> LLM:
-    """`kvbound.load` with a spinner on an interactive terminal (loading dequantizes every weight: seconds)."""
+               memory_budget: str | None = None, weights: Enum = Weights["auto"]) -> LLM:
+    """`kvbound.load` with a spinner on an interactive terminal (loading reads and packs every weight: seconds)."""
+    options = dict(dtype=dtype.value, device=device, memory_budget=memory_budget, weights=weights.value)
     if console is None or not console.is_terminal:
-        return load(model, dtype=dtype.value, device=device, memory_budget=memory_budget)
+        return load(model, **options)
     with console.status(f"loading {model or 'the default model'}…"):
-        return load(model, dtype=dtype.value, device=device, memory_budget=memory_budget)
+        return load(model, **options)
 
 
 # SamplingParams field → the flag that sets it, so its validation messages name what the user typed.

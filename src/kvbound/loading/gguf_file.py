@@ -15,6 +15,7 @@ import torch
 from kvbound.config import SUPPORTED_ARCHS, ModelConfig
 from kvbound.errors import ModelFormatError, UnsupportedModelError
 from kvbound.loading.checkpoint import Checkpoint
+from kvbound.models.linear import Int4Source, Int8Source
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -47,6 +48,31 @@ def unpermute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
     """Inverse of llama.cpp's `permute` (interleaved pairs → rotate-half halves), per head, on the output rows."""
     rows = w.shape[0]
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# GGUF blocks of 32 weights: (bytes per block, layout). Q4_0: f16 d, 16 bytes of nibbles, w = (q - 8)·d;
+# Q4_1: f16 d, f16 m, nibbles, w = q·d + m; Q8_0: f16 d, 32 int8, w = q·d. Low nibbles hold weights 0-15.
+_RAW_BLOCKS = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+def raw_source(t) -> "Int4Source | Int8Source | None":
+    """A GGUF tensor's quantized values without dequantizing them, for the types stored as-is (else None)."""
+    kind = t.tensor_type.name
+    if kind not in _RAW_BLOCKS or t.data.ndim != 2:
+        return None
+    rows = t.data.shape[0]
+    blocks = np.asarray(t.data).reshape(rows, -1, _RAW_BLOCKS[kind])  # (N, K/32, bytes)
+    d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))  # (N, K/32)
+    if kind == "Q8_0":
+        q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).reshape(rows, -1)
+        return Int8Source(q, d)
+    if kind == "Q4_1":
+        low = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+        nibbles = blocks[..., 4:]
+    else:
+        low, nibbles = -8 * d, blocks[..., 2:]
+    q = torch.from_numpy(np.concatenate([nibbles & 15, nibbles >> 4], -1)).reshape(rows, -1)  # (N, K) uint8
+    return Int4Source(q, d, low)
 
 
 def _field(fields: dict, key: str, default=None, required: bool = False):
@@ -116,9 +142,12 @@ def open_gguf(path: Path) -> Checkpoint:
     supported = set(gguf.quants._type_traits) | {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
                                                   gguf.GGMLQuantizationType.BF16}  # noqa: SLF001
     types: dict[str, int] = {}
+    file_types: dict[str, str] = {}
     data_bytes = 0
     for t in reader.tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        if hf_name(t.name):
+            file_types[hf_name(t.name)] = t.tensor_type.name
         data_bytes += int(t.n_bytes)
         if t.tensor_type not in supported:
             raise UnsupportedModelError(f"tensor {t.name} has type {t.tensor_type.name}, which the gguf package "
@@ -133,22 +162,32 @@ def open_gguf(path: Path) -> Checkpoint:
     if missing:
         raise ModelFormatError(f"{path} lacks {len(missing)} tensors (first: {missing[0]}); the file is incomplete")
 
-    def tensors(dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(dtype: torch.dtype, quantized: bool = False) -> Iterator[tuple[str, object]]:
         for t in reader.tensors:
             name = hf_name(t.name)
             if name is None:
+                continue
+            heads = None
+            if config.arch == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
+                heads = config.num_heads
+            elif config.arch == "llama" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
+                heads = config.num_kv_heads
+            source = raw_source(t) if quantized else None
+            if source is not None:  # 4/8-bit blocks as they are, for storage that keeps them quantized
+                if heads is not None:
+                    source = source.take(torch.from_numpy(unpermute_rope_rows(np.arange(source.shape[0]), heads)))
+                yield name, source
                 continue
             try:
                 array = gguf.quants.dequantize(t.data, t.tensor_type)  # float32, shape (out, in) for matrices
             except Exception as e:
                 raise ModelFormatError(f"{path}: tensor {t.name} ({t.tensor_type.name}) cannot be decoded: {e}") from None
-            if config.arch == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
-                array = unpermute_rope_rows(array, config.num_heads)
-            elif config.arch == "llama" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
-                array = unpermute_rope_rows(array, config.num_kv_heads)
+            if heads is not None:
+                array = unpermute_rope_rows(array, heads)
             if not array.flags.writeable:  # F32 tensors come back as views of the read-only memory map
                 array = array.copy()
-            yield name, torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+            # Tensors a quantized plan re-quantizes stay fp32 until then.
+            yield name, torch.from_numpy(np.ascontiguousarray(array)).to(torch.float32 if quantized else dtype)
 
     def make_tokenizer():
         from kvbound.tokenizer import Tokenizer
@@ -156,4 +195,4 @@ def open_gguf(path: Path) -> Checkpoint:
         return Tokenizer.from_gguf(reader)
 
     return Checkpoint(path=path, format="gguf", config=config, tensors=tensors, make_tokenizer=make_tokenizer,
-                      tensor_types=types, file_tensor_bytes=data_bytes)
+                      tensor_types=types, file_tensor_bytes=data_bytes, file_types=file_types)

@@ -68,6 +68,7 @@ def open_safetensors_dir(path: Path) -> Checkpoint:
     config = read_config(raw, path)
     files = sorted(path.glob("*.safetensors"))
     names: dict[str, Path] = {}
+    file_types: dict[str, str] = {}
     types: dict[str, int] = {}
     data_bytes = 0
     for f in files:
@@ -77,6 +78,7 @@ def open_safetensors_dir(path: Path) -> Checkpoint:
                     names[key] = f
                     sl = handle.get_slice(key)
                     dtype = sl.get_dtype()
+                    file_types[key.removeprefix("model.")] = dtype
                     types[dtype] = types.get(dtype, 0) + 1
                     numel = 1
                     for d in sl.get_shape():
@@ -89,13 +91,13 @@ def open_safetensors_dir(path: Path) -> Checkpoint:
     if "model.embed_tokens.weight" not in names:
         raise ModelFormatError(f"{path}: no model.embed_tokens.weight in the safetensors files")
 
-    def tensors(dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(dtype: torch.dtype, quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         for key, f in names.items():
             name = key.removeprefix("model.")
             if name.startswith("layers.") and "rotary_emb" in name:
                 continue
-            with safe_open(f, framework="pt") as handle:
-                yield name, handle.get_tensor(key).to(dtype)
+            with safe_open(f, framework="pt") as handle:  # quantized storage quantizes from fp32
+                yield name, handle.get_tensor(key).to(torch.float32 if quantized else dtype)
 
     def make_tokenizer():
         from kvbound.tokenizer import Tokenizer
@@ -104,4 +106,4 @@ def open_safetensors_dir(path: Path) -> Checkpoint:
         return Tokenizer.from_files(path / "tokenizer.json", cfg if cfg.is_file() else None)
 
     return Checkpoint(path=path, format="safetensors", config=config, tensors=tensors, make_tokenizer=make_tokenizer,
-                      tensor_types=types, file_tensor_bytes=data_bytes)
+                      tensor_types=types, file_tensor_bytes=data_bytes, file_types=file_types)

@@ -20,6 +20,8 @@ from kvbound.kvcache.factory import build_cache
 from kvbound.kvcache.paged import SCORE_QUERIES
 from kvbound.kvcache.pool import BlockPool
 from kvbound.kvcache.spec import FLOAT_DTYPES, KVSpec, parse_size
+from kvbound.models.linear import KERNEL_ROWS
+from kvbound.models.weights import plan_weights
 
 # -- calibration (benchmarks/estimate_accuracy.py measures each constant; results/estimate_accuracy.json) ----------
 # The runtime itself, whatever the model. CPU: RSS of a fresh process that imported kvbound.cli.app (Python, torch,
@@ -54,7 +56,9 @@ class Estimate:
     model: str
     format: str  # gguf | safetensors | none (a bare ModelConfig)
     device: str  # cpu | cuda: what total_peak_bytes predicts (process RSS | torch.cuda.max_memory_allocated)
-    dtype: str  # compute dtype of the weights and activations
+    dtype: str  # compute dtype of the activations and dense weights
+    weights: str  # weights storage mode (auto, fp32, bf16, fp16, int8, int4)
+    weights_storage: dict  # storage → number of matrices, e.g. {"int4": 210, "int8": 1}
     kv_dtype: str  # storage type of the KV cache
     context: int  # tokens each session holds (the prefill fills them)
     capacity_tokens: int  # tokens each session's cache is built for
@@ -92,16 +96,18 @@ class Estimate:
 
 def estimate(model: str | Path | ModelConfig | Any | None = None, context: int | None = None, kv_dtype: str = "auto",
              kv_budget: int | str | None = None, chunk: int = DEFAULT_CHUNK, sessions: int = 1, dtype: str = "auto",
-             device: str = "cpu", memory_budget: int | str | None = None, policy: str = "none") -> Estimate:
+             device: str = "cpu", memory_budget: int | str | None = None, policy: str = "none",
+             weights: str = "auto") -> Estimate:
     """Predict the memory of running `model` (a path or known name, an opened Checkpoint, or a ModelConfig).
 
     `context` (default: the model's limit) is the tokens each session holds, prefilled in `chunk`-token steps.
     `kv_budget` sizes each session's cache in bytes instead (an evicting `policy` then keeps it full).
     `memory_budget` (the whole process) sets max_context_tokens to the longest context that fits it.
+    `weights` is the storage mode `load()` takes; the bytes are what that storage allocates (models/weights.py).
     """
     source = _source(model)
     inputs = dict(source=source, kv_dtype=kv_dtype, kv_budget=kv_budget, chunk=chunk, sessions=sessions,
-                  dtype=dtype, device=device, policy=policy)
+                  dtype=dtype, device=device, policy=policy, weights=weights)
     result = _estimate(context=context, **inputs)
     longest = result.capacity_tokens if kv_budget is not None else source.config.max_context
     if memory_budget is not None:
@@ -132,6 +138,7 @@ class _Source:
     config: ModelConfig
     format: str
     mapped_bytes: int  # bytes of tensor data a loader keeps memory-mapped (resident once read)
+    file_types: dict | None = None  # HF tensor name → storage type in the file (None: a bare config)
 
 
 def _source(model: Any) -> _Source:
@@ -146,7 +153,7 @@ def _source(model: Any) -> _Source:
     # GGUF weights are dequantized from one memory map of the file, open until the load ends; safetensors files
     # are mapped one tensor at a time.
     mapped = model.file_tensor_bytes if model.format == "gguf" else 0
-    return _Source(model.config, model.format, mapped)
+    return _Source(model.config, model.format, mapped, dict(model.file_types))
 
 
 def _device_type(device: str | torch.device) -> str:
@@ -161,12 +168,14 @@ def _device_type(device: str | torch.device) -> str:
 
 
 def _estimate(context: int | None, source: _Source, kv_dtype: str, kv_budget: int | str | None, chunk: int,
-              sessions: int, dtype: str, device: str, policy: str) -> Estimate:
+              sessions: int, dtype: str, device: str, policy: str, weights: str = "auto") -> Estimate:
     from kvbound.llm import pick_dtype  # lazy: kvbound.llm imports the memory package
 
     config = source.config
     device = _device_type(device)
-    compute = pick_dtype(dtype, torch.device(device))
+    pick_dtype(dtype, torch.device(device))  # validates
+    plan = plan_weights(config, source.file_types, weights, dtype, device)
+    compute = plan.compute
     if chunk < 1:
         raise ValueError(f"prefill chunk must be >= 1 token, got {chunk}")
     if sessions < 1:
@@ -185,7 +194,9 @@ def _estimate(context: int | None, source: _Source, kv_dtype: str, kv_budget: in
     held = min(context, cache.capacity)
     chunk = prefill_chunk(chunk, cache.capacity, cache.policy.evicts)  # the step the chat will use
     activation = activation_peak(config, spec, min(chunk, held), held, device, cache.policy.needs_attention)
-    weights = config.num_params * FLOAT_DTYPES[compute].itemsize
+    if chunk > KERNEL_ROWS:  # multi-row steps dequantize int4 matrices into one shared scratch buffer
+        activation += plan.scratch_bytes(config)
+    weights = plan.nbytes(config)
     runtime = RUNTIME_BASELINE_BYTES[device]
     tokenizer = loader = 0
     if device == "cpu":  # device memory holds none of this
@@ -195,7 +206,8 @@ def _estimate(context: int | None, source: _Source, kv_dtype: str, kv_budget: in
     load_peak = baseline + loader + weights
     run_peak = baseline + weights + sessions * (kv_session + metadata + workspace) + activation
     return Estimate(
-        model=config.name, format=source.format, device=device, dtype=compute, kv_dtype=spec.dtype, context=context,
+        model=config.name, format=source.format, device=device, dtype=compute, weights=plan.mode,
+        weights_storage=plan.counts(), kv_dtype=spec.dtype, context=context,
         capacity_tokens=cache.capacity, chunk=chunk, sessions=sessions, weights_bytes=weights,
         kv_bytes=sessions * kv_session, kv_bytes_per_token=spec.bytes_per_token, kv_bytes_per_session=kv_session,
         cache_metadata_bytes=sessions * metadata, workspace_bytes=sessions * workspace,

@@ -79,7 +79,7 @@ class Ledger:
         device = devices.device_memory(llm.device)
         turns_left, text = self.forecast(cache.capacity - cache.num_tokens, cache.policy.name, cache.policy.evicts)
         return MemoryReport(
-            weights_bytes=sum(p.nbytes for p in llm.model.parameters()), kv_reserved_bytes=reserved,
+            weights_bytes=llm.model.weights_bytes(), kv_reserved_bytes=reserved,
             kv_used_bytes=cache.nbytes, kv_dtype=spec.dtype, kv_budget_bytes=self.kv_budget_bytes,
             tokens_held=cache.num_tokens, tokens_evicted=self.tokens_evicted, tokens_quantized=self.tokens_quantized,
             tokens_summarized=self.tokens_summarized, capacity_tokens=cache.capacity,
@@ -113,7 +113,7 @@ def process_memory(llm: Any, caches: Iterable[Any]) -> ProcessMemory:
     residual = sum(c.spec.residual_bytes for c in caches)
     device = devices.device_memory(llm.device)
     return ProcessMemory(
-        weights_bytes=sum(p.nbytes for p in llm.model.parameters()),
+        weights_bytes=llm.model.weights_bytes(),
         kv_reserved_bytes=sum(p.nbytes for p in pools) + residual, kv_used_bytes=sum(c.nbytes for c in caches),
         sessions=len(caches), workspace_bytes=sum(p.workspace_bytes for p in pools), rss_bytes=devices.rss_bytes(),
         peak_rss_bytes=devices.peak_rss_bytes(), device_allocated_bytes=device.allocated_bytes,
