@@ -1,7 +1,7 @@
 """Where a kvbound decode step spends its time (torch.profiler, one thread): the top operators, and how much of
 the wall time no operator accounts for (Python and dispatch overhead).
 
-    python -m benchmarks.profile_decode [--context 2048] [--tokens 16] [--kv fp32] [--weights fp32]
+    python -m benchmarks.profile_decode [--context 2048] [--tokens 16] [--kv auto] [--weights auto]
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_decode", description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--tokens", type=int, default=16)
-    parser.add_argument("--kv", default="fp32", help="KV storage: fp32, bf16, int8, int4")
-    parser.add_argument("--weights", default="fp32", help="compute dtype of the model: fp32 or bf16")
+    parser.add_argument("--kv", default="auto", help="KV storage: auto (the compute dtype), fp32, bf16, int8, int4")
+    parser.add_argument("--weights", default="auto", help="weights storage: auto, fp32, bf16, fp16, int8, int4")
     parser.add_argument("--policy", default="none")
     parser.add_argument("--rows", type=int, default=15)
     args = parser.parse_args(argv)
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.decode import prompt_ids
 
-    llm = kvbound.load(dtype=args.weights, device="cpu")
+    llm = kvbound.load(weights=args.weights, device="cpu")
     ids = prompt_ids(llm, args.context)
     tokens = args.context + args.tokens + 8  # + the warm-up steps
     cache = llm.new_cache(CacheConfig(dtype=args.kv, tokens=tokens, policy=args.policy))

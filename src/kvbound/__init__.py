@@ -5,15 +5,18 @@
     print(chat.send("Hello!").text)
 """
 
+from kvbound.chat.persistence import SessionStore
 from kvbound.chat.session import Chat, Reply
 from kvbound.config import ModelConfig
 from kvbound.engine.sampler import SamplingParams
 from kvbound.errors import (ContextOverflowError, KvboundError, KVBudgetExceeded, MemoryBudgetExceeded,
-                            ModelFormatError, ModelNotFoundError, UnsupportedModelError)
+                            ModelFormatError, ModelNotFoundError, SessionNotFoundError, SnapshotError,
+                            UnsupportedModelError)
 from kvbound.llm import LLM, load
 
 __all__ = [
     "load", "LLM", "Chat", "Reply", "ModelConfig", "SamplingParams", "KvboundError", "ModelNotFoundError",
     "ModelFormatError", "UnsupportedModelError", "ContextOverflowError", "KVBudgetExceeded", "MemoryBudgetExceeded",
+    "SessionStore", "SnapshotError", "SessionNotFoundError",
 ]
 __version__ = "0.1.0"

@@ -37,3 +37,11 @@ class MemoryBudgetExceeded(KvboundError):
     def __init__(self, message: str, *, needed: int = 0, available: int = 0, budget: int = 0):
         super().__init__(message)
         self.needed, self.available, self.budget = needed, available, budget
+
+
+class SnapshotError(KvboundError, ValueError):
+    """A saved sequence or session state does not fit this model / KV layout, or cannot be read."""
+
+
+class SessionNotFoundError(KvboundError, LookupError):
+    """No session with this id in the store."""

@@ -29,15 +29,18 @@ def peak_rss_of(command: list[str]) -> tuple[int, int, str]:
 
 
 @pytest.mark.model
-def test_estimate_within_5_percent_of_generate_peak_rss(smollm2_gguf, smollm2_tokenizer, tmp_path) -> None:
+@pytest.mark.parametrize("weights,dtype", [("auto", "auto"), ("fp32", "fp32")])  # int4/int8 kept, and dense fp32
+def test_estimate_within_5_percent_of_generate_peak_rss(smollm2_gguf, smollm2_tokenizer, tmp_path, weights: str,
+                                                        dtype: str) -> None:
     prompt = tmp_path / "prompt.txt"
     ids = smollm2_tokenizer.encode(BOOK.read_text(encoding="utf-8")[: CONTEXT * 8])[: CONTEXT - NEW_TOKENS - 40]
     prompt.write_text(smollm2_tokenizer.decode(ids), encoding="utf-8")
     command = [sys.executable, "-m", "kvbound", "generate", "--prompt-file", str(prompt), "--max-tokens",
-               str(NEW_TOKENS), "--greedy", "--context", str(CONTEXT), "--device", "cpu", "--dtype", "fp32"]
+               str(NEW_TOKENS), "--greedy", "--context", str(CONTEXT), "--device", "cpu", "--dtype", dtype,
+               "--weights", weights]
     code, measured, stderr = peak_rss_of(command)
     assert code == 0, stderr
-    predicted = estimate(smollm2_gguf, context=CONTEXT, dtype="fp32", device="cpu")
+    predicted = estimate(smollm2_gguf, context=CONTEXT, dtype=dtype, device="cpu", weights=weights)
     error = (predicted.total_peak_bytes - measured) / measured
     assert abs(error) <= TOLERANCE, (f"estimate {predicted.total_peak_bytes / 2**20:.1f} MiB vs measured "
                                      f"{measured / 2**20:.1f} MiB ({error:+.1%})")
@@ -52,9 +55,10 @@ def test_kv_and_weights_exact_on_the_real_model(smollm2_gguf) -> None:
 
     torch.set_num_threads(1)
     llm = kvbound.load(smollm2_gguf, dtype="fp32", device="cpu")
-    assert estimate(smollm2_gguf, context=64).weights_bytes == sum(p.nbytes for p in llm.model.parameters())
+    assert estimate(smollm2_gguf, context=64, dtype="fp32").weights_bytes == llm.model.weights_bytes()
+    assert llm.model.weights_bytes() == sum(p.nbytes for p in llm.model.parameters())  # dense: parameters only
     for kv_dtype in ("auto", "bf16", "int8", "int4"):
         cache = llm.new_cache(CacheConfig(tokens=CONTEXT, dtype=kv_dtype))
         expected = cache.pool.nbytes + (cache.res_k.nbytes + cache.res_v.nbytes if cache.spec.quantized else 0)
-        assert estimate(smollm2_gguf, context=CONTEXT, kv_dtype=kv_dtype).kv_bytes == expected
+        assert estimate(smollm2_gguf, context=CONTEXT, kv_dtype=kv_dtype, dtype="fp32").kv_bytes == expected
         cache.free()

@@ -7,11 +7,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
+import torch
+
+from kvbound.chat import snapshot
 from kvbound.chat.memory import NOTE_PREFIX, summarize_turns
 from kvbound.engine.generate import Generation, stream_tokens
 from kvbound.engine.runner import prefill_chunk
 from kvbound.engine.sampler import SamplingParams
 from kvbound.errors import ContextOverflowError, KVBudgetExceeded
+from kvbound.errors import SnapshotError
 from kvbound.memory.devices import usage_bytes
 from kvbound.memory.guard import MemoryGuard, admit_turn, predict_turn_peak
 from kvbound.memory.ledger import Ledger, MemoryReport
@@ -19,6 +23,7 @@ from kvbound.policies.turns import TurnsPolicy
 
 if TYPE_CHECKING:
     from kvbound.kvcache.paged import PagedCache
+    from kvbound.kvcache.pool import BlockPool
     from kvbound.llm import LLM
 
 
@@ -75,6 +80,8 @@ class Chat:
         for fn in llm._callbacks:
             self.kv_guard.on_event(fn)
         self.shared_prefix_tokens = 0  # system-prompt tokens found in the pool, not computed
+        self._offloaded: dict[str, Any] | None = None  # the cache's state while swapped out to host memory
+        self.restored_from: str | None = None  # "snapshot" | "messages" for a chat rebuilt from saved state
 
     @property
     def context_tokens(self) -> int:
@@ -100,6 +107,7 @@ class Chat:
         if not isinstance(text, str) or not text.strip():
             raise ValueError("the message is empty; type some text to send")
         params = sampling_params(**sampling)
+        self.reload()  # an offloaded session swaps back in on demand
         llm, tokenizer, cache = self.llm, self.llm.tokenizer, self.cache
         started = time.perf_counter()
         user = {"role": "user", "content": text}
@@ -264,13 +272,154 @@ class Chat:
 
     def close(self) -> None:
         """Give the cache's blocks back to the pool."""
+        self._offloaded = None
         self.cache.free()
 
     def reset(self) -> None:
         """Forget the conversation but keep the system prompt."""
+        self._offloaded = None
         self.cache.rollback(self.cache.num_tokens)
         self.messages = [m for m in self.messages if m["role"] == "system"]
         self._history = list(self.messages)
         self._fed_ids, self._fed_text, self.turn = [], "", 0
         self.turn_text, self.summary, self._pending_note, self._note_segment = {}, "", "", None
         self._summarized, self._unsummarized = set(), set()
+
+    # -- state: export, restore, offload (bytes and model checks live in chat/snapshot.py) ----------------------
+    def export_state(self) -> dict[str, Any]:
+        """Everything the next turn depends on, as plain data and CPU tensors: messages, the rendered history,
+        turn and summary bookkeeping, the tokens fed so far, ledger totals and the KV cache's own state
+        (PagedCache.export_state). The chat keeps running; `snapshot.to_bytes` turns the state into bytes."""
+        ledger = self.ledger
+        return {
+            "format": snapshot.SESSION_FORMAT, "model": snapshot.model_identity(self.llm),
+            "messages": [dict(m) for m in self.messages], "history": [dict(m) for m in self._history],
+            "turn": self.turn, "turn_text": [[t, text] for t, text in sorted(self.turn_text.items())],
+            "summary": self.summary, "summarized": sorted(self._summarized),
+            "unsummarized": sorted(self._unsummarized), "pending_note": self._pending_note,
+            "note_segment": self._note_segment, "fed_ids": torch.tensor(self._fed_ids, dtype=torch.int32),
+            "fed_text": self._fed_text, "shared_prefix_tokens": self.shared_prefix_tokens,
+            "ledger": {"turns": ledger.turns, "tokens_evicted": ledger.tokens_evicted,
+                       "tokens_quantized": ledger.tokens_quantized, "tokens_summarized": ledger.tokens_summarized,
+                       "activation_peak_bytes": ledger.activation_peak_bytes,
+                       "turn_sizes": list(ledger._turn_sizes)},
+            "cache": self._offloaded if self._offloaded is not None else self.cache.export_state(),
+        }
+
+    @classmethod
+    def from_state(cls, llm: "LLM", state: dict[str, Any], pool: "BlockPool | None" = None,
+                   cache: "PagedCache | None" = None) -> "Chat":
+        """The chat `export_state` described, continuing exactly where it was. It restores into `cache` (an
+        empty cache of the same KV layout and policy) if given, else into a cache like the original's over
+        `pool` (a shared pool) or over a pool of its own. Raises SnapshotError for a state of another model,
+        dtype or KV layout, KVBudgetExceeded (nothing allocated) when the pool lacks free blocks."""
+        snapshot.check_model(llm, state)
+        saved = state["cache"]
+        if cache is None:
+            cache = snapshot.cache_for_state(llm, saved, pool)
+        elif cache.policy.name != saved["policy"]["name"]:
+            raise SnapshotError(f"the saved session evicts with policy '{saved['policy']['name']}' and this cache "
+                                f"with '{cache.policy.name}'; restore it into a cache of the same policy")
+        cache.import_state(saved)
+        chat = cls(llm, cache)
+        chat.messages = [dict(m) for m in state["messages"]]
+        chat._history = [dict(m) for m in state["history"]]
+        chat.turn = int(state["turn"])
+        chat.turn_text = {int(t): text for t, text in state["turn_text"]}
+        chat.summary, chat._pending_note = state["summary"], state["pending_note"]
+        chat._summarized, chat._unsummarized = set(state["summarized"]), set(state["unsummarized"])
+        chat._note_segment = state["note_segment"]
+        chat._fed_ids, chat._fed_text = state["fed_ids"].tolist(), state["fed_text"]
+        chat.shared_prefix_tokens = int(state["shared_prefix_tokens"])
+        totals = dict(state["ledger"])
+        for size in totals.pop("turn_sizes"):
+            chat.ledger._turn_sizes.append(int(size))
+        for name, value in totals.items():
+            setattr(chat.ledger, name, int(value))
+        chat.restored_from = "snapshot"
+        llm._chats.add(chat)
+        return chat
+
+    @classmethod
+    def from_messages(cls, llm: "LLM", messages: list[dict[str, str]], cache: "PagedCache") -> "Chat":
+        """A chat holding a saved conversation whose KV state is lost: the system prompt and the newest whole
+        turns go through one prefill into `cache`, each turn its own segment (replies are not regenerated).
+        Cost: prefill of every token of the conversation if it fits the cache, else of at most 3/4 of the
+        capacity (the system prompt and the newest turns); older turns stay in `messages` but, as after an
+        eviction, not in the cache. A summarize policy's note is not rebuilt. With a template that rewrites
+        earlier turns nothing is fed now: the next turn prefills the conversation."""
+        render = llm.tokenizer.apply_chat_template
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+        chat = cls(llm, cache, system=system)
+        head = list(chat.messages)
+        turns: list[list[dict[str, str]]] = [[]]
+        for message in messages[len(head):]:
+            turns[-1].append({"role": message["role"], "content": message["content"]})
+            if message["role"] == "assistant":
+                turns.append([])
+        turns = [t for t in turns if t and t[-1]["role"] == "assistant"]  # an unanswered message is not a turn
+        chat.messages = head + [m for t in turns for m in t]
+        chat._history, chat.turn = list(chat.messages), len(turns)
+        for k, turn in enumerate(turns, start=1):
+            user = next((m["content"] for m in turn if m["role"] == "user"), "")
+            chat.turn_text[k] = f"User: {user}\nAssistant: {turn[-1]['content']}"
+        chat.restored_from = "messages"
+        llm._chats.add(chat)
+        done, pieces = render(head, add_generation_prompt=False) if head else "", []
+        for k in range(len(turns)):  # each turn's text as the template appends it
+            text = render(head + [m for t in turns[: k + 1] for m in t], add_generation_prompt=False)
+            if not text.startswith(done):
+                return chat
+            pieces.append(llm.tokenizer.encode(text[len(done):]))
+            done = text
+        system_ids = llm.tokenizer.encode(render(head, add_generation_prompt=False)) if head else []
+        first, room = 0, (cache.capacity * 3) // 4 - len(system_ids)
+        if len(system_ids) + sum(map(len, pieces)) > cache.capacity:
+            first = len(pieces)
+            while first and len(pieces[first - 1]) <= room:
+                first -= 1
+                room -= len(pieces[first])
+        chunk = prefill_chunk(llm.runner.chunk, cache.capacity, cache.policy.evicts)
+        if llm.guard is not None:
+            chunk, _ = admit_turn(llm.guard, llm, cache, len(system_ids) + sum(map(len, pieces[first:])), chunk)
+        try:
+            if system_ids:
+                cache.set_segment(0, pinned={0})
+                chat.shared_prefix_tokens = cache.attach_prefix(system_ids)
+                if chat.shared_prefix_tokens < len(system_ids):
+                    llm.runner.prefill(system_ids[chat.shared_prefix_tokens:], cache, chunk)
+                cache.publish_prefix(system_ids)
+            for k in range(first, len(pieces)):
+                cache.set_segment(k + 1, pinned={0, k + 1})
+                llm.runner.prefill(pieces[k], cache, chunk)
+        except BaseException:
+            cache.free()  # a shared pool gets its blocks back
+            raise
+        cache.evicted_total += sum(map(len, pieces[:first]))  # left out: the next turn must not re-feed them
+        chat._fed_ids = system_ids + [i for piece in pieces[first:] for i in piece]
+        chat._fed_text = done
+        cache.receipt()  # the rebuild is no turn's work
+        return chat
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether the KV is swapped out to host memory (the next turn or `reload()` brings it back)."""
+        return self._offloaded is not None
+
+    def offload(self) -> int:
+        """Swap this session's KV out: copy what its cache holds to host memory (CPU tensors, storage format,
+        nothing more) and give its blocks back to the pool for other sessions. Returns the pool bytes freed
+        (blocks still shared with another session stay in the pool)."""
+        if self._offloaded is not None:
+            return 0
+        free_before = self.cache.pool.free_blocks
+        self._offloaded = self.cache.export_state()
+        self.cache.free()
+        return (self.cache.pool.free_blocks - free_before) * self.cache.spec.bytes_per_block
+
+    def reload(self) -> None:
+        """Swap the KV back into the pool (a no-op unless offloaded). KVBudgetExceeded, with the blocks needed
+        and free, if the pool lacks room: the session stays offloaded and the pool unchanged."""
+        if self._offloaded is not None:
+            self.cache.import_state(self._offloaded)
+            self._offloaded = None

@@ -10,20 +10,33 @@ context however long the conversation runs (StreamingLLM assigns positions withi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from kvbound.errors import KVBudgetExceeded
+from kvbound.errors import KVBudgetExceeded, SnapshotError
 from kvbound.kvcache import quant
 from kvbound.kvcache.base import KVCache, step_mask
-from kvbound.kvcache.pool import BlockPool
+from kvbound.kvcache.pool import PER_BLOCK, STORAGE, BlockPool
 from kvbound.kvcache.spec import FLOAT_DTYPES, format_bytes
 from kvbound.models.layers import apply_rope, rope_cos_sin
 
 UNLABELED = -1  # segment of tokens fed outside a chat (raw completion, perplexity)
 SCORE_QUERIES = 32  # queries of a step whose attention feeds the eviction scores (an observation window)
+STATE_FORMAT = 1  # layout of export_state(); bump when it changes
+
+
+def policy_options(policy: Any) -> dict[str, Any]:
+    """The scalar settings of a policy and of the policy it wraps (sink_tokens, recent_turns, ...), so
+    `make_policy(name, **options)` rebuilds it."""
+    options: dict[str, Any] = {}
+    for obj in (getattr(policy, "inner", None), policy):
+        if is_dataclass(obj):
+            options.update({f.name: getattr(obj, f.name) for f in fields(obj)
+                            if type(getattr(obj, f.name)) in (int, float)})  # not bools: `summarize` is the name
+    return options
 
 
 @dataclass
@@ -228,6 +241,114 @@ class PagedCache(KVCache):
         """Return every block to the pool (the session ended)."""
         self.pool.release(self.table)
         self.table, self.n, self.next_position = [], 0, 0
+
+    # -- state export / import (swap a sequence out of the pool and back, or to disk) -----------------------------
+    @torch.no_grad()  # not inference_mode: the copies handed out must be ordinary tensors
+    def export_state(self) -> dict[str, Any]:
+        """What this sequence holds, as plain Python metadata and CPU tensors: its blocks exactly as the pool
+        stores them (quantized codes and scales stay quantized; a float cache's partial last block only up to
+        its n tokens), the filled part of the residual window, and the per-token metadata. Nothing else: its
+        bytes are `nbytes` less the unfilled slots."""
+        if self._step is not None:
+            raise RuntimeError("a step is in progress; export the cache between steps")
+        n, pooled, spec = self.n, self.pooled_tokens, self.spec
+        blocks = {name: t.cpu() for name, t in self.pool.read_blocks(self.table, pooled).items()} if self.table \
+            else {}
+        if spec.quantized:
+            rest = n - pooled
+            blocks["res_k"] = self.res_k[:, :, :rest].to("cpu", copy=True)  # (L, n_kv, rest, D)
+            blocks["res_v"] = self.res_v[:, :, :rest].to("cpu", copy=True)
+        return {
+            "format": STATE_FORMAT,
+            "spec": asdict(spec),
+            "capacity": self.capacity,
+            "evict_fraction": self.evict_fraction,
+            "sliding_window": self.sliding_window,
+            "policy": {"name": getattr(self.policy, "name", "none"), "options": policy_options(self.policy)},
+            "tokens": n,
+            "next_position": self.next_position,
+            "evicted_total": self.evicted_total,
+            "segment": self.segment,
+            "pinned_segments": sorted(self.pinned_segments),
+            "positions": self.positions[:n].to("cpu", torch.int32),  # (n,); int32: 12 bytes a token in all
+            "segments": self.segments[:n].to("cpu", torch.int32),
+            "scores": self.scores[:n].to("cpu", copy=True),
+            # A block published for prefix sharing (a system prompt) can be re-attached on import.
+            "prefix_hashes": [self.pool.block_hash(b) for b in self.table],
+            "blocks": blocks,
+        }
+
+    @torch.inference_mode()
+    def import_state(self, state: dict[str, Any]) -> None:
+        """Take over a sequence from `export_state` on this empty cache: blocks come from this cache's (possibly
+        shared) pool, only as many as the sequence holds. Leading blocks of a shared prefix whose data is
+        already published in the pool, bit for bit, are re-attached instead of copied. Raises SnapshotError for
+        a state of another KV layout, KVBudgetExceeded (pool untouched) when the pool lacks free blocks."""
+        if self.n or self.table or self._step is not None:
+            raise RuntimeError("import_state needs an empty cache; free() it first")
+        self._check_state(state)
+        n, spec, B = int(state["tokens"]), self.spec, self.block
+        if n > self.capacity:
+            raise KVBudgetExceeded(f"the saved sequence holds {n} tokens and this cache holds {self.capacity}; "
+                                   "restore it into a cache with a larger KV budget", needed=n, available=self.capacity)
+        pooled = (n // B) * B if spec.quantized else n
+        count = spec.blocks_for(pooled)
+        data = state["blocks"]
+        shared = self._published_prefix(state["prefix_hashes"][:count], data, pooled)
+        need = count - len(shared)
+        if need > self.pool.free_blocks:
+            raise KVBudgetExceeded(
+                f"restoring this sequence needs {need} free KV blocks ({format_bytes(need * spec.bytes_per_block)}) "
+                f"and the pool has {self.pool.free_blocks}; offload or close another session, or raise the pool's "
+                "budget", needed=need, available=self.pool.free_blocks)
+        self.pool.retain(shared)
+        fresh = self.pool.allocate(need, after=shared[-1] if shared else None)
+        if fresh:
+            skip = len(shared)
+            first, last = skip * B, pooled  # tokens of the fresh blocks
+            part = {name: t[:, :, skip:] if name in PER_BLOCK else t[:, :, first:last]
+                    for name, t in data.items() if name in STORAGE}
+            self.pool.write_blocks(fresh, part)
+            for i, b in enumerate(fresh, start=skip):  # offer them again, as they were offered before export
+                if state["prefix_hashes"][i] is not None and (i + 1) * B <= pooled:
+                    self.pool.publish_block(state["prefix_hashes"][i], b)
+        self.table = shared + fresh
+        if spec.quantized:
+            rest = n - pooled
+            self.res_k[:, :, :rest] = data["res_k"].to(self.res_k.device, self.res_k.dtype)
+            self.res_v[:, :, :rest] = data["res_v"].to(self.res_v.device, self.res_v.dtype)
+        dev = self.positions.device
+        self.positions[:n] = state["positions"].to(dev)
+        self.segments[:n] = state["segments"].to(dev)
+        self.scores[:n] = state["scores"].to(dev)
+        self.n, self.next_position = n, int(state["next_position"])
+        self.evicted_total = int(state["evicted_total"])
+        self.segment = int(state["segment"])
+        self.pinned_segments = {int(s) for s in state["pinned_segments"]}
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise SnapshotError(f"this KV state has format {found!r}; this kvbound reads format {STATE_FORMAT}; "
+                                "rebuild the session from its messages")
+        saved, ours = state["spec"], asdict(self.spec)
+        diff = [f"{k} {saved.get(k)!r} (saved) vs {v!r} (here)" for k, v in ours.items() if saved.get(k) != v]
+        if state.get("sliding_window") != self.sliding_window:
+            diff.append(f"sliding_window {state.get('sliding_window')!r} (saved) vs {self.sliding_window!r} (here)")
+        if diff:
+            raise SnapshotError(f"this KV state was saved for another model or KV layout: {'; '.join(diff)}; "
+                                "restore it with the same model, dtype, --kv-dtype and block size, or rebuild the "
+                                "session from its messages")
+
+    def _published_prefix(self, hashes: list[int | None], data: dict[str, torch.Tensor], pooled: int) -> list[int]:
+        """Leading pool blocks already holding, bit for bit, the state's published prefix blocks."""
+        found: list[int] = []
+        for i, h in enumerate(hashes):
+            block = self.pool.published_block(h) if h is not None and (i + 1) * self.block <= pooled else None
+            if block is None or block in found or not self.pool.block_equals(block, data, i):
+                break
+            found.append(block)
+        return found
 
     # -- reading storage ----------------------------------------------------------------------------------------
     def _read_float(self, layer: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:

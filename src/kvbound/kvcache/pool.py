@@ -11,6 +11,9 @@ import torch
 from kvbound.errors import KVBudgetExceeded
 from kvbound.kvcache.spec import FLOAT_DTYPES, KVSpec, format_bytes
 
+STORAGE = ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero")  # pool tensors, (L, n_kv, slots or blocks, ·)
+PER_BLOCK = ("k_scale", "k_zero")  # indexed by block (keys are quantized per channel over a block); others by slot
+
 
 class BlockPool:
     def __init__(self, spec: KVSpec, num_blocks: int, device: torch.device | str = "cpu"):
@@ -43,8 +46,7 @@ class BlockPool:
 
     # -- accounting ---------------------------------------------------------------------------------------------
     def tensors(self) -> list[torch.Tensor]:
-        names = ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero")
-        return [getattr(self, n) for n in names if hasattr(self, n)]
+        return [getattr(self, n) for n in STORAGE if hasattr(self, n)]
 
     @property
     def nbytes(self) -> int:
@@ -111,9 +113,51 @@ class BlockPool:
     def publish_prefix(self, token_ids: list[int], blocks: list[int]) -> None:
         """Offer the full blocks holding `token_ids` (from position 0) to later sequences."""
         for h, b in zip(self._chain(token_ids), blocks):
-            if h not in self._prefix:
-                self._prefix[h] = b
-                self._hash_of[b] = h
+            self.publish_block(h, b)
+
+    def publish_block(self, chain_hash: int, block: int) -> None:
+        """Offer `block` as the holder of the prefix chain `chain_hash` (unless another block already is)."""
+        if chain_hash not in self._prefix:
+            self._prefix[chain_hash] = block
+            self._hash_of[block] = chain_hash
+
+    def block_hash(self, block: int) -> int | None:
+        """The prefix chain hash `block` is published under (None if it is not offered for sharing)."""
+        return self._hash_of.get(block)
+
+    def published_block(self, chain_hash: int) -> int | None:
+        return self._prefix.get(chain_hash)
+
+    # -- copies in storage format (sequence export/import) -------------------------------------------------------
+    def read_blocks(self, ids: list[int], tokens: int | None = None) -> dict[str, torch.Tensor]:
+        """Copies of blocks `ids` exactly as stored (quantized codes stay codes): per-slot tensors cover the
+        first `tokens` slots of the run (default: all), per-block ones (key scales/zeros) every block."""
+        index = self._index(ids, tokens)
+        return {name: tensor.index_select(2, index[name in PER_BLOCK])  # (L, n_kv, tokens or blocks, ·)
+                for name, tensor in zip(STORAGE, self.tensors())}
+
+    def write_blocks(self, ids: list[int], data: dict[str, torch.Tensor]) -> None:
+        """Store `data` (from `read_blocks`, any device) into blocks `ids` (the inverse of `read_blocks`)."""
+        index = self._index(ids, data["k"].shape[2])
+        for name, tensor in zip(STORAGE, self.tensors()):
+            tensor.index_copy_(2, index[name in PER_BLOCK], data[name].to(self.device, tensor.dtype))
+
+    def _index(self, ids: list[int], tokens: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the first `tokens` slots of blocks `ids` in order, the block ids) as index tensors."""
+        B = self.spec.block_size
+        blocks = torch.tensor(ids, dtype=torch.long, device=self.device)
+        return (blocks[:, None] * B + torch.arange(B, device=self.device)).flatten()[:tokens], blocks
+
+    def block_equals(self, block: int, data: dict[str, torch.Tensor], index: int) -> bool:
+        """Whether pool block `block` holds bitwise what block `index` of `data` (from `read_blocks`) holds."""
+        B = self.spec.block_size
+        for name, tensor in zip(STORAGE, self.tensors()):
+            lo, width = (block, 1) if name in PER_BLOCK else (block * B, B)
+            at = index if name in PER_BLOCK else index * B
+            theirs = data[name][:, :, at:at + width]
+            if theirs.shape[2] != width or not torch.equal(tensor[:, :, lo:lo + width], theirs.to(self.device)):
+                return False
+        return True
 
     # -- workspace ------------------------------------------------------------------------------------------------
     def scratch(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -202,6 +202,8 @@ def _estimate(context: int | None, source: _Source, kv_dtype: str, kv_budget: in
     if device == "cpu":  # device memory holds none of this
         tokenizer = config.vocab_size * TOKENIZER_BYTES_PER_VOCAB_ENTRY[source.format]
         loader = config.vocab_size * LOADING_BYTES_PER_VOCAB_ENTRY[source.format] + source.mapped_bytes
+        if plan.quantized:
+            loader += plan.load_transient_bytes(config)
     baseline = runtime + tokenizer
     load_peak = baseline + loader + weights
     run_peak = baseline + weights + sessions * (kv_session + metadata + workspace) + activation

@@ -22,6 +22,7 @@ from torch import nn
 
 GROUP = 32  # int4 group size along the input dimension (= GGUF's block of 32)
 CPU_BLOCK_N = 64  # the CPU int4 packing interleaves output rows in blocks of 64
+ROWS_PER_PASS = 4096  # rows re-quantized at a time on load (bounds the fp32 transient)
 KERNEL_ROWS = 16  # up to this many input rows use the low-bit kernel; more dequantize into the scratch buffer
 
 
@@ -80,6 +81,8 @@ class Int8Source:
 def concat(parts: list) -> torch.Tensor | Int4Source | Int8Source:
     """Stack matrices along their output rows (fused QKV / gate-up), keeping quantized ones quantized."""
     first = parts[0]
+    if len(parts) == 1:
+        return first  # no copy: a 100+ MB embedding table must not exist twice while loading
     if all(isinstance(p, torch.Tensor) for p in parts):
         return torch.cat(parts, 0)
     if all(type(p) is type(first) for p in parts):
@@ -122,11 +125,16 @@ class Int8Linear(nn.Module):
     def __init__(self, source: torch.Tensor | Int8Source | Int4Source, bias: torch.Tensor | None,
                  dtype: torch.dtype, device: torch.device):
         super().__init__()
-        w = source if isinstance(source, torch.Tensor) else source.dequantize()
-        w = w.float()
-        self.out_features, self.in_features = w.shape
-        scale = w.abs().amax(1).clamp_min(1e-12) / 127  # (N,)
-        self.register_buffer("weight", (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8).to(device))
+        N, K = source.shape
+        self.out_features, self.in_features = N, K
+        weight, scale = torch.empty(N, K, dtype=torch.int8), torch.empty(N)
+        # A few thousand rows at a time: the vocabulary matrix in fp32 would be a transient of 100+ MB.
+        for start in range(0, N, ROWS_PER_PASS):
+            rows = slice(start, start + ROWS_PER_PASS)
+            w = (source[rows] if isinstance(source, torch.Tensor) else source.take(rows).dequantize()).float()
+            scale[rows] = w.abs().amax(1).clamp_min(1e-12) / 127  # (rows,)
+            weight[rows] = (w / scale[rows, None]).round_().clamp_(-127, 127).to(torch.int8)
+        self.register_buffer("weight", weight.to(device))
         self.register_buffer("scale", scale.to(dtype).to(device))
         self.register_buffer("bias", None if bias is None else bias.to(dtype).to(device))
         self.kernel = _int8_kernel_works(self.weight.device, dtype)
@@ -160,8 +168,9 @@ class Int4Linear(nn.Module):
                  dtype: torch.dtype, device: torch.device, scratch: Scratch | None = None, lookup: bool = False):
         super().__init__()
         if not isinstance(source, Int4Source):
-            w = source if isinstance(source, torch.Tensor) else source.dequantize()
-            source = Int4Source.quantize(w)
+            source = concat([Int4Source.quantize(source[r] if isinstance(source, torch.Tensor)
+                                                 else source.take(r).dequantize())
+                             for r in (slice(i, i + ROWS_PER_PASS) for i in range(0, source.shape[0], ROWS_PER_PASS))])
         N, K = source.shape
         if K % GROUP:
             raise ValueError(f"int4 storage needs the input size to be a multiple of {GROUP}, got {K}")
@@ -197,7 +206,8 @@ class Int4Linear(nn.Module):
                 y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, GROUP, self.scales_zeros)
             else:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP, self.scales_zeros)
-            y = y[:, : self.out_features]
+            if self.padded != self.out_features:
+                y = y[:, : self.out_features]
         else:
             y = x2 @ self._dequantize_t(x2.dtype)[:, : self.out_features]  # (M, K) @ (K, N)
         if self.bias is not None:

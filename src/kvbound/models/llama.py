@@ -21,18 +21,17 @@ class Attention(nn.Module):
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        self.split = (q, kv, kv)
         # q, k and v in one matrix: one matmul per step instead of three (fused by models/weights.py on load).
         self.qkv_proj = DenseLinear(config.hidden_size, q + 2 * kv, bias=config.attention_bias)
         self.o_proj = DenseLinear(q, config.hidden_size, bias=config.output_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, D)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, rotated = self.num_heads, self.num_heads + self.num_kv_heads
+        qkv = self.qkv_proj(x).view(B, T, rotated + self.num_kv_heads, self.head_dim)  # (B, T, H + 2 n_kv, D)
+        # q and k rotate together (one RoPE pass over H + n_kv heads): per-op overhead dominates decode here.
+        q, k = apply_rope(qkv[:, :, :rotated].transpose(1, 2), cos, sin).split((H, self.num_kv_heads), dim=1)
+        v = qkv[:, :, rotated:].transpose(1, 2)  # (B, n_kv, T, D)
         out = cache.attend(self.layer, q, k, v)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from kvbound.config import ModelConfig
 from kvbound.errors import ModelFormatError
-from kvbound.models.linear import CPU_BLOCK_N, DenseLinear, Int4Linear, Int8Linear, Scratch, concat
+from kvbound.models.linear import CPU_BLOCK_N, ROWS_PER_PASS, DenseLinear, Int4Linear, Int8Linear, Scratch, concat
 
 WEIGHT_MODES = ("auto", "fp32", "bf16", "fp16", "int8", "int4")
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -86,6 +86,13 @@ class WeightsPlan:
             total += N * item if bias else 0
         norms = (2 * config.num_layers + 1) * config.hidden_size
         return total + norms * item
+
+    def load_transient_bytes(self, config: ModelConfig) -> int:
+        """What quantizing on load holds beside the finished weights, at its largest: the raw 1-byte values of the
+        biggest matrix plus one pass of rows in fp32 (the source, the scaled copy, the rounded copy)."""
+        largest = max((N, K) for name, (N, K, _, _) in matrix_modules(config).items()
+                      if self.storage[name] != "dense") if self.quantized else (0, 0)
+        return largest[0] * largest[1] + 3 * 4 * ROWS_PER_PASS * largest[1]
 
     def scratch_bytes(self, config: ModelConfig) -> int:
         """The dequantization buffer int4 matrices share for multi-row inputs (the largest one, CPU only)."""
