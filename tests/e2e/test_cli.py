@@ -101,7 +101,9 @@ def test_info_json() -> None:
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["arch"] == "llama" and info["max_context"] == 8192 and info["layers"] == 30
-    assert info["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 4  # K and V, 30 layers, 3 KV heads, dim 64, fp32
+    # The default keeps the GGUF's 4-bit matrices quantized and computes (and stores KV) in bf16.
+    assert info["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 2  # K and V, 30 layers, 3 KV heads, dim 64, bf16
+    assert info["weights_storage"] == {"int4": 120, "int8": 1} and info["weights_bytes"] < 100e6
     assert 130e6 < info["parameters"] < 140e6
     assert info["file_tensor_types"].get("Q4_1", 0) > 0
 

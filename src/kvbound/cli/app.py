@@ -1,4 +1,4 @@
-"""The `kvbound` command: chat, generate, converse, info, pull. Owns argument parsing and terminal output only;
+"""The `kvbound` command: chat, generate, converse, serve, info, pull. Owns argument parsing and terminal output only;
 everything it runs goes through the public API (`kvbound.load`, `LLM.chat`, `Chat.stream`)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -24,7 +25,7 @@ from rich.table import Table
 from kvbound.chat.session import Chat, Reply
 from kvbound.cli.estimate import estimate_command
 from kvbound.cli.options import (CacheOptions, DeviceOption, Dtype, DtypeOption, ModelOptions, SamplingOptions,
-                                 load_model, with_options)
+                                 Weights, WeightsOption, load_model, with_options)
 from kvbound.errors import ContextOverflowError, KvboundError, ModelNotFoundError
 from kvbound.kvcache.spec import format_bytes
 from kvbound.loading.resolve import DEFAULT_MODEL, KNOWN_MODELS, known_model_path
@@ -348,17 +349,77 @@ def perplexity(
 app.command("estimate")(estimate_command)
 
 
+# -- serve --------------------------------------------------------------------------------------------------------
+class LogLevel(str, Enum):
+    critical = "critical"
+    error = "error"
+    warning = "warning"
+    info = "info"
+    debug = "debug"
+
+
+@app.command()
+@with_options(load=ModelOptions, cache=CacheOptions)
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface).",
+                                      rich_help_panel="Server")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0: any free one).",
+                                      rich_help_panel="Server")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", envvar="KVBOUND_API_KEY", show_envvar=True, help="Require 'Authorization: Bearer KEY' on every "
+        "route but /health.", rich_help_panel="Server")] = None,
+    max_body: Annotated[str, typer.Option("--max-body", help="Largest request body, e.g. 4MiB.",
+                                          rich_help_panel="Server")] = "4MiB",
+    session_tokens: Annotated[Optional[int], typer.Option(
+        "--session-tokens", min=1, help="Most KV tokens one session may hold (default: the whole pool).",
+        rich_help_panel="Server")] = None,
+    max_sessions: Annotated[int, typer.Option("--max-sessions", min=1, help="Sessions kept at once.",
+                                              rich_help_panel="Server")] = 256,
+    model_id: Annotated[Optional[str], typer.Option("--model-id", help="The model id clients use (default: the "
+                                                    "model file's name).", rich_help_panel="Server")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Keep sessions in this directory across "
+                                                     "restarts.", rich_help_panel="Server")] = None,
+    log_level: Annotated[LogLevel, typer.Option("--log-level", help="uvicorn's log level.",
+                                                rich_help_panel="Server")] = LogLevel.info,
+    *, load: ModelOptions, cache: CacheOptions,
+) -> None:
+    """Serve an OpenAI-compatible API; sessions keep their KV cache between requests in one shared KV budget."""
+    try:
+        from kvbound.server import ServerSettings, create_app, run
+        from kvbound.server.sessions import open_store
+    except ImportError as e:
+        raise KvboundError(f"kvbound serve needs the server packages ({e.name} is missing); install them with "
+                           "pip install 'kvbound[serve]'") from None
+    from kvbound.kvcache.spec import parse_size
+
+    cache.cache_config()  # the cache flags are checked as the other commands check them, before the model loads
+    settings = ServerSettings(kv_budget=cache.kv_budget, kv_tokens=cache.kv_tokens, kv_dtype=cache.kv_dtype.value,
+                              policy=cache.policy, session_tokens=session_tokens, api_key=api_key,
+                              max_body_bytes=parse_size(max_body), max_sessions=max_sessions, model_id=model_id,
+                              data_dir=data_dir)
+    store = open_store(data_dir) if data_dir is not None else None
+    llm = load.load(err)
+    server_app = create_app(llm, settings, store)
+    server = server_app.state.kvbound
+    pool = server.registry.pool
+    err.print(f"[bold]{escape(server.model_id)}[/] · KV pool {format_bytes(pool.nbytes)} "
+              f"({pool.num_blocks * pool.spec.block_size:,} tokens, {pool.spec.dtype}) shared by all sessions · "
+              f"policy {escape(settings.policy)}{' · API key required' if api_key else ''}")
+    run(server_app, host=host, port=port, log_level=log_level.value)
+
+
 # -- info, pull ---------------------------------------------------------------------------------------------------
 @app.command()
 def info(
     model: Annotated[Optional[str], typer.Argument(help="A .gguf file, a safetensors directory or a known name "
                                                          "(default smollm2-135m).")] = None,
     dtype: DtypeOption = Dtype["auto"],
+    weights: WeightsOption = Weights["auto"],
     device: DeviceOption = "auto",
     json_output: JsonFlag = False,
 ) -> None:
     """Describe a model: architecture, size, KV bytes per token, context, tensor types in the file."""
-    details = load_model(model, dtype, device, err).info()
+    details = load_model(model, dtype, device, err, weights=weights).info()
     if json_output:
         write(json.dumps(asdict(details)) + "\n")
         return
@@ -367,8 +428,9 @@ def info(
     table.add_column(overflow="fold")
     rows = [
         ("name", details.name), ("file", f"{details.path} ({details.format})"), ("architecture", details.arch),
-        ("parameters", f"{details.parameters / 1e6:,.1f} M ({format_bytes(details.weights_bytes)} as {details.dtype} "
-                       f"on {details.device})"),
+        ("parameters", f"{details.parameters / 1e6:,.1f} M on {details.device}, computing in {details.dtype}"),
+        ("weights", f"{format_bytes(details.weights_bytes)} in memory: " + ", ".join(
+            f"{count} {kind}" for kind, count in sorted(details.weights_storage.items())) + " matrices"),
         ("layers", f"{details.layers} · {details.heads} heads · {details.kv_heads} KV heads · head dim "
                    f"{details.head_dim}"),
         ("vocabulary", f"{details.vocab_size:,}"), ("max context", f"{details.max_context:,} tokens"),
