@@ -402,7 +402,8 @@ def serve(
     server_app = create_app(llm, settings, store)
     server = server_app.state.kvbound
     pool = server.registry.pool
-    err.print(f"[bold]{escape(server.model_id)}[/] · KV pool {format_bytes(pool.nbytes)} "
+    where = f" on http://{host}:{port}" if port else ""  # port 0: uvicorn's own line names the port it got
+    err.print(f"[bold]{escape(server.model_id)}[/]{escape(where)} · KV pool {format_bytes(pool.nbytes)} "
               f"({pool.num_blocks * pool.spec.block_size:,} tokens, {pool.spec.dtype}) shared by all sessions · "
               f"policy {escape(settings.policy)}{' · API key required' if api_key else ''}")
     run(server_app, host=host, port=port, log_level=log_level.value)

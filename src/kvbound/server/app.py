@@ -1,0 +1,329 @@
+"""The HTTP app: `create_app(llm, settings)` wires one shared KV pool, the session registry, the engine worker and
+the metrics, and defines the routes — OpenAI's /v1/chat/completions, /v1/completions and /v1/models; kvbound's
+/v1/sessions, /v1/memory, /metrics, /health and /dashboard (server.dashboard). Routes validate and translate; all model work runs on the worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+from starlette.routing import Match
+from starlette.types import Scope
+
+from kvbound.chat.session import sampling_params
+from kvbound.server import errors
+from kvbound.server.admission import PoolAdmission
+from kvbound.server.dashboard import mount_dashboard
+from kvbound.server.errors import ApiError, api_error
+from kvbound.server.memory import memory_document
+from kvbound.server.metrics import CONTENT_TYPE, Metrics
+from kvbound.server.middleware import ApiKey, BodyLimit, CatchAll, RequestCounter
+from kvbound.server.protocol import (ChatChunks, ChatRequest, CompletionChunks, CompletionRequest, SessionCreate,
+                                     chat_response, completion_response, error_body, new_id)
+from kvbound.server.scheduler import Event, Stream, Task, Worker
+from kvbound.server.sessions import SessionRegistry, SessionStore
+from kvbound.server.settings import ServerSettings
+from kvbound.server.turns import ChatTurn, RawCompletion, TurnResult
+
+if TYPE_CHECKING:
+    from kvbound.llm import LLM
+
+COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@dataclass
+class Server:
+    """What the routes share (kept on `app.state.kvbound`)."""
+
+    llm: "LLM"
+    settings: ServerSettings
+    registry: SessionRegistry
+    admission: PoolAdmission
+    worker: Worker
+    metrics: Metrics
+    model_id: str
+    # Served without the API key: liveness probes; routes mounted later (a static page) may add theirs.
+    public_paths: set[str] = field(default_factory=lambda: {"/health"})
+    public_prefixes: list[str] = field(default_factory=list)
+
+    def memory(self) -> dict[str, Any]:
+        return memory_document(self.llm, self.registry.pool, self.registry, self.admission, self.worker)
+
+    def is_public(self, path: str) -> bool:
+        return path in self.public_paths or path.startswith(tuple(self.public_prefixes))
+
+
+def default_model_id(llm: "LLM") -> str:
+    path = Path(str(llm.checkpoint.path))
+    return (path.stem if path.suffix == ".gguf" else path.name) or llm.config.name or "kvbound"
+
+
+def create_app(llm: "LLM", settings: ServerSettings | None = None, store: SessionStore | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    pool = llm.shared_pool(settings.pool_budget(llm), settings.kv_dtype)
+    registry = SessionRegistry(llm, pool, settings, store)
+    server = Server(llm, settings, registry, PoolAdmission(pool, registry),
+                    Worker(settings.max_active, settings.max_queued), Metrics(),
+                    settings.model_id or default_model_id(llm))
+    llm.on_memory_event(server.metrics.on_memory_event)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        server.worker.start()
+        try:
+            yield
+        finally:
+            server.worker.stop()
+
+    app = FastAPI(title="kvbound", summary="OpenAI-compatible chat with a bounded, shared KV cache",
+                  lifespan=lifespan)
+    app.state.kvbound = server
+    errors.install(app)
+    _routes(app, server)
+    mount_dashboard(app)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # the last added runs first
+    app.add_middleware(ApiKey, key=settings.api_key, is_public=server.is_public)
+    app.add_middleware(CatchAll)
+    app.add_middleware(RequestCounter, count=lambda route, status: server.metrics.requests.labels(
+        route, str(status)).inc(), route_of=_route_of(app))
+    return app
+
+
+def _route_of(app: FastAPI) -> Callable[[Scope], str]:
+    def route_of(scope: Scope) -> str:
+        for route in app.router.routes:
+            if route.matches(scope)[0] == Match.FULL:
+                return getattr(route, "path", "other")
+        return "other"  # unknown paths share one label, so the label set stays small
+
+    return route_of
+
+
+# -- request checks -------------------------------------------------------------------------------------------------
+def _check_request(server: Server, body: ChatRequest | CompletionRequest, max_tokens: int | None,
+                   default_tokens: int, max_tokens_field: str = "max_tokens") -> dict[str, Any]:
+    """Model, unsupported fields and max_tokens checked; the request's kvbound sampling options."""
+    accepted = {server.model_id, "default", server.llm.config.name}
+    if body.model is not None and body.model not in accepted:
+        raise ApiError(404, f"the model '{body.model}' does not exist; this server serves '{server.model_id}'",
+                       param="model", code="model_not_found")
+    unsupported = body.unsupported()
+    if unsupported is not None:
+        message = ("n must be 1: this server returns one choice per request" if unsupported == "n" else
+                   f"{unsupported} is not supported by this server; leave it out")
+        raise ApiError(400, message, param=unsupported, code="unsupported_parameter")
+    context = server.llm.config.max_context
+    if max_tokens is not None and max_tokens > context:
+        raise ApiError(400, f"{max_tokens_field} is {max_tokens:,} but the model's context holds {context:,} tokens; "
+                       f"ask for at most {context:,}", param=max_tokens_field)
+    sampling = body.sampling(max_tokens or min(default_tokens, context))
+    sampling_params(**sampling)  # kvbound's own checks (ValueError → 400)
+    return sampling
+
+
+def _check_conversation(conversation: list[dict[str, str]]) -> None:
+    for index, message in enumerate(conversation[1:], start=1):
+        if message["role"] == "system":
+            raise ApiError(400, f"messages[{index}] is a system message; only the first message may be one",
+                           param=f"messages.{index}.role")
+    last = conversation[-1]
+    if last["role"] != "user":
+        raise ApiError(400, f"the last message is from '{last['role']}'; a chat request ends with the user's "
+                       "message to answer", param=f"messages.{len(conversation) - 1}.role")
+    if not last["content"].strip():
+        raise ApiError(400, "the last user message is empty; send some text",
+                       param=f"messages.{len(conversation) - 1}.content")
+
+
+# -- waiting on the worker --------------------------------------------------------------------------------------------
+class _DisconnectWatch:
+    """While a route waits on a generation, cancel it if the client goes away (the Chat rolls the turn back)."""
+
+    def __init__(self, request: Request, stream: Stream):
+        self.request, self.stream = request, stream
+        self.task: asyncio.Task | None = None
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self.request.receive()
+            if message["type"] == "http.disconnect":
+                self.stream.cancel()
+                return
+
+    def __enter__(self) -> "_DisconnectWatch":
+        self.task = asyncio.create_task(self._watch())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.task.cancel()
+
+
+async def _first_event(server: Server, task: Task, request: Request) -> tuple[Stream, Event]:
+    """Submit `task` and wait for its first piece (headers can then say 200) or its error (raised)."""
+    stream = server.worker.submit(task)
+    try:
+        with _DisconnectWatch(request, stream):
+            event = await stream.next()
+    except BaseException:
+        stream.cancel()
+        raise
+    if event.kind == "error":
+        raise event.value
+    return stream, event
+
+
+async def _collect(stream: Stream, event: Event, request: Request) -> TurnResult:
+    try:
+        with _DisconnectWatch(request, stream):
+            while event.kind == "piece":
+                event = await stream.next()
+    finally:
+        stream.cancel()  # a no-op once the generation ended
+    if event.kind == "error":
+        raise event.value
+    return event.value
+
+
+def _sse(data: dict[str, Any] | str) -> dict[str, str]:
+    return {"data": data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}
+
+
+async def _stream_events(stream: Stream, event: Event, chunks: ChatChunks,
+                         include_usage: bool) -> AsyncIterator[dict[str, str]]:
+    """SSE events of a generation: its chunks (opening, a piece each, closing, usage if asked), then [DONE]. A
+    failure after the first piece can only be told in the stream: an OpenAI error object, then the end."""
+    try:
+        if (opening := chunks.opening()) is not None:
+            yield _sse(opening)
+        while event.kind == "piece":
+            yield _sse(chunks.piece(event.value))
+            event = await stream.next()
+        if event.kind == "error":
+            error = api_error(event.value)
+            yield _sse(error_body(error.message, error.type, error.param, error.code))
+            return
+        result: TurnResult = event.value
+        yield _sse(chunks.closing(result.finish_reason, result.kvbound))
+        if include_usage:
+            yield _sse(chunks.usage(result.usage))
+        yield _sse("[DONE]")
+    finally:
+        stream.cancel()  # the client went away mid-stream: stop generating (a no-op once it ended)
+
+
+# -- routes -----------------------------------------------------------------------------------------------------------
+def _routes(app: FastAPI, server: Server) -> None:
+    llm, settings, registry, worker = server.llm, server.settings, server.registry, server.worker
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": server.model_id, "active": worker.active, "queued": worker.queued}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(server)]}
+
+    @app.get("/v1/models/{model}")
+    async def model(model: str) -> dict[str, Any]:
+        if model not in (server.model_id, "default"):
+            raise ApiError(404, f"the model '{model}' does not exist; this server serves '{server.model_id}'",
+                           param="model", code="model_not_found")
+        return _model_card(server)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request) -> Response:
+        sampling = _check_request(server, body, body.requested_tokens, settings.default_max_tokens,
+                                  "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
+        conversation = body.conversation()
+        _check_conversation(conversation)
+        task = ChatTurn(registry, server.admission, conversation, body.session_id, sampling,
+                        server.metrics.observe_reply)
+        stream, first = await _first_event(server, task, request)
+        rid, headers = new_id("chatcmpl"), task.info.headers()
+        if body.stream:
+            return EventSourceResponse(_stream_events(stream, first, ChatChunks(rid, server.model_id),
+                                                      _include_usage(body)), headers=headers, sep="\n")
+        result = await _collect(stream, first, request)
+        return JSONResponse(chat_response(rid, server.model_id, result.text, result.finish_reason, result.usage,
+                                          result.kvbound), headers=headers)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        sampling = _check_request(server, body, body.max_tokens, COMPLETION_DEFAULT_TOKENS)
+        task = RawCompletion(llm, body.prompt, sampling, registry.capacity, settings.kv_dtype,
+                             server.metrics.observe_reply)
+        stream, first = await _first_event(server, task, request)
+        rid = new_id("cmpl")
+        if body.stream:
+            return EventSourceResponse(_stream_events(stream, first, CompletionChunks(rid, server.model_id),
+                                                      _include_usage(body)), sep="\n")
+        result = await _collect(stream, first, request)
+        return JSONResponse({**completion_response(rid, server.model_id, result.text, result.finish_reason,
+                                                   result.usage), "kvbound": result.kvbound})
+
+    @app.get("/v1/sessions")
+    async def list_sessions() -> dict[str, Any]:
+        def listing() -> list[dict[str, Any]]:
+            stored = [{"id": i, "object": "session", "state": "stored"} for i in registry.stored_ids()]
+            return [registry.summary(s) for s in registry.sessions()] + stored
+
+        return {"object": "list", "data": await worker.call(listing)}
+
+    @app.post("/v1/sessions", status_code=201)
+    async def create_session(body: SessionCreate | None = None) -> dict[str, Any]:
+        body = body or SessionCreate()
+        return await worker.call(lambda: registry.detail(registry.create(body.session_id, body.system or None)))
+
+    @app.get("/v1/sessions/{session_id}")
+    async def get_session(session_id: str) -> dict[str, Any]:
+        return await worker.call(lambda: registry.detail(registry.get(session_id)))
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def delete_session(session_id: str) -> dict[str, Any]:
+        await worker.call(lambda: registry.delete(session_id))
+        return {"id": session_id, "object": "session.deleted", "deleted": True}
+
+    @app.get("/v1/memory")
+    async def memory() -> dict[str, Any]:
+        return await worker.call(server.memory)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        document = await worker.call(server.memory)
+        return Response(server.metrics.render(document), media_type=CONTENT_TYPE)
+
+
+def _include_usage(body: ChatRequest | CompletionRequest) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+def _model_card(server: Server) -> dict[str, Any]:
+    config = server.llm.config
+    return {"id": server.model_id, "object": "model", "created": 0, "owned_by": "kvbound",
+            "context_length": config.max_context, "session_capacity_tokens": server.registry.capacity}
+
+
+def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve `app` with uvicorn until interrupted (Ctrl-C is the normal way to stop: it returns quietly)."""
+    import signal
+    import threading
+
+    import uvicorn
+
+    if threading.current_thread() is not threading.main_thread():
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        return
+    # uvicorn shuts down on Ctrl-C, then raises the signal again for the handler it found; Python's default one would
+    # turn a clean shutdown into a KeyboardInterrupt traceback, so a no-op handler stands in while it runs.
+    previous = signal.signal(signal.SIGINT, lambda *_: None)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,53 @@
+"""The memory document: what `GET /v1/memory` returns (a dashboard polls it) and the figures /metrics exports. Built
+on the engine worker from llm.memory(), the shared pool and each session's chat.memory(); changes nothing.
+
+    {
+      "process":  llm.memory(): weights_bytes, kv_reserved_bytes, kv_used_bytes, sessions, workspace_bytes,
+                  rss_bytes, peak_rss_bytes, device_allocated_bytes, device_peak_allocated_bytes,
+                  device_free_bytes, nvml_used_bytes
+      "pool":     dtype, block_tokens, block_bytes, blocks, free_blocks, used_blocks, reserved_blocks (by turns
+                  in progress), budget_bytes (the pool's tensors), used_bytes (used_blocks × block_bytes),
+                  capacity_tokens
+      "engine":   active (generations interleaved now), queued, peak_active, steps, offloads (sessions whose KV
+                  was dropped for others, since start)
+      "sessions": [{id, state (idle | answering | offloaded), explicit, turns, message_count, kv_tokens, kv_bytes,
+                    offloads, created, last_used,
+                    memory: chat.memory() (kv_reserved/used bytes, tokens held/evicted/quantized/summarized,
+                            capacity, forecast, rss, device) or null while offloaded,
+                    last_receipt: what the cache did in the last turn, or null; forecast: str or null}]
+    }
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvbound.kvcache.pool import BlockPool
+    from kvbound.llm import LLM
+    from kvbound.server.admission import PoolAdmission
+    from kvbound.server.scheduler import Worker
+    from kvbound.server.sessions import SessionRegistry
+
+
+def pool_figures(pool: "BlockPool", reserved_blocks: int = 0) -> dict[str, Any]:
+    spec = pool.spec
+    return {"dtype": spec.dtype, "block_tokens": spec.block_size, "block_bytes": spec.bytes_per_block,
+            "blocks": pool.num_blocks, "free_blocks": pool.free_blocks, "used_blocks": pool.used_blocks,
+            "reserved_blocks": reserved_blocks, "budget_bytes": pool.nbytes,
+            "used_bytes": pool.used_blocks * spec.bytes_per_block,
+            "capacity_tokens": pool.num_blocks * spec.block_size}
+
+
+def memory_document(llm: "LLM", pool: "BlockPool", registry: "SessionRegistry", admission: "PoolAdmission",
+                    worker: "Worker") -> dict[str, Any]:
+    sessions = []
+    for session in registry.sessions():
+        detail = registry.detail(session)
+        sessions.append({key: detail[key] for key in (
+            "id", "state", "explicit", "turns", "message_count", "kv_tokens", "kv_bytes", "offloads", "created",
+            "last_used", "memory", "last_receipt", "forecast")})
+    return {"process": llm.memory().to_dict(), "pool": pool_figures(pool, admission.reserved_blocks),
+            "engine": {"active": worker.active, "queued": worker.queued, "peak_active": worker.peak_active,
+                       "steps": worker.steps, "offloads": registry.offloads_total},
+            "sessions": sessions}

@@ -1,0 +1,220 @@
+"""The wire format: OpenAI-compatible request models (pydantic, strict types) and the response, stream-chunk and
+error JSON the routes send. Knows nothing of sessions or the model; turns a request into plain Python values.
+
+Beyond OpenAI's fields a chat request may carry `session_id` (keep the conversation's KV cache between requests)
+and vLLM-style `top_k`, `min_p`, `repetition_penalty`; responses carry a `kvbound` object (session, reuse, KV)."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+SessionId = Annotated[str, StringConstraints(pattern=SESSION_ID_PATTERN)]
+MAX_STOP = 4  # as OpenAI
+
+
+class _Strict(BaseModel):
+    # strict: "5" is not an int and 1 is not a bool (as OpenAI answers); unknown fields are ignored (clients send
+    # many we do not use), while the ones we cannot honour are refused by name below.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    # vLLM-style extensions (the openai client sends them through `extra_body`)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0.0, lt=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop: str | list[str] | None) -> list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if stops is not None and (len(stops) > MAX_STOP or not all(stops)):
+            raise ValueError(f"stop must be up to {MAX_STOP} non-empty strings")
+        return stops or None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids (digits), got {key!r}")
+            if not -100.0 <= value <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {value}")
+        return bias
+
+    # field → the only values this server can honour; a request with another value is refused by the field's name
+    HONOURED: ClassVar[dict[str, tuple]] = {"n": (1,), "presence_penalty": (None, 0.0),
+                                            "frequency_penalty": (None, 0.0)}
+
+    def unsupported(self) -> str | None:
+        """The name of a field set to something this server cannot do (a 400), or None."""
+        return next((name for name, values in self.HONOURED.items() if getattr(self, name) not in values), None)
+
+    def sampling(self, max_tokens: int) -> dict[str, Any]:
+        """Keyword options of `Chat.stream` / `LLM.stream_raw` (kvbound's SamplingParams)."""
+        given = {"max_new_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                 "seed": self.seed, "stop": self.stop, "top_k": self.top_k, "min_p": self.min_p,
+                 "repetition_penalty": self.repetition_penalty}
+        if self.logit_bias:  # OpenAI: -100 bans a token
+            given["logit_bias"] = {int(k): (-math.inf if v <= -100 else v) for k, v in self.logit_bias.items()}
+        return {k: v for k, v in given.items() if v is not None}
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    session_id: SessionId | None = None
+    tools: list[Any] | None = None
+    logprobs: bool | None = None
+    HONOURED: ClassVar[dict[str, tuple]] = {**_Sampling.HONOURED, "tools": (None, []), "logprobs": (None, False)}
+
+    @property
+    def requested_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def conversation(self) -> list[dict[str, str]]:
+        """The messages as kvbound renders them: role and text ('developer' is the system role)."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+    HONOURED: ClassVar[dict[str, tuple]] = {**_Sampling.HONOURED, "echo": (False,), "suffix": (None, ""),
+                                            "best_of": (None, 1), "logprobs": (None,)}
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt: str | list[str]) -> str:
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise ValueError("give one prompt (a string or a list of one string)")
+            prompt = prompt[0]
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        return prompt
+
+
+class SessionCreate(_Strict):
+    session_id: SessionId | None = None
+    system: str | None = None
+
+
+# -- responses ------------------------------------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object: `{"error": {"message", "type", "param", "code"}}`."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def chat_response(id: str, model: str, text: str, finish_reason: str, usage: dict, extra: dict) -> dict[str, Any]:
+    return {"id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": finish_reason}],
+            "usage": usage, "kvbound": extra}
+
+
+def chat_chunk(id: str, model: str, delta: dict, finish_reason: str | None = None,
+               **fields: Any) -> dict[str, Any]:
+    return {"id": id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], **fields}
+
+
+def completion_response(id: str, model: str, text: str, finish_reason: str | None,
+                        usage: dict | None = None) -> dict[str, Any]:
+    body = {"id": id, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+class ChatChunks:
+    """The stream chunks of one chat completion: the role, a content delta per piece, the finish, the usage."""
+
+    def __init__(self, id: str, model: str):
+        self.id, self.model = id, model
+
+    def opening(self) -> dict[str, Any] | None:
+        return chat_chunk(self.id, self.model, {"role": "assistant", "content": ""})
+
+    def piece(self, text: str) -> dict[str, Any]:
+        return chat_chunk(self.id, self.model, {"content": text})
+
+    def closing(self, finish: str, extra: dict[str, Any]) -> dict[str, Any]:
+        return chat_chunk(self.id, self.model, {}, finish, kvbound=extra)
+
+    def usage(self, usage: dict[str, Any]) -> dict[str, Any]:
+        return {**chat_chunk(self.id, self.model, {}), "choices": [], "usage": usage}
+
+
+class CompletionChunks(ChatChunks):
+    """The stream chunks of one text completion: a text piece each, the finish, the usage."""
+
+    def opening(self) -> dict[str, Any] | None:
+        return None
+
+    def piece(self, text: str) -> dict[str, Any]:
+        return completion_response(self.id, self.model, text, None)
+
+    def closing(self, finish: str, extra: dict[str, Any]) -> dict[str, Any]:
+        return {**completion_response(self.id, self.model, "", finish), "kvbound": extra}
+
+    def usage(self, usage: dict[str, Any]) -> dict[str, Any]:
+        return {**completion_response(self.id, self.model, "", None), "choices": [], "usage": usage}
+
+
+def finish_reason(kvbound_reason: str) -> str:
+    """kvbound's 'context_full' (the cache could take no more tokens) is OpenAI's 'length'."""
+    return "stop" if kvbound_reason == "stop" else "length"

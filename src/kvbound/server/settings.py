@@ -1,0 +1,77 @@
+"""The server's settings (one frozen dataclass, checked when built) and the KV budget they resolve to. Owns no
+model and no pool; `kvbound serve` builds one from its flags, tests build one directly."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvbound.config import CacheConfig
+from kvbound.errors import KVBudgetExceeded
+from kvbound.kvcache.factory import cache_spec
+from kvbound.kvcache.spec import KV_DTYPE_NAMES, format_bytes, parse_size
+
+DEFAULT_MAX_BODY = 4 << 20  # 4 MiB of JSON: ~1M characters of conversation, far past any model's context
+_MODEL_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    kv_budget: int | str | None = None  # bytes or '64MiB' for the one pool all sessions share
+    kv_tokens: int | None = None  # ... or its size in tokens; neither: one full model context
+    kv_dtype: str = "auto"
+    session_tokens: int | None = None  # the most KV tokens one session may hold (default: the whole pool)
+    policy: str = "none"  # each session's eviction policy (kvbound.policies)
+    api_key: str | None = None  # a bearer key every route but /health requires
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    max_sessions: int = 256  # past this, the least recently used idle implicit session is dropped
+    max_active: int = 8  # generations interleaved at once; later ones wait in the queue
+    max_queued: int = 64  # requests waiting for a generation slot; past this → 429
+    default_max_tokens: int = 256  # reply length when a chat request gives none
+    model_id: str | None = None  # the id /v1/models lists (default: the model file's name)
+    data_dir: Path | None = None  # where a SessionStore keeps sessions (persistence)
+
+    def __post_init__(self) -> None:
+        if self.kv_budget is not None and self.kv_tokens is not None:
+            raise ValueError("give either --kv-budget or --kv-tokens, not both")
+        if self.kv_budget is not None:
+            parse_size(self.kv_budget)
+        for name in ("kv_tokens", "session_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.kv_dtype != "auto" and self.kv_dtype not in KV_DTYPE_NAMES:
+            raise ValueError(f"unknown --kv-dtype '{self.kv_dtype}'; choose auto or one of {', '.join(KV_DTYPE_NAMES)}")
+        from kvbound.policies import make_policy
+
+        make_policy(self.policy)  # an unknown name fails here, before the model loads
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("the API key is empty; give a non-empty --api-key (or unset KVBOUND_API_KEY)")
+        for name in ("max_body_bytes", "max_sessions", "max_active", "max_queued", "default_max_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.model_id is not None and not _MODEL_ID.match(self.model_id):
+            raise ValueError(f"model id {self.model_id!r} must be 1-128 characters of letters, digits and ._:/-")
+
+    def cache_options(self) -> dict[str, Any]:
+        """Keyword options of `LLM.chat` for a session on the shared pool (its dtype must be the pool's)."""
+        options: dict[str, Any] = {"dtype": self.kv_dtype, "policy": self.policy}
+        if self.session_tokens is not None:
+            options["tokens"] = self.session_tokens
+        return options
+
+    def pool_budget(self, llm: Any) -> int:
+        """Bytes of the shared pool: the budget given, or `kv_tokens` (or one full context) worth of blocks.
+        KVBudgetExceeded if it holds no whole block."""
+        spec = cache_spec(llm.config, CacheConfig(dtype=self.kv_dtype), llm.dtype_name)
+        if self.kv_budget is None:
+            return spec.bytes_for(self.kv_tokens or llm.config.max_context)
+        budget = parse_size(self.kv_budget)
+        if budget < spec.bytes_per_block:
+            raise KVBudgetExceeded(f"a KV budget of {format_bytes(budget)} holds no whole block of {spec.block_size} "
+                                   f"tokens ({format_bytes(spec.bytes_per_block)} of {spec.dtype} KV for this model); "
+                                   "raise --kv-budget", needed=spec.bytes_per_block, available=budget)
+        return budget

@@ -1,0 +1,127 @@
+"""One request's work on the engine worker (the scheduler's Task): a chat turn — find or make its session, reserve
+room in the shared pool, stream the Chat's reply, record the answered turn — or a raw text completion; and the
+usage and session figures its response reports. The routes only submit these and read their events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from kvbound.config import CacheConfig
+from kvbound.errors import ContextOverflowError
+from kvbound.server.protocol import finish_reason, usage
+
+if TYPE_CHECKING:
+    from kvbound.chat.session import Reply
+    from kvbound.llm import LLM, Completion
+    from kvbound.server.admission import PoolAdmission
+    from kvbound.server.sessions import Conversation, Plan, SessionRegistry
+
+OnReply = Callable[["Reply"], None]
+
+
+@dataclass(frozen=True)
+class TurnInfo:
+    """What is known once a turn starts (the response headers): its session and how its KV was found."""
+
+    session_id: str | None = None
+    state: str = ""  # reused | restored | new | rebuilt (see SessionRegistry.plan)
+    reused_tokens: int = 0  # tokens of the session's cache kept from earlier requests
+
+    def headers(self) -> dict[str, str]:
+        if self.session_id is None:
+            return {}
+        return {"x-kvbound-session": self.session_id, "x-kvbound-session-state": self.state,
+                "x-kvbound-reused-tokens": str(self.reused_tokens)}
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    text: str
+    finish_reason: str  # OpenAI's: stop | length
+    usage: dict[str, Any]
+    kvbound: dict[str, Any] = field(default_factory=dict)
+
+
+class ChatTurn:
+    def __init__(self, registry: "SessionRegistry", admission: "PoolAdmission", conversation: "Conversation",
+                 session_id: str | None, sampling: dict[str, Any], on_reply: OnReply | None = None):
+        self.registry, self.admission = registry, admission
+        self.conversation, self.session_id, self.sampling = conversation, session_id, sampling
+        self.on_reply = on_reply
+        self.plan: Plan | None = None
+        self.info = TurnInfo()
+        self._held = self._computed = 0
+        self._answered = False
+
+    def start(self) -> Iterator[str]:
+        self.plan = plan = self.registry.plan(self.conversation, self.session_id)
+        session = plan.session
+        self.registry.begin(session)
+        held, feed = self.registry.turn_tokens(session, plan.user)
+        self.admission.admit(session, held, feed, self.sampling["max_new_tokens"])
+        self._computed = self.registry.restore(session)  # history fed again after an offload, or for the first time
+        self._held = session.chat.context_tokens
+        self.info = TurnInfo(session.id, plan.state, self._held - self._computed)
+        return session.chat.stream(plan.user, **self.sampling)
+
+    def finish(self) -> TurnResult:
+        session = self.plan.session
+        chat = session.chat
+        reply = chat.last_reply
+        self.registry.answered(session, reply)
+        self._answered = True
+        if self.on_reply is not None:
+            self.on_reply(reply)
+        held = self._held - reply.reprefilled_tokens  # what the turn attended without feeding it
+        shared = chat.shared_prefix_tokens if not self._held else 0  # this turn's system prompt, found in the pool
+        kept = max(0, held - self._computed) + shared  # cached: computed by earlier requests
+        return TurnResult(reply.text, finish_reason(reply.finish_reason),
+                          usage(held + reply.prompt_tokens, len(reply.token_ids), kept),
+                          {"session_id": session.id, "session_state": self.plan.state, "reused_tokens": kept,
+                           "prefilled_tokens": self._computed + reply.prompt_tokens - shared,
+                           "refed_history_tokens": self._computed, "reprefilled_tokens": reply.reprefilled_tokens,
+                           "context_tokens": reply.context_tokens, "kv_bytes": reply.kv_bytes,
+                           "finish_reason": reply.finish_reason,
+                           "evicted_tokens": reply.receipt.get("evicted_tokens", 0), "forecast": reply.forecast,
+                           "memory_events": reply.mem_events})
+
+    def release(self) -> None:
+        if self.plan is not None:
+            self.admission.release(self.plan.session)
+            self.registry.end(self.plan, self._answered)
+
+
+class RawCompletion:
+    """A plain-text completion in a cache of its own sized to the request (prompt + max_tokens), at most what a
+    session may hold: LLM.stream_raw takes no shared pool yet."""
+
+    def __init__(self, llm: "LLM", prompt: str, sampling: dict[str, Any], max_context_tokens: int, kv_dtype: str,
+                 on_reply: OnReply | None = None):
+        self.llm, self.prompt, self.sampling = llm, prompt, sampling
+        self.max_context_tokens, self.kv_dtype, self.on_reply = max_context_tokens, kv_dtype, on_reply
+        self.info = TurnInfo()
+        self.completion: Completion | None = None
+
+    def start(self) -> Iterator[str]:
+        prompt_tokens = len(self.llm.tokenizer.encode(self.prompt, add_special=True))
+        if prompt_tokens + 1 > self.max_context_tokens:
+            raise ContextOverflowError(
+                f"the prompt is {prompt_tokens:,} tokens and a completion may hold {self.max_context_tokens:,} "
+                "(what a session may hold); shorten the prompt or raise --kv-budget",
+                needed=prompt_tokens + 1, available=self.max_context_tokens)
+        tokens = min(self.max_context_tokens, prompt_tokens + self.sampling["max_new_tokens"])
+        self.completion = self.llm.stream_raw(self.prompt, cache=CacheConfig(tokens=tokens, dtype=self.kv_dtype),
+                                              **self.sampling)
+        return iter(self.completion)
+
+    def finish(self) -> TurnResult:
+        reply = self.completion.reply
+        if self.on_reply is not None:
+            self.on_reply(reply)
+        return TurnResult(reply.text, finish_reason(reply.finish_reason),
+                          usage(reply.prompt_tokens, len(reply.token_ids)),
+                          {"finish_reason": reply.finish_reason, "kv_bytes": reply.kv_bytes})
+
+    def release(self) -> None:
+        pass

@@ -1,0 +1,190 @@
+"""Bad input of every kind gets OpenAI's error JSON with the right status and a message that names the problem —
+never a 500, never a traceback — and the server stays healthy. Also the API key and the body size limit."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+CHAT, COMPLETIONS, SESSIONS = "/v1/chat/completions", "/v1/completions", "/v1/sessions"
+USER = [{"role": "user", "content": "hi"}]
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {"model": "tiny", "messages": USER, **fields}
+
+
+# case: (method, path, body — a dict is sent as JSON, bytes/str as is, None as no body —, status, words in message)
+CASES: dict[str, tuple[str, str, Any, int, tuple[str, ...]]] = {
+    "not_json": ("POST", CHAT, b'{"model": "tiny", "messages": [', 400, ("not valid JSON",)),
+    "json_array": ("POST", CHAT, [1, 2], 400, ("JSON object",)),
+    "json_string": ("POST", CHAT, "just text", 400, ("not valid JSON",)),
+    "empty_body": ("POST", CHAT, None, 400, ("empty",)),
+    "no_messages": ("POST", CHAT, {"model": "tiny"}, 400, ("messages", "required")),
+    "messages_empty": ("POST", CHAT, chat(messages=[]), 400, ("messages", "at least 1")),
+    "messages_not_list": ("POST", CHAT, chat(messages="hi"), 400, ("messages",)),
+    "message_not_object": ("POST", CHAT, chat(messages=["hi"]), 400, ("messages.0",)),
+    "role_unknown": ("POST", CHAT, chat(messages=[{"role": "bot", "content": "x"}]), 400, ("messages.0.role",)),
+    "role_tool": ("POST", CHAT, chat(messages=[{"role": "tool", "content": "x"}]), 400, ("role", "'user'")),
+    "role_missing": ("POST", CHAT, chat(messages=[{"content": "x"}]), 400, ("messages.0.role",)),
+    "content_number": ("POST", CHAT, chat(messages=[{"role": "user", "content": 5}]), 400,
+                       ("messages.0.content:", "string")),
+    "content_image": ("POST", CHAT, chat(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]), 400, ("messages.0.content",)),
+    "last_is_assistant": ("POST", CHAT, chat(messages=[{"role": "user", "content": "a"},
+                                                      {"role": "assistant", "content": "b"}]), 400, ("last message",)),
+    "only_system": ("POST", CHAT, chat(messages=[{"role": "system", "content": "s"}]), 400, ("last message",)),
+    "system_in_the_middle": ("POST", CHAT, chat(messages=[{"role": "user", "content": "a"},
+                                                         {"role": "system", "content": "b"},
+                                                         {"role": "user", "content": "c"}]), 400, ("system",)),
+    "empty_user_message": ("POST", CHAT, chat(messages=[{"role": "user", "content": "   "}]), 400, ("empty",)),
+    "temperature_negative": ("POST", CHAT, chat(temperature=-0.1), 400, ("temperature",)),
+    "temperature_too_high": ("POST", CHAT, chat(temperature=2.5), 400, ("temperature", "2")),
+    "temperature_string": ("POST", CHAT, chat(temperature="hot"), 400, ("temperature", "number")),
+    "temperature_bool": ("POST", CHAT, chat(temperature=True), 400, ("temperature",)),
+    "top_p_zero": ("POST", CHAT, chat(top_p=0), 400, ("top_p",)),
+    "top_p_over_one": ("POST", CHAT, chat(top_p=1.5), 400, ("top_p",)),
+    "max_tokens_zero": ("POST", CHAT, chat(max_tokens=0), 400, ("max_tokens",)),
+    "max_tokens_negative": ("POST", CHAT, chat(max_tokens=-5), 400, ("max_tokens",)),
+    "max_tokens_over_context": ("POST", CHAT, chat(max_tokens=10 ** 9), 400, ("max_tokens", "context")),
+    "max_tokens_string": ("POST", CHAT, chat(max_tokens="10"), 400, ("max_tokens", "integer")),
+    "max_tokens_float": ("POST", CHAT, chat(max_tokens=2.5), 400, ("max_tokens",)),
+    "max_completion_tokens_zero": ("POST", CHAT, chat(max_completion_tokens=0), 400, ("max_completion_tokens",)),
+    "max_completion_over_context": ("POST", CHAT, chat(max_completion_tokens=5000), 400,
+                                    ("max_completion_tokens", "context")),
+    "n_two": ("POST", CHAT, chat(n=2), 400, ("n must be 1",)),
+    "n_zero": ("POST", CHAT, chat(n=0), 400, ("n must be 1",)),
+    "stream_string": ("POST", CHAT, chat(stream="yes"), 400, ("stream", "boolean")),
+    "stop_number": ("POST", CHAT, chat(stop=5), 400, ("stop",)),
+    "stop_empty_string": ("POST", CHAT, chat(stop=[""]), 400, ("stop", "non-empty")),
+    "stop_too_many": ("POST", CHAT, chat(stop=list("abcde")), 400, ("stop", "4")),
+    "seed_string": ("POST", CHAT, chat(seed="x"), 400, ("seed",)),
+    "seed_float": ("POST", CHAT, chat(seed=1.5), 400, ("seed",)),
+    "logit_bias_not_token": ("POST", CHAT, chat(logit_bias={"hello": 1}), 400, ("logit_bias", "token ids")),
+    "logit_bias_out_of_range": ("POST", CHAT, chat(logit_bias={"5": 500}), 400, ("logit_bias", "-100")),
+    "presence_penalty": ("POST", CHAT, chat(presence_penalty=1.0), 400, ("presence_penalty",)),
+    "tools": ("POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, ("tools",)),
+    "logprobs": ("POST", CHAT, chat(logprobs=True), 400, ("logprobs",)),
+    "top_k_negative": ("POST", CHAT, chat(top_k=-1), 400, ("top_k",)),
+    "min_p_one": ("POST", CHAT, chat(min_p=1.0), 400, ("min_p",)),
+    "repetition_penalty_zero": ("POST", CHAT, chat(repetition_penalty=0), 400, ("repetition_penalty",)),
+    "model_unknown": ("POST", CHAT, chat(model="gpt-4"), 404, ("gpt-4", "does not exist")),
+    "model_number": ("POST", CHAT, chat(model=5), 400, ("model",)),
+    "session_id_traversal": ("POST", CHAT, chat(session_id="../../etc/passwd"), 400, ("session_id",)),
+    "session_id_too_long": ("POST", CHAT, chat(session_id="x" * 65), 400, ("session_id",)),
+    "session_id_number": ("POST", CHAT, chat(session_id=7), 400, ("session_id",)),
+    "prompt_over_budget": ("POST", CHAT, chat(messages=[{"role": "user", "content": "word " * 400}]), 413,
+                           ("tokens",)),
+    "completion_no_prompt": ("POST", COMPLETIONS, {"model": "tiny"}, 400, ("prompt",)),
+    "completion_empty_prompt": ("POST", COMPLETIONS, {"model": "tiny", "prompt": ""}, 400, ("prompt", "empty")),
+    "completion_token_prompt": ("POST", COMPLETIONS, {"model": "tiny", "prompt": [1, 2, 3]}, 400, ("prompt",)),
+    "completion_two_prompts": ("POST", COMPLETIONS, {"model": "tiny", "prompt": ["a", "b"]}, 400, ("one prompt",)),
+    "completion_echo": ("POST", COMPLETIONS, {"model": "tiny", "prompt": "a", "echo": True}, 400, ("echo",)),
+    "completion_best_of": ("POST", COMPLETIONS, {"model": "tiny", "prompt": "a", "best_of": 3}, 400, ("best_of",)),
+    "completion_suffix": ("POST", COMPLETIONS, {"model": "tiny", "prompt": "a", "suffix": "z"}, 400, ("suffix",)),
+    "completion_max_tokens_zero": ("POST", COMPLETIONS, {"model": "tiny", "prompt": "a", "max_tokens": 0}, 400,
+                                   ("max_tokens",)),
+    "completion_over_budget": ("POST", COMPLETIONS, {"model": "tiny", "prompt": "word " * 400}, 413, ("tokens",)),
+    "session_create_bad_id": ("POST", SESSIONS, {"session_id": "a/b"}, 400, ("session_id",)),
+    "session_create_system_type": ("POST", SESSIONS, {"system": 5}, 400, ("system",)),
+    "session_get_bad_id": ("GET", SESSIONS + "/bad.id", None, 400, ("not valid",)),
+    "session_get_unknown": ("GET", SESSIONS + "/nobody", None, 404, ("no session",)),
+    "session_delete_unknown": ("DELETE", SESSIONS + "/nobody", None, 404, ("no session",)),
+    "unknown_route": ("GET", "/v1/engines", None, 404, ("no route",)),
+    "wrong_method": ("GET", CHAT, None, 405, ("not allowed",)),
+    "model_lookup_unknown": ("GET", "/v1/models/gpt-4", None, 404, ("gpt-4",)),
+}
+
+
+@pytest.fixture(scope="module")
+def small_server(tiny_llm):
+    from kvbound.server import ServerSettings, create_app
+    from tests.server.conftest import LiveServer
+
+    with LiveServer(create_app(tiny_llm, ServerSettings(kv_budget="256KiB"))) as live:  # 512 tokens
+        yield live
+
+
+def send(http: httpx.Client, method: str, path: str, body: Any) -> httpx.Response:
+    if body is None:
+        return http.request(method, path)
+    if isinstance(body, (bytes, str)):
+        return http.request(method, path, content=body, headers={"content-type": "application/json"})
+    return http.request(method, path, json=body)
+
+
+def test_malformed_requests_get_clear_errors_and_the_server_stays_healthy(small_server) -> None:
+    assert len(CASES) >= 50
+    failures = []
+    with small_server.http() as http:
+        for case, (method, path, body, status, words) in CASES.items():
+            response = send(http, method, path, body)
+            try:
+                error = response.json()["error"]
+                assert set(error) == {"message", "type", "param", "code"}
+                assert response.status_code == status
+                assert all(w.lower() in error["message"].lower() for w in words), words
+                assert "Traceback" not in response.text
+            except (AssertionError, KeyError, ValueError) as e:
+                failures.append(f"{case}: {response.status_code} {response.text[:300]} ({e})")
+        assert not failures, "\n".join(failures)
+        ok = http.post(CHAT, json=chat(max_tokens=3))
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+        assert http.get("/health").json()["status"] == "ok"
+        metrics = http.get("/metrics").text
+    bad = sum(1 for _, path, _, status, _ in CASES.values() if status == 400 and path == CHAT)
+    assert f'kvbound_requests_total{{route="{CHAT}",status="400"}} {bad}.0' in metrics
+    assert 'status="500"' not in metrics
+
+
+def test_api_key(serve) -> None:
+    server = serve(api_key="s3cret")
+    with server.http() as http:
+        missing = http.get("/v1/models")
+        assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+        assert "no API key" in missing.json()["error"]["message"]
+        wrong = http.get("/v1/models", headers={"authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and "not valid" in wrong.json()["error"]["message"]
+        assert http.get("/v1/models", headers={"authorization": "Basic s3cret"}).status_code == 401
+        assert http.get("/metrics").status_code == 401
+        assert http.get("/health").status_code == 200  # liveness stays open
+    with pytest.raises(openai.AuthenticationError):
+        server.openai(api_key="nope").models.list()
+    reply = server.openai(api_key="s3cret").chat.completions.create(model="tiny", messages=USER, max_tokens=2)
+    assert reply.usage.completion_tokens >= 1
+
+
+def test_body_size_limit(serve) -> None:
+    server = serve(max_body_bytes=2048)
+    big = json.dumps(chat(messages=[{"role": "user", "content": "x" * 4000}])).encode()
+    with server.http() as http:
+        declared = http.post(CHAT, content=big, headers={"content-type": "application/json"})
+        assert declared.status_code == 413 and "2,048" in declared.json()["error"]["message"]
+        chunked = http.post(CHAT, content=iter([big[:1500], big[1500:]]),  # no Content-Length: counted as it comes
+                            headers={"content-type": "application/json"})
+        assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
+        assert http.post(CHAT, json=chat(max_tokens=2)).status_code == 200
+
+
+def test_unexpected_failure_is_a_500_without_internals(tiny_llm, caplog) -> None:
+    from kvbound.server import ServerSettings, create_app
+    from tests.server.conftest import LiveServer
+
+    app = create_app(tiny_llm, ServerSettings(kv_budget="64KiB"))
+
+    async def boom() -> None:
+        raise RuntimeError("internal detail 0xdeadbeef")
+
+    app.add_api_route("/boom", boom)
+    with LiveServer(app) as live, live.http() as http:
+        response = http.get("/boom")
+        assert response.status_code == 500
+        error = response.json()["error"]
+        assert error["type"] == "server_error" and "deadbeef" not in response.text and "Traceback" not in response.text
+        assert http.post(CHAT, json=chat(max_tokens=2)).status_code == 200  # still serving
+        assert 'kvbound_requests_total{route="/boom",status="500"} 1.0' in http.get("/metrics").text
+    assert "deadbeef" in caplog.text  # the details went to the log

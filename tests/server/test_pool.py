@@ -1,0 +1,132 @@
+"""One KV budget for all sessions: a new session gets room by offloading the least recently used idle one (which
+comes back on its next turn), a turn that can never fit is refused with 413 and its numbers, a turn that needs the
+blocks of turns in progress with 429 — never a 500."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.server.conftest import NO_STOP
+
+BLOCK_BYTES = 16384  # the tiny model's fp32 KV: 2 layers × 2 KV heads × 32 tokens × 16 dims × 4 bytes × K and V
+
+
+def post(server, messages, session_id=None, max_tokens=8, **fields) -> httpx.Response:
+    body = {"model": "tiny", "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+            "logit_bias": NO_STOP, **fields}
+    if session_id:
+        body["session_id"] = session_id
+    return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def test_lru_idle_session_is_offloaded_and_restored(serve) -> None:
+    server = serve(kv_budget=6 * BLOCK_BYTES)  # 6 blocks, 192 tokens
+    for name in ("s1", "s2", "s3"):  # each turn holds 2 blocks (~20 prompt + 16 reply tokens)
+        assert post(server, user("hi"), name, max_tokens=16).status_code == 200
+    pool = server.memory()["pool"]
+    assert pool["blocks"] == 6 and pool["free_blocks"] == 0
+    s1 = httpx.get(server.url + "/v1/sessions/s1").json()
+
+    assert post(server, user("hi"), "s4", max_tokens=16).status_code == 200
+    states = {s["id"]: s["state"] for s in httpx.get(server.url + "/v1/sessions").json()["data"]}
+    assert states == {"s1": "offloaded", "s2": "idle", "s3": "idle", "s4": "idle"}  # s1 was used longest ago
+    assert httpx.get(server.url + "/v1/sessions/s1").json()["offloads"] == 1
+
+    again = post(server, user("more"), "s1", max_tokens=4)  # s1 comes back: its messages are fed again
+    assert again.status_code == 200, again.text
+    assert again.headers["x-kvbound-session-state"] == "restored"
+    extra = again.json()["kvbound"]
+    # The conversation is rendered again: its tokens, plus the end-of-turn marker the template closes the reply with
+    # (this reply ran to max_tokens, so the model never wrote one).
+    assert s1["kv_tokens"] <= extra["refed_history_tokens"] <= s1["kv_tokens"] + 3
+    assert extra["reused_tokens"] == 0
+    restored = httpx.get(server.url + "/v1/sessions/s1").json()
+    assert restored["turns"] == 2 and restored["messages"][:2] == s1["messages"]
+    metrics = httpx.get(server.url + "/metrics").text
+    assert "kvbound_session_offloads_total 2.0" in metrics  # s1 for s4, then s2 for s1
+
+
+def test_prompt_over_the_whole_budget_is_413(serve) -> None:
+    server = serve(kv_budget=4 * BLOCK_BYTES)  # 128 tokens
+    response = post(server, user("word " * 60))
+    assert response.status_code == 413, response.text
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded" and "128" in error["message"]
+    raw = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "word " * 60}, timeout=60)
+    assert raw.status_code == 413 and "128" in raw.json()["error"]["message"]
+    assert post(server, user("short")).status_code == 200  # and the server goes on
+
+
+def test_reply_that_outgrows_a_full_conversation_is_413_then_usable(serve) -> None:
+    server = serve(kv_budget=4 * BLOCK_BYTES)
+    assert post(server, user("hi"), "long", max_tokens=80).status_code == 200  # ~100 of 128 tokens held
+    refused = post(server, user("a longer message that cannot fit any more"), "long")
+    assert refused.status_code == 413 and refused.json()["error"]["code"] == "context_length_exceeded"
+    assert httpx.get(server.url + "/v1/sessions/long").json()["turns"] == 1
+
+
+def test_busy_pool_is_429_with_retry_after(serve) -> None:
+    server = serve(kv_budget="1MiB")  # 64 blocks; a 900-token reply reserves 29 of a session's 32-block capacity
+    body = {"model": "tiny", "messages": user("go on"), "max_tokens": 900, "stream": True, "temperature": 0,
+            "logit_bias": NO_STOP}
+    with contextlib.ExitStack() as holders:  # leaving it closes the clients: their generations are cancelled
+        for name in ("hold-1", "hold-2"):
+            http = holders.enter_context(server.http())
+            stream = holders.enter_context(http.stream("POST", "/v1/chat/completions",
+                                                       json={**body, "session_id": name}))
+            assert stream.status_code == 200
+            lines = stream.iter_lines()  # kept: a dropped line iterator closes the response
+            holders.callback(lines.close)
+            next(lines)  # generating now
+        refused = post(server, user("me too"), max_tokens=200)
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["retry-after"] == "1"
+        error = refused.json()["error"]
+        assert error["code"] == "server_busy" and "blocks" in error["message"]
+        assert post(server, user("me too"), "hold-1").status_code == 429  # a session answering already
+    deadline = time.monotonic() + 20
+    while server.memory()["engine"]["active"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert post(server, user("me too"), max_tokens=200).status_code == 200
+
+
+def test_full_queue_is_429(serve) -> None:
+    server = serve(kv_budget="1MiB", max_active=1, max_queued=1)
+    body = {"model": "tiny", "messages": user("go on"), "max_tokens": 900, "stream": True, "temperature": 0,
+            "logit_bias": NO_STOP}
+    waited: list[httpx.Response] = []
+    with server.http() as running, running.stream("POST", "/v1/chat/completions", json=body) as stream:
+        lines = stream.iter_lines()  # kept: a dropped line iterator closes the response
+        next(lines)
+        waiter = threading.Thread(target=lambda: waited.append(post(server, user("second"), max_tokens=2)))
+        waiter.start()
+        deadline = time.monotonic() + 20
+        while server.memory()["engine"]["queued"] != 1:  # the second waits behind the running reply
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        refused = post(server, user("third"))
+        assert refused.status_code == 429 and "queue" in refused.json()["error"]["message"]
+        lines.close()
+    waiter.join(30)
+    assert waited[0].status_code == 200 and waited[0].json()["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("policy", ["window", "turns"])
+def test_evicting_policy_keeps_a_long_session_going(serve, policy) -> None:
+    server = serve(kv_budget=4 * BLOCK_BYTES, policy=policy)
+    for turn in range(4):
+        response = post(server, user(f"turn {turn}"), "evict", max_tokens=40)
+        assert response.status_code == 200, response.text
+    detail = httpx.get(server.url + "/v1/sessions/evict").json()
+    assert detail["turns"] == 4 and detail["memory"]["tokens_evicted"] > 0
+    assert detail["kv_tokens"] <= 128

@@ -1,0 +1,186 @@
+"""The engine worker: one thread, generations interleaved a piece at a time (round-robin), a cancelled generation
+closed at once (its `finally` runs) and released, a failing start reported as an error event — and, through the
+HTTP server, concurrent clients that all progress and get exactly the replies they get alone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any, Iterator
+
+import httpx
+
+from kvbound.server.errors import ServerBusy
+from kvbound.server.scheduler import Worker
+from tests.server.conftest import NO_STOP
+
+
+class FakeTask:
+    """Yields `pieces` names, recording into a shared log when each is produced and when it is closed."""
+
+    def __init__(self, name: str, pieces: int, log: list[str], fail: bool = False):
+        self.name, self.pieces, self.log, self.fail = name, pieces, log, fail
+        self.released = 0
+        self.thread: str | None = None
+
+    def start(self) -> Iterator[str]:
+        if self.fail:
+            raise ValueError(f"{self.name} cannot start")
+        self.thread = threading.current_thread().name
+        return self._run()
+
+    def _run(self) -> Iterator[str]:
+        try:
+            for i in range(self.pieces):
+                self.log.append(f"{self.name}{i}")
+                yield f"{self.name}{i}"
+        finally:
+            self.log.append(f"{self.name}-closed")
+
+    def finish(self) -> str:
+        return f"{self.name}-done"
+
+    def release(self) -> None:
+        self.released += 1
+
+
+async def drain(stream) -> list[Any]:
+    events = []
+    while True:
+        event = await stream.next()
+        events.append((event.kind, event.value))
+        if event.kind != "piece":
+            return events
+
+
+def run(coro) -> Any:
+    return asyncio.run(coro)
+
+
+def test_generations_interleave_round_robin() -> None:
+    log: list[str] = []
+    tasks = [FakeTask(name, 3, log) for name in "abc"]
+
+    async def main() -> list[list[Any]]:
+        worker = Worker(max_active=8)
+        streams = [worker.submit(task) for task in tasks]  # queued before the thread starts: all start together
+        worker.start()
+        try:
+            return await asyncio.gather(*(drain(s) for s in streams))
+        finally:
+            worker.stop()
+
+    results = run(main())
+    assert log[:9] == ["a0", "b0", "c0", "a1", "b1", "c1", "a2", "b2", "c2"]
+    for task, events in zip(tasks, results):
+        assert events == [("piece", f"{task.name}{i}") for i in range(3)] + [("done", f"{task.name}-done")]
+        assert task.released == 1 and task.thread == "kvbound-engine"
+
+
+def test_max_active_queues_the_rest() -> None:
+    log: list[str] = []
+    tasks = [FakeTask(name, 2, log) for name in "ab"]
+
+    async def main() -> None:
+        worker = Worker(max_active=1)
+        streams = [worker.submit(task) for task in tasks]
+        worker.start()
+        try:
+            await asyncio.gather(*(drain(s) for s in streams))
+        finally:
+            worker.stop()
+
+    run(main())
+    assert log == ["a0", "a1", "a-closed", "b0", "b1", "b-closed"]
+
+
+def test_cancel_closes_the_generator_and_releases() -> None:
+    log: list[str] = []
+    task = FakeTask("a", 10_000, log)
+
+    async def main() -> list[Any]:
+        worker = Worker()
+        worker.start()
+        try:
+            stream = worker.submit(task)
+            first = await stream.next()
+            stream.cancel()
+            rest = await drain(stream)
+            return [(first.kind, first.value)] + rest
+        finally:
+            worker.stop()
+
+    events = run(main())
+    assert events[0] == ("piece", "a0")
+    kind, error = events[-1]
+    assert kind == "error" and isinstance(error, ServerBusy) and "cancelled" in str(error)
+    assert log[-1] == "a-closed" and len(log) < 10_000 and task.released == 1
+
+
+def test_failing_start_is_an_error_event_and_calls_run_between_steps() -> None:
+    log: list[str] = []
+    task = FakeTask("bad", 1, log, fail=True)
+
+    async def main() -> tuple[list[Any], str, Exception | None]:
+        worker = Worker()
+        worker.start()
+        try:
+            events = await drain(worker.submit(task))
+            name = await worker.call(lambda: threading.current_thread().name)
+            try:
+                await worker.call(lambda: 1 / 0)
+            except ZeroDivisionError as e:
+                return events, name, e
+            return events, name, None
+        finally:
+            worker.stop()
+
+    events, thread, error = run(main())
+    assert events[0][0] == "error" and "cannot start" in str(events[0][1])
+    assert task.released == 1 and thread == "kvbound-engine" and isinstance(error, ZeroDivisionError)
+
+
+def test_full_queue_refuses() -> None:
+    async def main() -> None:
+        worker = Worker(max_active=1, max_queued=1)  # not started: nothing leaves the queue
+        worker.submit(FakeTask("a", 1, []))
+        try:
+            worker.submit(FakeTask("b", 1, []))
+        except ServerBusy as e:
+            assert "queue" in str(e)
+        else:
+            raise AssertionError("a full queue accepted a request")
+
+    run(main())
+
+
+# -- over HTTP ----------------------------------------------------------------------------------------------------------
+def stream_reply(server, text: str, max_tokens: int, arrivals: list[tuple[float, str]]) -> str:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+            "stream": True, "temperature": 0, "logit_bias": NO_STOP}
+    pieces = []
+    with server.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {") and '"content": "' in line:
+                arrivals.append((time.monotonic(), text))
+                pieces.append(httpx.Response(200, content=line[6:]).json()["choices"][0]["delta"]["content"])
+    return "".join(pieces)
+
+
+def test_concurrent_clients_all_progress_and_get_their_own_replies(server) -> None:
+    prompts = ["first client", "second client", "third client"]
+    alone = {p: stream_reply(server, p, 300, []) for p in prompts}
+    arrivals: list[tuple[float, str]] = []
+    replies: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda p=p: replies.__setitem__(p, stream_reply(server, p, 300, arrivals)))
+               for p in prompts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert replies == alone  # interleaving in one pool changes no reply
+    first = {p: min(t for t, q in arrivals if q == p) for p in prompts}
+    last = {p: max(t for t, q in arrivals if q == p) for p in prompts}
+    assert max(first.values()) < min(last.values())  # every client got text before any finished
+    assert server.memory()["engine"]["peak_active"] >= 2
