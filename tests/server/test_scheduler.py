@@ -73,7 +73,7 @@ def test_generations_interleave_round_robin() -> None:
 
     results = run(main())
     assert log[:9] == ["a0", "b0", "c0", "a1", "b1", "c1", "a2", "b2", "c2"]
-    for task, events in zip(tasks, results):
+    for task, events in zip(tasks, results, strict=True):
         assert events == [("piece", f"{task.name}{i}") for i in range(3)] + [("done", f"{task.name}-done")]
         assert task.released == 1 and task.thread == "kvbound-engine"
 
@@ -155,7 +155,7 @@ def test_full_queue_refuses() -> None:
     run(main())
 
 
-# -- over HTTP ----------------------------------------------------------------------------------------------------------
+# -- over HTTP -------------------------------------------------------------------------------------------------------
 def stream_reply(server, text: str, max_tokens: int, arrivals: list[tuple[float, str]]) -> str:
     body = {"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
             "stream": True, "temperature": 0, "logit_bias": NO_STOP}

@@ -1,6 +1,7 @@
 """The HTTP app: `create_app(llm, settings)` wires one shared KV pool, the session registry, the engine worker and
 the metrics, and defines the routes — OpenAI's /v1/chat/completions, /v1/completions and /v1/models; kvbound's
-/v1/sessions, /v1/memory, /metrics, /health and /dashboard (server.dashboard). Routes validate and translate; all model work runs on the worker."""
+/v1/sessions, /v1/memory, /metrics, /health and /dashboard (server.dashboard). Routes validate and translate; all
+model work runs on the worker."""
 
 from __future__ import annotations
 

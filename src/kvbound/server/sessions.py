@@ -219,7 +219,7 @@ class SessionRegistry:
                              "DELETE /v1/sessions/{id}", needed=1, available=0)
         self._forget(min(idle, key=lambda s: s.last_used))
 
-    # -- which session a request continues ------------------------------------------------------------------------
+    # -- which session a request continues -------------------------------------------------------------------------
     def plan(self, conversation: Conversation, session_id: str | None) -> Plan:
         """The session a chat request continues.
 
@@ -253,7 +253,7 @@ class SessionRegistry:
     def _kv_state(session: Session) -> str:
         return "reused" if session.chat is not None else "restored" if session.turns else "new"
 
-    # -- offload / restore: the one pair to change for another way of keeping a session's KV ----------------------------
+    # -- offload / restore: the one pair to change for another way of keeping a session's KV ---------------------
     def offload(self, session: Session) -> None:
         """Give the session's KV blocks back to the pool; its messages stay, so `restore` can bring it back."""
         if session.chat is None:
@@ -309,7 +309,7 @@ class SessionRegistry:
         kept = history if history <= self.capacity else (self.capacity * 3) // 4  # Chat.from_messages' cut
         return 0, kept + max(1, full - history)
 
-    # -- turns ---------------------------------------------------------------------------------------------------------
+    # -- turns ------------------------------------------------------------------------------------------------------
     def begin(self, session: Session) -> None:
         session.busy = True
         session.last_used = time.time()
@@ -333,7 +333,7 @@ class SessionRegistry:
         if not answered and plan.created and not session.explicit:
             self._forget(session)
 
-    # -- reports ---------------------------------------------------------------------------------------------------------
+    # -- reports ----------------------------------------------------------------------------------------------------
     def summary(self, session: Session) -> dict[str, Any]:
         chat = session.chat
         return {"id": session.id, "object": "session", "created": int(session.created),
