@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
+import torch.nn.functional as F
 
 
 class KVCache(ABC):
@@ -58,3 +59,14 @@ def step_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window
     if query_positions.numel() == 1 and (window is None or int(query_positions[0] - key_positions[0]) < window):
         return None
     return causal_mask(query_positions, key_positions, window)
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA over KV heads (grouped, never repeat_kv'd). Multi-query steps in bf16/fp16 on CPU run in fp32: PyTorch's
+    CPU flash kernel keeps a compiled kernel per (queries, keys) shape in low precision, and a chat's prefills
+    never repeat a shape — RSS grew ~6 MB a turn over a 200-turn chat (measured; fp32 and single-query decode
+    stay flat). The upcast costs one fp32 copy of the layer's K and V per prefill chunk."""
+    if q.shape[2] > 1 and q.device.type == "cpu" and q.dtype != torch.float32:
+        out = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask, enable_gqa=True)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from kvbound.config import ModelConfig
 from kvbound.errors import ContextOverflowError
-from kvbound.kvcache.base import KVCache, step_mask
+from kvbound.kvcache.base import KVCache, attention, step_mask
 
 
 class ContiguousCache(KVCache):
@@ -52,7 +51,7 @@ class ContiguousCache(KVCache):
         self.v[layer, :, start:end] = v[0]
         keys = self.k[layer, :, :end].unsqueeze(0)  # (1, n_kv, S, D), a view
         values = self.v[layer, :, :end].unsqueeze(0)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        return attention(q, keys, values, mask)
 
     def end(self) -> None:
         start, T, _ = self._step

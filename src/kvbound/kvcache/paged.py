@@ -14,11 +14,10 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from kvbound.errors import KVBudgetExceeded, SnapshotError
 from kvbound.kvcache import quant
-from kvbound.kvcache.base import KVCache, step_mask
+from kvbound.kvcache.base import KVCache, attention, step_mask
 from kvbound.kvcache.pool import PER_BLOCK, STORAGE, BlockPool
 from kvbound.kvcache.spec import FLOAT_DTYPES, format_bytes
 from kvbound.models.layers import apply_rope, rope_cos_sin
@@ -180,7 +179,7 @@ class PagedCache(KVCache):
             self._observe(layer, q[:, :, -SCORE_QUERIES:], keys, mask[-SCORE_QUERIES:] if mask is not None else None)
         if keys.dtype != q.dtype:
             keys, values = keys.to(q.dtype), values.to(q.dtype)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        return attention(q, keys, values, mask)
 
     def end(self) -> None:
         start, T, _, _, _ = self._step
@@ -441,8 +440,9 @@ class PagedCache(KVCache):
         """Add this layer's attention (last queries, averaged over heads) to the policy's per-token scores."""
         _, H, Tq, D = q.shape
         n_kv = keys.shape[1]
-        qg = q[0].reshape(n_kv, H // n_kv * Tq, D).to(keys.dtype)  # query heads grouped by their KV head
-        logits = qg @ keys[0].transpose(1, 2) / math.sqrt(D)  # (n_kv, G*Tq, S)
+        # In fp32: a bf16 batched matmul compiles a kernel per key count and keeps it (see base.attention).
+        qg = q[0].reshape(n_kv, H // n_kv * Tq, D).float()  # query heads grouped by their KV head
+        logits = qg @ keys[0].float().transpose(1, 2) / math.sqrt(D)  # (n_kv, G*Tq, S)
         if mask is not None:
             logits = logits.masked_fill(~mask.repeat(H // n_kv, 1)[None], float("-inf"))
         attn = torch.softmax(logits.float(), dim=-1).mean(dim=(0, 1))  # (S,)

@@ -262,8 +262,14 @@ def _step_bytes(config: ModelConfig, spec: KVSpec, tokens: int, keys: int, devic
     mask = T * S if T > 1 else 0  # decode steps need no mask
     persistent = 2 * T * H * e + 2 * T * D * e + mask
     attention = T * H * e + T * (q_width + 2 * kv_width) * e + 2 * T * q_width * e  # norm out, q/k/v, sdpa out + o
-    attention += mask * e  # SDPA turns the bool mask into an additive one in the compute dtype
-    workspace, sdpa_largest = _sdpa_workspace(config, T, S, spec.compute_dtype, device)
+    # Multi-query steps in bf16/fp16 on CPU attend in fp32 (kvcache.base.attention): q, K, V and the output are
+    # upcast copies, and the mask becomes additive in fp32.
+    upcast = device == "cpu" and T > 1 and spec.compute_dtype != "fp32"
+    attn_dtype = "fp32" if upcast else spec.compute_dtype
+    attention += mask * FLOAT_DTYPES[attn_dtype].itemsize
+    if upcast:
+        attention += (2 * T * q_width + 2 * S * kv_width) * 4
+    workspace, sdpa_largest = _sdpa_workspace(config, T, S, attn_dtype, device)
     attention += workspace
     converted = 0
     if not spec.quantized and spec.dtype != spec.compute_dtype:
@@ -272,7 +278,7 @@ def _step_bytes(config: ModelConfig, spec: KVSpec, tokens: int, keys: int, devic
     scores = 0
     if observes:
         scores = config.num_heads * min(T, SCORE_QUERIES) * S * 4  # eviction scores: logits, softmax, in fp32
-        attention += 2 * scores
+        attention += 2 * scores + S * kv_width * 4  # (the keys are read in fp32 for them)
     mlp = T * H * e + 3 * T * I * e
     logits = config.vocab_size * (e + 4)  # the last position's logits, then as float32
     largest = max(mask * e, sdpa_largest, converted, scores, T * I * e, T * H * 4, logits)
