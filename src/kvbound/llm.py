@@ -15,11 +15,11 @@ from kvbound.chat.session import Chat, Reply, sampling_params
 from kvbound.config import CacheConfig, ModelConfig
 from kvbound.engine.generate import Generation, stream_tokens
 from kvbound.engine.runner import DEFAULT_CHUNK, Runner, prefill_chunk
-from kvbound.errors import ContextOverflowError
+from kvbound.errors import ContextOverflowError, KVBudgetExceeded
 from kvbound.kvcache.factory import build_cache, build_pool, cache_spec, reserved_bytes
 from kvbound.kvcache.pool import BlockPool
 from kvbound.kvcache.paged import PagedCache
-from kvbound.kvcache.spec import KVSpec, parse_size
+from kvbound.kvcache.spec import KVSpec, format_bytes, parse_size
 from kvbound.loading import open_checkpoint
 from kvbound.memory.devices import usage_bytes
 from kvbound.memory.guard import DEFAULT_THRESHOLDS, MemoryEvent, MemoryGuard
@@ -119,7 +119,12 @@ class LLM:
         config = CacheConfig(budget=budget, dtype=dtype, block_size=block_size)
         spec = cache_spec(self.config, config, self.dtype_name)
         capacity = spec.tokens_in(parse_size(budget), sequences=0)
-        return build_pool(self.config, config, self.dtype_name, self.device, capacity=max(capacity, 1))
+        if capacity < spec.block_size:
+            raise KVBudgetExceeded(
+                f"a shared KV budget of {format_bytes(parse_size(budget))} holds less than one {spec.block_size}-token "
+                f"block ({format_bytes(spec.bytes_per_block)} with {spec.dtype} KV); raise the budget",
+                needed=spec.block_size, available=capacity)
+        return build_pool(self.config, config, self.dtype_name, self.device, capacity=capacity)
 
     def chat(self, system: str | None = None, *, cache: CacheConfig | None = None, pool: BlockPool | None = None,
              **options: Any) -> Chat:
@@ -154,18 +159,20 @@ class LLM:
             return completion.reply
         return self.chat(system=system, cache=cache).send(prompt, **sampling)
 
-    def stream_raw(self, prompt: str, *, cache: CacheConfig | None = None, **sampling: Any) -> "Completion":
+    def stream_raw(self, prompt: str, *, cache: CacheConfig | None = None, pool: BlockPool | None = None,
+                   **sampling: Any) -> "Completion":
         """A plain-text completion (no chat template): iterate it for text pieces; `.reply` holds the Reply after."""
         if not isinstance(prompt, str) or not prompt:
             raise ValueError("the prompt is empty; give some text to complete")
         completion = Completion()
-        completion.pieces = self._complete(prompt, cache, sampling_params(**sampling), completion)
+        completion.pieces = self._complete(prompt, cache, pool, sampling_params(**sampling), completion)
         return completion
 
-    def _complete(self, prompt: str, cache: CacheConfig | None, params, completion: "Completion") -> Iterator[str]:
+    def _complete(self, prompt: str, cache: CacheConfig | None, pool: BlockPool | None, params,
+                  completion: "Completion") -> Iterator[str]:
         started = time.perf_counter()
         ids = self.tokenizer.encode(prompt, add_special=True)
-        kv = self.new_cache(cache)
+        kv = self.new_cache(cache, pool=pool)
         try:
             if not kv.policy.evicts and len(ids) + 1 > kv.capacity:
                 raise ContextOverflowError(f"the prompt is {len(ids)} tokens and the KV cache holds {kv.capacity}; "

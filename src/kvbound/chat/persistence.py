@@ -165,7 +165,11 @@ class SessionStore:
                 cache.free()
         logger.warning("session '%s': rebuilding its KV cache from %d messages (%s)", session_id, len(messages),
                        reason)
-        return Chat.from_messages(llm, messages, cache)
+        try:
+            return Chat.from_messages(llm, messages, cache)
+        except BaseException:
+            cache.free()  # the rebuild failed: give its blocks back to the (possibly shared) pool
+            raise
 
     def get_messages(self, session_id: str) -> list[dict[str, str]]:
         _check_id(session_id)
