@@ -74,3 +74,25 @@ def test_cuda_chat_generates(tiny_dir):
     for turn in range(20):
         reply = chat.send("tea and rain in the hills " * 3, max_new_tokens=5, temperature=0.8, seed=turn)
         assert reply.context_tokens <= 256
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_cuda_quantized_weights_match_the_cpu(tiny_dir, weights):
+    """int8 (`_weight_int8pack_mm` or its dequantizing fallback) and int4 (tinygemm `_weight_int4pack_mm`, with the
+    embedding's nibbles kept for lookups) on the device compute the same quantized model as the CPU kernels."""
+    from kvbound.models.linear import Int4Linear
+
+    path, _ = tiny_dir
+    ids = random_ids(100, seed=6)
+    gpu = kvbound.load(path, weights=weights, device="cuda")
+    cpu = kvbound.load(path, weights=weights, device="cpu")
+    assert gpu.model.weights_bytes() == gpu.plan.nbytes(gpu.config)
+    out_gpu = feed(gpu, gpu.new_cache(), ids).float().cpu()
+    out_cpu = feed(cpu, cpu.new_cache(), ids).float()
+    assert (out_gpu - out_cpu).abs().max() / out_cpu.abs().max() <= 0.07  # bf16 activations on both devices
+    if weights == "int4":
+        emb = gpu.model.embed_tokens
+        assert isinstance(emb, Int4Linear) and emb.nibbles is not None
+        pick = torch.tensor([[0, 5, 127]])
+        assert torch.allclose(emb.rows(pick.cuda()).float().cpu(), cpu.model.embed_tokens.rows(pick).float(),
+                              atol=0.05)
