@@ -21,7 +21,7 @@ from typing import Any, Iterator
 from benchmarks import common
 
 SUITE = "long_chat"
-SYSTEMS: dict[str, dict[str, Any]] = {  # kvbound: KV cache options as llm.chat() takes them; compute in fp32
+SYSTEMS: dict[str, dict[str, Any]] = {  # kvbound: KV cache options as llm.chat() takes them; default weights
     "kvbound 16MiB turns+h2o": {"engine": "kvbound", "budget": "16MiB", "policy": "turns+h2o"},
     "kvbound 16MiB turns+h2o recent_turns=0": {"engine": "kvbound", "budget": "16MiB", "policy": "turns+h2o",
                                                "recent_turns": 0},
@@ -62,9 +62,9 @@ def run_kvbound(spec: dict[str, Any], target: int, max_new: int) -> dict[str, An
 
     # kvbound warns when KV use crosses 80% / 95% of the budget; under a fixed budget that is every turn here.
     warnings.filterwarnings("ignore", message=r"KV use", category=UserWarning)
-    llm = kvbound.load(dtype="fp32", device="cpu")
+    llm = kvbound.load(weights=spec.get("weights", "auto"), device="cpu")
     system, turns = script()
-    chat = llm.chat(system=system, **{k: v for k, v in spec.items() if k != "engine"})
+    chat = llm.chat(system=system, **{k: v for k, v in spec.items() if k not in ("engine", "weights")})
     passed, rows, refused, streak = 0, [], [], 0
     stopped = f"target of {target} tokens reached"
     started = time.perf_counter()

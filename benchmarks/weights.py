@@ -60,6 +60,27 @@ def child(args: argparse.Namespace) -> int:
     return 0
 
 
+def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Memory bandwidth of one thread, bytes/s: the best of a few copies of a buffer far larger than the caches
+    (each copy reads and writes `nbytes`)."""
+    import torch
+
+    torch.set_num_threads(common.THREADS)
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def roofline_tok_s(bandwidth: float, weights: int, kv_per_token: float, context: int) -> float:
+    """The decode rate if every step only streamed its weights and the held KV from memory once."""
+    return bandwidth / (weights + kv_per_token * context)
+
+
 def run_system(system: str, ids: list[int], tokens: int) -> dict[str, Any]:
     from benchmarks.decode import LlamaCppSystem
     from kvbound.loading import resolve_model
@@ -97,6 +118,8 @@ def measure(contexts: list[int], tokens: int, repeats: int, peers: bool) -> dict
         if not ok:
             unavailable["llama.cpp"] = why
     rows = []
+    common.pin_threads()
+    bandwidth = copy_bandwidth()
     with common.progress(len(contexts) * repeats * len(systems), "weights") as advance:
         for context in contexts:
             ids = all_ids[: min(context, checkpoint.config.max_context - tokens - 1)]
@@ -106,13 +129,18 @@ def measure(contexts: list[int], tokens: int, repeats: int, peers: bool) -> dict
                     r = run_system(system, ids, tokens)
                     entry = best.setdefault(system, {"system": system, "context": context, "decode_tokens": tokens,
                                                      "decode_s": [], "prefill_s": [], "peak_rss_bytes": 0,
-                                                     "weights_bytes": r.get("weights_bytes"), "tokens": r["tokens"]})
+                                                     "weights_bytes": r.get("weights_bytes"), "tokens": r["tokens"],
+                                                     "kv_bytes_at_context": r["kv_bytes"]})
                     entry["decode_s"].append(r["decode_s"])
                     entry["prefill_s"].append(r["prefill_s"])
                     entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], r["peak_rss_bytes"])
                     advance(note=f"{context} {system}: {tokens / r['decode_s']:.1f} tok/s")
             for entry in best.values():
                 entry["decode_tok_s"] = tokens / min(entry["decode_s"])
+                if entry.get("weights_bytes"):
+                    kv_per_token = entry["kv_bytes_at_context"] / (len(ids) + tokens)
+                    entry["roofline_tok_s"] = roofline_tok_s(bandwidth, entry["weights_bytes"], kv_per_token, len(ids))
+                    entry["roofline_fraction"] = entry["decode_tok_s"] / entry["roofline_tok_s"]
                 entry["prefill_tok_s"] = len(ids) / min(entry["prefill_s"])
                 for ref, key in ((BASELINE, "vs_transformers"), (PEER, "vs_llamacpp")):
                     if ref in best:
@@ -120,6 +148,7 @@ def measure(contexts: list[int], tokens: int, repeats: int, peers: bool) -> dict
                         entry[f"rss_{key}"] = entry["peak_rss_bytes"] / best[ref]["peak_rss_bytes"]
                 rows.append(entry)
     return {"config": {"contexts": contexts, "decode_tokens": tokens, "repeats": repeats,
+                       "copy_bandwidth_bytes_per_s": bandwidth,
                        "model": str(checkpoint.path), "gguf_tensor_bytes": file_bytes,
                        "kvbound_kv": "auto (the compute dtype)", "kvbound_version": kvbound.__version__,
                        "timing": "best decode of the repeats; every run its own process; systems alternate"},
@@ -135,14 +164,18 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{w / cfg['gguf_tensor_bytes']:.2f}x" if w else "—", common.mib(r["peak_rss_bytes"]),
                      round(r["prefill_tok_s"], 1), round(r["decode_tok_s"], 2),
                      f"{r['decode_vs_transformers']:.2f}x" if "decode_vs_transformers" in r else "—",
-                     f"{r['decode_vs_llamacpp']:.2f}x" if "decode_vs_llamacpp" in r else "—"])
+                     f"{r['decode_vs_llamacpp']:.2f}x" if "decode_vs_llamacpp" in r else "—",
+                     f"{100 * r['roofline_fraction']:.0f}% of {r['roofline_tok_s']:.0f}" if "roofline_fraction" in r
+                     else "—"])
     table = common.markdown_table(
         ["system", "context", "weights MiB", "weights / GGUF tensors", "process peak RSS MiB", "prefill tok/s",
-         "decode tok/s", "decode vs transformers", "decode vs llama.cpp"], rows)
+         "decode tok/s", "decode vs transformers", "decode vs llama.cpp", "roofline tok/s (% reached)"], rows)
     notes = [f"- {name}: {why}" for name, why in result.get("unavailable", {}).items()]
     head = (f"{cfg['decode_tokens']} greedy tokens after a prefill of the context, one thread, every run in its own "
             f"process; GGUF tensor data {common.mib(cfg['gguf_tensor_bytes'])} MiB. kvbound's KV is stored in its "
-            f"compute dtype (bf16 for the quantized modes). {cfg['timing']}.")
+            f"compute dtype (bf16 for the quantized modes). {cfg['timing']}. Roofline: one-thread copy bandwidth "
+            f"{cfg['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s divided by the bytes a decode step must read (weights + "
+            f"the KV held at that context).")
     return "\n".join([head, "", table, *([""] + notes if notes else [])])
 
 
