@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from benchmarks import common, compression, decode, long_chat, quality
+from benchmarks import common, compression, decode, load, long_chat, quality
 
 OUT = common.ROOT / "BENCHMARKS.md"
 SECTIONS = [  # (result name, title, module with markdown(result))
@@ -17,7 +17,12 @@ SECTIONS = [  # (result name, title, module with markdown(result))
     ("long_chat", "A long chat under a fixed KV budget", long_chat),
     ("quality", "Quality under a KV budget (perplexity, passkey)", quality),
     ("kvpress", "Context compression against kvpress", compression),
+    ("load", "Concurrent chat clients: kvbound serve against llama.cpp's server", load),
 ]
+
+
+PLOT_ALT = {"long_chat": "KV cache and RSS per turn",
+            "load": "TTFT and inter-token CDFs, server RSS and KV over time"}
 
 
 def _fmt_x(x: float) -> str:
@@ -112,7 +117,7 @@ def kvpress_headlines(r: dict[str, Any]) -> list[str]:
 
 
 HEADLINES = {"decode": decode_headlines, "long_chat": long_chat_headlines, "quality": quality_headlines,
-             "kvpress": kvpress_headlines}
+             "kvpress": kvpress_headlines, "load": load.headlines}
 
 
 def machine_section(results: dict[str, dict[str, Any]]) -> str:
@@ -144,8 +149,8 @@ def render() -> str:
     results = {name: r for name, _, _ in SECTIONS if (r := common.read_result(name)) is not None}
     parts = ["# Benchmarks", "",
              "Generated from `benchmarks/results/*.json` by `python -m benchmarks.report`; regenerate, do not edit. "
-             "Run everything with `python -m benchmarks [--quick] [decode long_chat quality kvpress]` (peers need "
-             "`bash benchmarks/peers/setup.sh` once).", ""]
+             "Run everything with `python -m benchmarks [--quick] [decode long_chat quality kvpress load]` (peers "
+             "need `bash benchmarks/peers/setup.sh` once).", ""]
     if not results:
         return "\n".join(parts + ["No results yet."]) + "\n"
     parts += ["## Method", "",
@@ -169,8 +174,8 @@ def render() -> str:
                   f"`{m['command']}` — {m['date']}{' (quick)' if r.get('quick') else ''}; load average at start "
                   f"{m['load_average_at_start']}; results: `benchmarks/results/{name}.json`", "",
                   module.markdown(r), ""]
-        if name == "long_chat" and r.get("plot"):
-            parts += [f"![KV cache and RSS per turn]({r['plot']})", ""]
+        if r.get("plot"):
+            parts += [f"![{PLOT_ALT.get(name, title)}]({r['plot']})", ""]
     extra = sorted(p.name for p in common.RESULTS.glob("*.json") if p.stem not in results)
     if extra:
         parts += ["## Other results", "", *[f"- `benchmarks/results/{n}`" for n in extra], ""]

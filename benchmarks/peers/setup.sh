@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create the peers' venvs under benchmarks/.venvs/ (git-ignored). torch is installed first, from the CPU wheel,
 # because pip would otherwise pull a multi-GB CUDA build as a dependency. llama-cpp-python builds from its
-# sdist (cmake + a C/C++ compiler; several minutes).
+# sdist (cmake + a C/C++ compiler; several minutes); its [server] extra (fastapi, uvicorn, sse-starlette,
+# pydantic-settings, starlette-context) is for benchmarks/load.py.
 #   bash benchmarks/peers/setup.sh [kvpress] [llamacpp]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,7 +20,7 @@ for name in "${targets[@]}"; do
       "$venv/bin/pip" install kvpress "transformers<5.3" gguf accelerate rich psutil ;;
     llamacpp)
       "$venv/bin/pip" install numpy rich psutil
-      CMAKE_BUILD_PARALLEL_LEVEL=${JOBS:-2} "$venv/bin/pip" install llama-cpp-python ;;
+      CMAKE_BUILD_PARALLEL_LEVEL=${JOBS:-2} "$venv/bin/pip" install 'llama-cpp-python[server]' ;;
     *) echo "unknown peer '$name' (kvpress, llamacpp)" >&2; exit 2 ;;
   esac
 done

@@ -381,6 +381,14 @@ def serve(
                                                      "restarts.", rich_help_panel="Server")] = None,
     log_level: Annotated[LogLevel, typer.Option("--log-level", help="uvicorn's log level.",
                                                 rich_help_panel="Server")] = LogLevel.info,
+    ray: Annotated[bool, typer.Option("--ray", help="Serve replicas of this server on Ray Serve behind one ingress, "
+                                      "each with its own KV budget (docs/cluster.md).",
+                                      rich_help_panel="Cluster")] = False,
+    replicas: Annotated[Optional[int], typer.Option("--replicas", min=1, help="With --ray: how many replicas "
+                                                    "(default 2).", rich_help_panel="Cluster")] = None,
+    address: Annotated[Optional[str], typer.Option("--address", help="With --ray: the Ray cluster to join (auto, "
+                                                   "ray://head:10001); default: start a local one.",
+                                                   rich_help_panel="Cluster")] = None,
     *, load: ModelOptions, cache: CacheOptions,
 ) -> None:
     """Serve an OpenAI-compatible API; sessions keep their KV cache between requests in one shared KV budget."""
@@ -397,6 +405,12 @@ def serve(
                               policy=cache.policy, session_tokens=session_tokens, api_key=api_key,
                               max_body_bytes=parse_size(max_body), max_sessions=max_sessions, model_id=model_id,
                               data_dir=data_dir)
+    if ray or replicas is not None or address is not None:  # Ray Serve: replicas of this server (kvbound.cluster)
+        if not ray:
+            raise ValueError("--replicas and --address take effect with --ray")
+        from kvbound.cluster.launch import serve_cluster
+
+        return serve_cluster(load, settings, replicas=replicas, address=address, host=host, port=port, console=err)
     store = open_store(data_dir) if data_dir is not None else None
     llm = load.load(err)
     server_app = create_app(llm, settings, store)

@@ -8,6 +8,7 @@ from typing import Iterator
 
 import torch
 
+from kvbound.engine.batch import decode_step
 from kvbound.engine.runner import Runner
 from kvbound.engine.sampler import Sampler, SamplingParams
 from kvbound.errors import ContextOverflowError
@@ -31,7 +32,8 @@ def stream_tokens(runner: Runner, tokenizer: Tokenizer, cache: KVCache, logits: 
     """Continue from `logits` (the prefill's last), feeding each sampled token back; yields text pieces.
 
     Every sampled token is written to the cache, the final stop token included, so the cache holds exactly
-    what the model said and the next turn continues after it without a re-prefill.
+    what the model said and the next turn continues after it without a re-prefill. Inside
+    `engine.batch.decode_requests()` each decode step is also yielded, as a DecodeRequest, for batching.
     """
     sampler = Sampler(params, device=logits.device)
     decoder = StreamDecoder(tokenizer, skip_special=True)
@@ -55,7 +57,7 @@ def stream_tokens(runner: Runner, tokenizer: Tokenizer, cache: KVCache, logits: 
                 text += decoder.flush()
                 result.finish_reason = "length"
         try:
-            logits = runner.decode(token, cache)
+            logits = yield from decode_step(runner, token, cache)
         except ContextOverflowError:
             result.token_ids.pop()  # not in the cache, so not part of the conversation
             result.finish_reason = "context_full"

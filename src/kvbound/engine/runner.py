@@ -1,4 +1,5 @@
-"""Prefill (in chunks, so no step sees more than `chunk` queries) and single-token decode over a KVCache."""
+"""Prefill (in chunks, so no step sees more than `chunk` queries), single-token decode over a KVCache, and one
+decode step of several sequences at once (continuous batching: engine/batch.py)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,8 @@ class Runner:
 
     def decode(self, token_id: int, cache: KVCache) -> torch.Tensor:
         return self.model(torch.tensor([[token_id]], device=self.device), cache)[0, -1]
+
+    def decode_batch(self, token_ids: list[int], caches: list[KVCache]) -> torch.Tensor:
+        """The next token of each of B sequences, one forward for all: logits (B, V); row i is what
+        `decode(token_ids[i], caches[i])` returns, up to the rounding of a B-row matmul."""
+        return self.model.forward_batch(torch.tensor(token_ids, device=self.device), caches)

@@ -18,9 +18,10 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Highest resident set size this process has reached (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """Highest resident set size this process has reached (ru_maxrss: KiB on Linux, bytes on macOS). The kernel
+    updates its high-water mark lazily, so the RSS of this instant can be above it: take the larger."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    return max(int(peak if sys.platform == "darwin" else peak * 1024), rss_bytes())
 
 
 def usage_bytes(device: torch.device | str = "cpu") -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -13,6 +13,10 @@ from kvbound.kvcache.base import KVCache
 from kvbound.models.layers import MLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 from kvbound.models.linear import DenseLinear
 from kvbound.models.weights import COMPUTE_DTYPES, WeightsPlan, materialize, matrix_modules, weights_bytes
+
+# attend(layer, q, k, v) → attention output: q (B, H, T, D), k and v (B, n_kv, T, D) → (B, H, T, D). A single
+# sequence passes its cache's `attend`; a decode batch passes one that sends each row to its own cache.
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Attention(nn.Module):
@@ -25,14 +29,15 @@ class Attention(nn.Module):
         self.qkv_proj = DenseLinear(config.hidden_size, q + 2 * kv, bias=config.attention_bias)
         self.o_proj = DenseLinear(q, config.hidden_size, bias=config.output_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """x (B, T, hidden); cos/sin (T, D) shared by the rows, or (B, 1, 1, D) one position per row."""
         B, T, _ = x.shape
         H, rotated = self.num_heads, self.num_heads + self.num_kv_heads
         qkv = self.qkv_proj(x).view(B, T, rotated + self.num_kv_heads, self.head_dim)  # (B, T, H + 2 n_kv, D)
         # q and k rotate together (one RoPE pass over H + n_kv heads): per-op overhead dominates decode here.
         q, k = apply_rope(qkv[:, :, :rotated].transpose(1, 2), cos, sin).split((H, self.num_kv_heads), dim=1)
         v = qkv[:, :, rotated:].transpose(1, 2)  # (B, n_kv, T, D)
-        out = cache.attend(self.layer, q, k, v)  # (B, H, T, D)
+        out = attend(self.layer, q, k, v)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -44,8 +49,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
 
-    def forward(self, x, cos, sin, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -115,10 +120,47 @@ class LlamaModel(nn.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # (T, D)
         try:
             for block in self.layers:
-                x = block(x, cos, sin, cache)
+                x = block(x, cos, sin, cache.attend)
         except BaseException:
             cache.rollback(0)
             raise
         cache.end()
-        x = self.norm(x if all_logits else x[:, -1:])
-        return (self.embed_tokens if self.lm_head is None else self.lm_head)(x).float()
+        return self._logits(x if all_logits else x[:, -1:])
+
+    @torch.inference_mode()
+    def forward_batch(self, token_ids: torch.Tensor, caches: Sequence[KVCache]) -> torch.Tensor:
+        """One decode step of B sequences at once: token_ids (B,) is the next token of the sequence held in
+        caches[i] → logits (B, V).
+
+        Embeddings, norms, projections and the MLP run on the B rows together (one matmul per matrix instead of
+        B); attention runs per sequence through its own cache, which picks that row's position and holds its own
+        length, blocks, storage type and policy. Either every cache commits its token or none does."""
+        if len({id(cache) for cache in caches}) != len(caches):
+            raise ValueError("every sequence of a decode batch needs a cache of its own")
+        begun: list[KVCache] = []
+        try:
+            positions = []
+            for cache in caches:
+                positions.append(cache.begin(1))  # (1,)
+                begun.append(cache)
+            x = self.embed_tokens.rows(token_ids[:, None])  # (B, 1, hidden)
+            cos, sin = rope_cos_sin(torch.cat(positions), self.inv_freq, x.dtype)  # (B, D)
+            cos, sin = cos[:, None, None], sin[:, None, None]  # (B, 1, 1, D): each row rotates by its own position
+
+            def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                rows = [cache.attend(layer, q[i:i + 1], k[i:i + 1], v[i:i + 1]) for i, cache in enumerate(caches)]
+                return torch.cat(rows)  # (B, H, 1, D)
+
+            for block in self.layers:
+                x = block(x, cos, sin, attend)
+        except BaseException:
+            for cache in begun:
+                cache.rollback(0)
+            raise
+        for cache in caches:
+            cache.end()
+        return self._logits(x)[:, -1]
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and output projection (the tied embedding matrix when there is no lm_head), in fp32."""
+        return (self.embed_tokens if self.lm_head is None else self.lm_head)(self.norm(x)).float()

@@ -9,7 +9,8 @@ on the engine worker from llm.memory(), the shared pool and each session's chat.
                   in progress), budget_bytes (the pool's tensors), used_bytes (used_blocks × block_bytes),
                   capacity_tokens
       "engine":   active (generations interleaved now), queued, peak_active, steps, offloads (sessions whose KV
-                  was dropped for others, since start)
+                  was dropped for others, since start), decode: the batched decode forwards since start —
+                  {forwards, tokens, mean_batch_size, max_batch_size, batch_sizes: {"B": forwards of B sequences}}
       "sessions": [{id, state (idle | answering | offloaded), explicit, turns, message_count, kv_tokens, kv_bytes,
                     offloads, created, last_used,
                     memory: chat.memory() (kv_reserved/used bytes, tokens held/evicted/quantized/summarized,
@@ -49,5 +50,15 @@ def memory_document(llm: "LLM", pool: "BlockPool", registry: "SessionRegistry", 
             "last_used", "memory", "last_receipt", "forecast")})
     return {"process": llm.memory().to_dict(), "pool": pool_figures(pool, admission.reserved_blocks),
             "engine": {"active": worker.active, "queued": worker.queued, "peak_active": worker.peak_active,
-                       "steps": worker.steps, "offloads": registry.offloads_total},
+                       "steps": worker.steps, "offloads": registry.offloads_total,
+                       "decode": decode_figures(worker.batch_sizes)},
             "sessions": sessions}
+
+
+def decode_figures(batch_sizes: dict[int, int]) -> dict[str, Any]:
+    """What continuous batching did: forwards run, tokens they decoded, and how many forwards had B sequences."""
+    forwards = sum(batch_sizes.values())
+    tokens = sum(size * count for size, count in batch_sizes.items())
+    return {"forwards": forwards, "tokens": tokens, "mean_batch_size": tokens / forwards if forwards else 0.0,
+            "max_batch_size": max(batch_sizes, default=0),
+            "batch_sizes": {str(size): batch_sizes[size] for size in sorted(batch_sizes)}}

@@ -9,6 +9,7 @@ updated as turns end and requests finish, and gauges read from the memory docume
     kvbound_sessions{state}                   kvbound_active_sessions            kvbound_queued_requests
     kvbound_process_rss_bytes                 kvbound_weights_bytes
     kvbound_device_allocated_bytes            kvbound_device_free_bytes
+    kvbound_decode_batch_size (histogram: sequences per batched decode forward, read from the memory document)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections import Counter as Tally
 from typing import TYPE_CHECKING, Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 if TYPE_CHECKING:
     from kvbound.chat.session import Reply
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 SESSION_STATES = ("idle", "answering", "offloaded")
 
 
@@ -102,9 +104,19 @@ class _MemoryGauges:
         yield gauge("kvbound_queued_requests", "Generations waiting for a slot", engine["queued"])
         yield CounterMetricFamily("kvbound_session_offloads", "Sessions whose KV was dropped to make room",
                                   value=engine["offloads"])
+        yield batch_size_histogram(engine["decode"])
         yield gauge("kvbound_process_rss_bytes", "Resident set size of the server process", process["rss_bytes"])
         yield gauge("kvbound_weights_bytes", "Bytes of the model's weights", process["weights_bytes"])
         yield gauge("kvbound_device_allocated_bytes", "CUDA bytes allocated by torch (0 on CPU)",
                     process["device_allocated_bytes"])
         yield gauge("kvbound_device_free_bytes", "CUDA bytes free on the device (0 on CPU)",
                     process["device_free_bytes"])
+
+
+def batch_size_histogram(decode: dict[str, Any]) -> HistogramMetricFamily:
+    """The worker's tally of batch sizes (engine.decode of the memory document) as a cumulative histogram."""
+    sizes = {int(size): count for size, count in decode["batch_sizes"].items()}
+    buckets = [(str(float(b)), sum(c for s, c in sizes.items() if s <= b)) for b in BATCH_BUCKETS]
+    buckets.append(("+Inf", sum(sizes.values())))
+    return HistogramMetricFamily("kvbound_decode_batch_size", "Sequences per batched decode forward",
+                                 buckets=buckets, sum_value=decode["tokens"])

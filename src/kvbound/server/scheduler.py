@@ -1,7 +1,9 @@
 """The engine worker: the one thread that touches the model, the KV pool and the chats (none of them is
-thread-safe). It runs calls between steps and interleaves the active generations at token granularity:
-`step()` advances each by one `next()` (≈ one decode step), round-robin, so concurrent clients all progress.
-A batched decode step can replace `step()` without changing the async side.
+thread-safe). It runs calls between steps and interleaves the active generations at token granularity, with
+continuous batching: `step()` advances every active generation to its next decode step (engine/batch.py: the
+generation yields a DecodeRequest instead of running it; a new one prefills on the way), then runs all those
+decode steps as one batched forward, so B concurrent clients cost about one forward per token, not B. A
+generation that never asks for a decode step (a plain iterator of pieces) advances one piece per round.
 
 The async side sees a `Stream`: events arrive on an asyncio queue (through `loop.call_soon_threadsafe`), and
 `cancel()` makes the worker close the generator (a Chat rolls that turn back) before its next step."""
@@ -11,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
+from kvbound.engine.batch import DecodeRequest, decode_requests, serve
 from kvbound.server.errors import ServerBusy
 
 logger = logging.getLogger("kvbound.server")
@@ -47,6 +50,7 @@ class Stream:
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = False
         self.pieces: Iterator[str] | None = None  # set by the worker once started
+        self.decoding = False  # it has asked for a decode step: each round advances it to its next one
 
     def post(self, kind: str, value: Any) -> None:
         """From the worker thread: hand an event to the loop (dropped if the loop is gone)."""
@@ -75,6 +79,7 @@ class Worker:
         self._stopping = False
         self.steps = 0  # rounds of `step()` run (for tests and metrics)
         self.peak_active = 0
+        self.batch_sizes: Counter[int] = Counter()  # sequences in a batched decode forward → forwards run
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -178,16 +183,29 @@ class Worker:
         self.peak_active = max(self.peak_active, len(self._active))
 
     def step(self) -> None:
-        """One round: every active generation advances by one piece (≈ one decode step), in turn."""
+        """One round: every active generation advances to its next decode step, in turn; then the steps
+        gathered run as one batched forward and each generation finds its logits when next advanced."""
         if not self._active:
             return
         self.steps += 1
+        requests = []
         for stream in list(self._active):
             if stream.cancelled:
                 self._close(stream)
                 continue
+            request = self._advance(stream)
+            if request is not None:
+                requests.append(request)
+        if requests:
+            self.batch_sizes.update(serve(requests))
+
+    def _advance(self, stream: Stream) -> DecodeRequest | None:
+        """Post the pieces `stream` yields until it asks for a decode step (returned) or ends; one piece only
+        from a generation that never asks."""
+        while True:
             try:
-                piece = next(stream.pieces)
+                with decode_requests():
+                    item = next(stream.pieces)
             except StopIteration:
                 self._active.remove(stream)
                 try:
@@ -196,11 +214,17 @@ class Worker:
                     self._end(stream, "error", e)
                 else:
                     self._end(stream, "done", result)
+                return None
             except BaseException as e:  # noqa: BLE001
                 self._active.remove(stream)
                 self._end(stream, "error", e)
-            else:
-                stream.post("piece", piece)
+                return None
+            if isinstance(item, DecodeRequest):
+                stream.decoding = True
+                return item
+            stream.post("piece", item)
+            if not stream.decoding:
+                return None
 
     def _close(self, stream: Stream) -> None:
         """Cancel: closing the generator raises GeneratorExit inside it, so a Chat rolls the turn back."""

@@ -1,0 +1,176 @@
+"""A batched decode step (LlamaModel.forward_batch) gives each sequence what decoding it alone gives: sequences of
+different lengths, in caches of their own or in one shared pool with interleaved blocks, with quantized KV and
+with an evicting policy; every tiny model of the matrix. And the request protocol (engine/batch.py) that lets a
+driver batch the decode steps of several generations without changing what any of them produces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvbound
+from kvbound.config import CacheConfig
+from kvbound.engine.batch import DecodeRequest, decode_requests, drive
+from kvbound.engine.generate import Generation, stream_tokens
+from kvbound.engine.sampler import SamplingParams
+from kvbound.errors import ContextOverflowError
+from tests.helpers_tiny import TINY_CASES, random_ids, save_hf_dir, tiny_case_model
+
+LENGTHS = [1, 5, 17, 40]  # prompt lengths of the batch's sequences (different positions and block counts)
+STEPS = 12
+FP32_BOUND = 1e-4
+# Quantized KV: a last-bit difference in a key or value (a B-row matmul rounds differently from a 1-row one) can
+# round a stored code the other way, one quantization step on one value; measured ≤ 0.015 (int8), ≤ 0.01 (int4)
+# on these models (|logits| ~ 5-20).
+QUANTIZED_BOUNDS = {"int8": 0.05, "int4": 0.1}
+# bf16: bias-free models match exactly on this CPU (measured 0; 0.05 with int8 KV). A model with q/k/v bias
+# (qwen2) differs by up to ~1.2: DenseLinear's multi-row bf16 path rounds the GEMM and then the bias add, the
+# single-row path (F.linear) rounds once — the same difference prefill rows already have from decode rows.
+BF16_BOUNDS = {"qwen2-gqa4": 2.0}
+BF16_BOUND = 0.1
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory) -> dict:
+    return {case: save_hf_dir(tiny_case_model(case), tmp_path_factory.mktemp(case)) for case in TINY_CASES}
+
+
+def load(tiny_dirs, case: str, dtype: str = "fp32") -> kvbound.LLM:
+    torch.set_num_threads(1)
+    return kvbound.load(tiny_dirs[case], dtype=dtype, device="cpu")
+
+
+def prefilled(llm, make_cache, lengths=LENGTHS) -> list:
+    caches = []
+    for i, n in enumerate(lengths):
+        cache = make_cache()
+        llm.runner.prefill(random_ids(n, seed=i), cache)
+        caches.append(cache)
+    return caches
+
+
+def decode_both(llm, alone: list, batch: list, steps: int = STEPS) -> float:
+    """Feed the same random tokens to each sequence alone and to the batch; the largest logit difference."""
+    worst = 0.0
+    for step in range(steps):
+        tokens = random_ids(len(alone), seed=100 + step)
+        ref = torch.stack([llm.runner.decode(t, c) for t, c in zip(tokens, alone)])  # (B, V)
+        out = llm.runner.decode_batch(tokens, batch)  # (B, V)
+        assert out.shape == ref.shape
+        worst = max(worst, (out - ref).abs().max().item())
+    for a, b in zip(alone, batch):
+        assert a.num_tokens == b.num_tokens
+        assert torch.equal(a.positions[: a.num_tokens], b.positions[: b.num_tokens])
+    return worst
+
+
+@pytest.mark.parametrize("case", list(TINY_CASES))
+def test_batch_matches_each_sequence_alone(tiny_dirs, case) -> None:
+    llm = load(tiny_dirs, case)
+    make = lambda: llm.new_cache(CacheConfig(tokens=128))  # noqa: E731
+    err = decode_both(llm, prefilled(llm, make), prefilled(llm, make))
+    assert err <= FP32_BOUND, f"{case}: batched decode differs by {err}"
+
+
+def test_a_batch_of_one_is_the_plain_decode(tiny_dirs) -> None:
+    llm = load(tiny_dirs, "llama")
+    make = lambda: llm.new_cache(CacheConfig(tokens=128))  # noqa: E731
+    assert decode_both(llm, prefilled(llm, make, [9]), prefilled(llm, make, [9])) == 0.0
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8", "int4"])
+def test_batch_over_one_shared_pool(tiny_dirs, dtype) -> None:
+    """The sequences share one pool and their tables interleave (no sequence reads its keys as one view); the
+    decode steps cross block boundaries (lengths 30/31 with 32-token blocks: quantized caches store a block)."""
+    llm = load(tiny_dirs, "llama")
+
+    def interleaved() -> list:
+        pool = llm.shared_pool("4MiB", dtype=dtype)
+        caches = [llm.new_cache(CacheConfig(dtype=dtype), pool=pool) for _ in range(3)]
+        for rnd in range(3):  # a block per sequence in turn: tables like [0, 3, 6], [1, 4, 7], ...
+            for i, cache in enumerate(caches):
+                llm.runner.prefill(random_ids([30, 32, 31][i] if rnd == 2 else 32, seed=10 * rnd + i), cache)
+        return caches
+
+    alone, batch = interleaved(), interleaved()
+    assert not batch[0]._contiguous()
+    err = decode_both(llm, alone, batch, steps=4)
+    assert err <= QUANTIZED_BOUNDS.get(dtype, FP32_BOUND), f"{dtype}: batched decode differs by {err}"
+
+
+@pytest.mark.parametrize("policy", ["window", "h2o"])
+def test_batch_with_an_evicting_policy(tiny_dirs, policy) -> None:
+    """Caches that fill up mid-batch evict in `begin` (h2o from the attention each step observes) exactly as alone."""
+    llm = load(tiny_dirs, "llama")
+    make = lambda: llm.new_cache(CacheConfig(tokens=48, policy=policy))  # noqa: E731
+    alone, batch = prefilled(llm, make, [44, 30, 47]), prefilled(llm, make, [44, 30, 47])
+    err = decode_both(llm, alone, batch, steps=20)
+    assert err <= FP32_BOUND, f"{policy}: batched decode differs by {err}"
+    assert all(c.evicted_total > 0 for c in batch)
+    assert [c.evicted_total for c in alone] == [c.evicted_total for c in batch]
+
+
+@pytest.mark.parametrize("case", list(TINY_CASES))
+def test_bf16_batch_within_bound(tiny_dirs, case) -> None:
+    llm = load(tiny_dirs, case, dtype="bf16")
+    for kv in ("auto", "int8"):
+        make = lambda: llm.new_cache(CacheConfig(tokens=128, dtype=kv))  # noqa: E731
+        err = decode_both(llm, prefilled(llm, make), prefilled(llm, make))
+        assert err <= BF16_BOUNDS.get(case, BF16_BOUND), f"{case}/{kv}: bf16 batched decode differs by {err}"
+
+
+def test_a_cache_that_cannot_take_the_token_leaves_every_cache_as_it_was(tiny_dirs) -> None:
+    llm = load(tiny_dirs, "llama")
+    pool = llm.shared_pool("1MiB")
+    room = llm.new_cache(CacheConfig(), pool=pool)
+    full = llm.new_cache(CacheConfig(tokens=8), pool=pool)  # no eviction: the 9th token does not fit
+    llm.runner.prefill(random_ids(20, seed=1), room)
+    llm.runner.prefill(random_ids(8, seed=2), full)
+    free, held = pool.free_blocks, room.num_tokens
+    with pytest.raises(ContextOverflowError):
+        llm.runner.decode_batch([3, 4], [room, full])
+    assert room.num_tokens == held and full.num_tokens == 8 and pool.free_blocks == free
+    with pytest.raises(ValueError, match="cache of its own"):
+        llm.runner.decode_batch([3, 4], [room, room])
+    reference = llm.new_cache(CacheConfig(tokens=64))
+    llm.runner.prefill(random_ids(20, seed=1), reference)
+    assert torch.equal(llm.runner.decode_batch([3], [room])[0], llm.runner.decode(3, reference))
+
+
+# -- the request protocol ------------------------------------------------------------------------------------------
+def generation(llm, prompt_seed: int, max_new_tokens: int = 10):
+    ids = random_ids(6 + prompt_seed, seed=prompt_seed)
+    cache = llm.new_cache(CacheConfig(tokens=64))
+    logits = llm.runner.prefill(ids, cache)
+    result = Generation()
+    pieces = stream_tokens(llm.runner, llm.tokenizer, cache, logits,
+                           SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0), ids, result)
+    return pieces, result
+
+
+def test_requests_appear_only_when_asked_and_batching_changes_no_token(tiny_dirs) -> None:
+    llm = load(tiny_dirs, "llama")
+    expected = []
+    for seed in range(3):
+        pieces, result = generation(llm, seed)
+        assert all(isinstance(p, str) for p in pieces)
+        expected.append((result.token_ids, result.text))
+
+    runs = [generation(llm, seed) for seed in range(3)]
+    texts = ["", "", ""]
+    sizes = drive([pieces for pieces, _ in runs], lambda i, piece: texts.__setitem__(i, texts[i] + piece))
+    assert [(result.token_ids, result.text) for _, result in runs] == expected
+    assert texts == [text for _, text in expected]
+    assert max(sizes) == 3 and sum(sizes) == sum(len(ids) for ids, _ in expected)
+
+
+def test_a_request_nobody_serves_runs_alone(tiny_dirs) -> None:
+    """A consumer that skips requests (a `for _ in ...` inside the scope) still gets every token."""
+    llm = load(tiny_dirs, "llama")
+    pieces, alone = generation(llm, 1)
+    list(pieces)
+    pieces, skipped = generation(llm, 1)
+    with decode_requests():
+        items = list(pieces)
+    assert sum(isinstance(i, DecodeRequest) for i in items) == len(skipped.token_ids)
+    assert skipped.token_ids == alone.token_ids and skipped.text == alone.text
