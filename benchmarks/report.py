@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from benchmarks import common, compression, decode, load, long_chat, quality
+from benchmarks import common, compression, decode, weights, load, long_chat, quality
 
 OUT = common.ROOT / "BENCHMARKS.md"
 SECTIONS = [  # (result name, title, module with markdown(result))
@@ -18,6 +18,7 @@ SECTIONS = [  # (result name, title, module with markdown(result))
     ("quality", "Quality under a KV budget (perplexity, passkey)", quality),
     ("kvpress", "Context compression against kvpress", compression),
     ("load", "Concurrent chat clients: kvbound serve against llama.cpp's server", load),
+    ("weights", "Weight storage modes: bytes, process RSS, decode speed and roofline", weights),
 ]
 
 
@@ -116,8 +117,22 @@ def kvpress_headlines(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def weights_headlines(r: dict[str, Any]) -> list[str]:
+    gguf = r["config"]["gguf_tensor_bytes"]
+    lines = []
+    for row in r["rows"]:
+        if row["system"] == "kvbound weights auto":
+            lines.append(f"Default weights (GGUF kept int4/int8) at context {row['context']}: "
+                         f"{row['weights_bytes'] / gguf:.2f}x the GGUF tensor bytes, process peak RSS "
+                         f"{row['peak_rss_bytes'] / 2**20:,.0f} MiB, decode "
+                         + ", ".join(f"{row[k]:.2f}x {n}" for k, n in (("decode_vs_transformers", "transformers fp32"),
+                                                                    ("decode_vs_llamacpp", "llama.cpp")) if k in row)
+                         + ".")
+    return lines
+
+
 HEADLINES = {"decode": decode_headlines, "long_chat": long_chat_headlines, "quality": quality_headlines,
-             "kvpress": kvpress_headlines, "load": load.headlines}
+             "kvpress": kvpress_headlines, "load": load.headlines, "weights": weights_headlines}
 
 
 def machine_section(results: dict[str, dict[str, Any]]) -> str:

@@ -173,9 +173,10 @@ def markdown(result: dict[str, Any]) -> str:
     notes = [f"- {name}: {why}" for name, why in result.get("unavailable", {}).items()]
     head = (f"{cfg['decode_tokens']} greedy tokens after a prefill of the context, one thread, every run in its own "
             f"process; GGUF tensor data {common.mib(cfg['gguf_tensor_bytes'])} MiB. kvbound's KV is stored in its "
-            f"compute dtype (bf16 for the quantized modes). {cfg['timing']}. Roofline: one-thread copy bandwidth "
-            f"{cfg['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s divided by the bytes a decode step must read (weights + "
-            f"the KV held at that context).")
+            f"compute dtype (bf16 for the quantized modes). {cfg['timing']}.")
+    if "copy_bandwidth_bytes_per_s" in cfg:
+        head += (f" Roofline: one-thread copy bandwidth {cfg['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s divided by "
+                 "the bytes a decode step must read (weights + the KV held at that context).")
     return "\n".join([head, "", table, *([""] + notes if notes else [])])
 
 
