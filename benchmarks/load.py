@@ -44,7 +44,8 @@ RETRY_429_FOR_S = 300
 CONNECTION_RETRIES = 2  # as the openai client: a request that got no response at all is sent again
 RSS_EVERY_S, MEMORY_EVERY_S = 0.2, 0.5
 READY_TIMEOUT_S, REQUEST_TIMEOUT_S = 300, 600
-SERIES_POINTS = 400  # time series kept in the JSON (the plot uses every sample)
+SERIES_POINTS = 200  # samples of each time series kept in the JSON
+ITL_POINTS = 201  # quantiles of the inter-token gaps kept in the JSON
 
 
 @dataclass
@@ -217,17 +218,18 @@ class Turn:
     kvbound: dict[str, Any] | None = None
 
     def row(self) -> dict[str, Any]:
-        """What the JSON keeps per turn (not the text): enough to recompute every figure and redraw the plot."""
+        """What the JSON keeps per turn (not the text, nor every gap: the system keeps their quantiles)."""
         row = {"client": self.client, "turn": self.turn, "outcome": self.outcome, "reason": self.reason or None,
                "http_status": self.http_status, "attempts": self.attempts,
                "connection_errors": self.connection_errors or None, "ttft_s": _round(self.ttft_s),
                "tokens": self.tokens, "usage_tokens": self.usage_tokens, "finish_reason": self.finish_reason,
-               "wall_s": _round(self.wall_s), "gaps_ms": [round(g * 1000, 1) for g in self.gaps_s]}
+               "wall_s": _round(self.wall_s),
+               "max_gap_ms": round(max(self.gaps_s) * 1000, 1) if self.gaps_s else None}
         if self.kvbound:
             row.update({f"kvbound_{k}": self.kvbound.get(k) for k in (
                 "session_state", "prefilled_tokens", "refed_history_tokens", "reused_tokens", "context_tokens",
                 "evicted_tokens", "kv_bytes")})
-        return row
+        return {k: v for k, v in row.items() if v is not None}
 
 
 def _round(x: float | None) -> float | None:
@@ -428,6 +430,15 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=float), q))
 
 
+def itl_quantiles(gaps_s: list[float]) -> list[float]:
+    """The inter-token gaps at every half percentile (0, 0.5, ..., 100), in ms: their CDF, without every gap."""
+    if not gaps_s:
+        return []
+    import numpy as np
+
+    return [round(float(x) * 1000, 2) for x in np.percentile(np.asarray(gaps_s), np.linspace(0, 100, ITL_POINTS))]
+
+
 def _thin(series: list[tuple], points: int = SERIES_POINTS) -> list[list]:
     step = max(1, -(-len(series) // points))
     kept = series[::step]
@@ -449,6 +460,8 @@ def summarize(server: Server, turns: list[Turn], wall_s: float, sampler: Sampler
         "system": server.name, "command": " ".join(server.argv), "turns": len(turns),
         "ok": outcomes["ok"], "truncated": outcomes["truncated"], "errors": outcomes["error"],
         "refused": outcomes["refused"], "refused_responses": sum(refusals.values()), "refusal_codes": dict(refusals),
+        "turns_waiting_over_60s_on_429": sum(1 for t in turns if t.refusals and t.wall_s > 60),
+        "most_attempts": max((t.attempts for t in turns), default=0),
         "connection_retries": sum(len(t.connection_errors) for t in turns),
         "connection_error_reasons": [r.split(":", 1)[0] for t in turns for r in t.connection_errors],
         "error_reasons": dict(Counter(t.reason for t in turns if t.outcome == "error")),
@@ -460,6 +473,7 @@ def summarize(server: Server, turns: list[Turn], wall_s: float, sampler: Sampler
         if any(t.usage_tokens is not None for t in turns) else None,
         "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95), "ttft_max_s": max(ttft, default=None),
         "itl_p50_s": percentile(gaps, 50), "itl_p95_s": percentile(gaps, 95), "itl_max_s": max(gaps, default=None),
+        "itl_quantiles_ms": itl_quantiles(gaps),
         "tokens_per_reply_mean": tokens / max(1, outcomes["ok"] + outcomes["truncated"]),
         "replies_without_tokens": sum(1 for t in turns if t.outcome in ("ok", "truncated") and not t.tokens),
         "ttft_turns": len(ttft),
@@ -486,15 +500,17 @@ def summarize(server: Server, turns: list[Turn], wall_s: float, sampler: Sampler
         entry["session_states"] = dict(states)
         for key in ("refed_history_tokens", "prefilled_tokens", "evicted_tokens", "reused_tokens"):
             entry[f"sum_{key}"] = sum(t.kvbound.get(key) or 0 for t in turns if t.kvbound)
-    if "exceed context window" in log_text:
-        entry["log_context_exceeded"] = log_text.count("exceed context window")
+    overflows = [line for line in log_text.splitlines()  # the traceback's own line; its exception group repeats it
+                 if line.startswith("ValueError: Requested tokens") and "exceed context window" in line]
+    if overflows:
+        entry["log_context_exceeded"] = len(overflows)
     entry["log_tail"] = log_text.strip().splitlines()[-5:] if entry["errors"] else []
     return entry
 
 
 # -- plot ------------------------------------------------------------------------------------------------------
 def plot(result: dict[str, Any], path: Path) -> Path | None:
-    """Drawn from the JSON alone (per-turn TTFT and gaps, the thinned RSS and KV series), so it can be redrawn."""
+    """Drawn from the JSON alone (per-turn TTFT, gap quantiles, the thinned RSS and KV series): it can be redrawn."""
     try:
         import matplotlib
 
@@ -509,13 +525,13 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
     systems = [e for e in result["systems"] if "failed" not in e]
     for e in systems:
         name, series = e["system"], e["series"]
-        ttft = [t["ttft_s"] for t in e["turn_rows"] if t["ttft_s"] is not None]
-        gaps = [g for t in e["turn_rows"] for g in t["gaps_ms"]]
-        for ax, values in ((ax_ttft, ttft), (ax_itl, gaps)):
-            if values:
-                xs = np.sort(values)
-                line, = ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=name, color=colors.get(name))
-                colors[name] = line.get_color()
+        ttft = np.sort([t["ttft_s"] for t in e["turn_rows"] if t.get("ttft_s") is not None])
+        if len(ttft):
+            line, = ax_ttft.plot(ttft, np.arange(1, len(ttft) + 1) / len(ttft), label=name)
+            colors[name] = line.get_color()
+        gaps = e.get("itl_quantiles_ms") or []
+        if gaps:
+            ax_itl.plot(gaps, np.linspace(0, 1, len(gaps)), label=name, color=colors.get(name))
         if series["rss"]:
             line, = ax_rss.plot([t for t, _ in series["rss"]], [b / 2**20 for _, b in series["rss"]],
                                 color=colors.get(name), label=name)
@@ -681,7 +697,9 @@ def markdown(result: dict[str, Any]) -> str:
             notes.append(f"- {name}: refused: {reason}")
         if e.get("refusal_codes"):
             notes.append(f"- {name}: refused responses by code: {e['refusal_codes']} (429 retried after "
-                         f"Retry-After for up to {cfg['retry_429_for_s']} s from the turn's first request)")
+                         f"Retry-After for up to {cfg['retry_429_for_s']} s from the turn's first request); "
+                         f"{e.get('turns_waiting_over_60s_on_429', 0)} turns took over a minute with 429s "
+                         f"(at most {e.get('most_attempts')} attempts for one turn) — those waits are the TTFT tail")
         if e.get("connection_retries"):
             notes.append(f"- {name}: {e['connection_retries']} requests sent again after no response at all "
                          f"({', '.join(sorted(set(e['connection_error_reasons'])))[:200]}), as the openai client "
