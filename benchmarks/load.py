@@ -511,15 +511,11 @@ def summarize(server: Server, turns: list[Turn], wall_s: float, sampler: Sampler
 # -- plot ------------------------------------------------------------------------------------------------------
 def plot(result: dict[str, Any], path: Path) -> Path | None:
     """Drawn from the JSON alone (per-turn TTFT, gap quantiles, the thinned RSS and KV series): it can be redrawn."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-    except ImportError:
-        common.log("matplotlib is not installed; no plot (pip install matplotlib)")
+    plt = common.pyplot()
+    if plt is None:
         return None
+    import numpy as np
+
     fig, ((ax_ttft, ax_itl), (ax_rss, ax_kv)) = plt.subplots(2, 2, figsize=(13, 9))
     colors = {}
     systems = [e for e in result["systems"] if "failed" not in e]

@@ -225,13 +225,8 @@ def summary(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def plot(result: dict[str, Any], path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        common.log("matplotlib is not installed; no plot (pip install matplotlib)")
+    plt = common.pyplot()
+    if plt is None:
         return None
     fig, (ax_kv, ax_rss) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, r in result["systems"].items():

@@ -147,7 +147,6 @@ def test_bad_weight_options_are_clear_errors(tiny, kwargs: dict, message: str) -
 
 
 def test_plan_without_a_file_is_dense() -> None:
-    from tests.helpers_tiny import tiny_hf_model  # noqa: F401  (config only)
     from kvbound.config import ModelConfig
 
     config = ModelConfig(arch="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,

@@ -32,6 +32,12 @@ _FUSED = {"q_proj": ("qkv_proj", 0, 3), "k_proj": ("qkv_proj", 1, 3), "v_proj": 
 _PART = re.compile(r"^(layers\.\d+\.(?:self_attn|mlp))\.(\w+)\.(weight|bias)$")
 
 
+def uses_scratch(module: str) -> bool:
+    """Whether an int4 matrix dequantizes into the shared scratch for multi-row inputs: the layers' matrices do;
+    the vocabulary matrices (embedding, output) always use the kernel, as their scratch would be ~50 MB."""
+    return module not in ("embed_tokens", "lm_head")
+
+
 def file_storage(file_type: str | None) -> str:
     if file_type in INT4_FILE_TYPES:
         return "int4"
@@ -100,7 +106,7 @@ class WeightsPlan:
             return 0
         item = COMPUTE_DTYPES[self.compute].itemsize
         sizes = [-(-N // CPU_BLOCK_N) * CPU_BLOCK_N * K * item for name, (N, K, _, _) in
-                 matrix_modules(config).items() if self.storage[name] == "int4" and name.startswith("layers.")]
+                 matrix_modules(config).items() if self.storage[name] == "int4" and uses_scratch(name)]
         return max(sizes, default=0)
 
 
@@ -169,8 +175,8 @@ def materialize(model: nn.Module, config: ModelConfig, tensors: Iterable[tuple[s
             raise ModelFormatError(f"{module} has shape {tuple(weight.shape)}, expected {(N, K)}")
         kind = plan.storage[module]
         if kind == "int4":
-            vocab = module in ("embed_tokens", "lm_head")
-            built = Int4Linear(weight, b, dtype, device, None if vocab else scratch, lookup=module == "embed_tokens")
+            built = Int4Linear(weight, b, dtype, device, scratch if uses_scratch(module) else None,
+                               lookup=module == "embed_tokens")
         elif kind == "int8":
             built = Int8Linear(weight, b, dtype, device)
         else:
