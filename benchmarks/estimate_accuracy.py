@@ -8,7 +8,7 @@ Two more subprocesses calibrate the constants of kvbound/memory/estimate.py: "ru
 one forward of a tiny random model); the runs' RSS right after kvbound.load() and their peak until then give the
 loader's constants.
 
-    python benchmarks/estimate_accuracy.py                      # CPU: contexts 512-8192 × fp32/bf16 × KV auto/int8
+    python benchmarks/estimate_accuracy.py                      # CPU: contexts 512-8192 × weights auto/fp32 × KV auto/int8
     python benchmarks/estimate_accuracy.py --device cuda
     python benchmarks/estimate_accuracy.py --reuse              # re-estimate against the stored measurements
     python benchmarks/estimate_accuracy.py --model DIR          # another model (entry "cpu DIR-name")
@@ -66,7 +66,7 @@ def child_runtime(device: str) -> dict:
     return out
 
 
-def child_run(model: str | None, context: int, dtype: str, kv: str, device: str) -> dict:
+def child_run(model: str | None, context: int, dtype: str, kv: str, device: str, weights: str) -> dict:
     process, torch = _child_imports(device)
     import resource
 
@@ -74,7 +74,7 @@ def child_run(model: str | None, context: int, dtype: str, kv: str, device: str)
     from kvbound.config import CacheConfig
 
     rss_import = process.memory_info().rss
-    llm = kvbound.load(model, dtype=dtype, device=device)
+    llm = kvbound.load(model, dtype=dtype, device=device, weights=weights)
     rss_loaded = process.memory_info().rss
     peak_loading = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     # Reset the high-water mark (Linux: VmHWM and ru_maxrss) so the turn's own peak shows even below the load's.
@@ -85,7 +85,7 @@ def child_run(model: str | None, context: int, dtype: str, kv: str, device: str)
     peak_turn = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = {"peak_rss": max(peak_loading, peak_turn), "peak_turn": peak_turn, "rss_import": rss_import,
            "rss_loaded": rss_loaded, "peak_loading": peak_loading, "prompt_tokens": reply.prompt_tokens,
-           "context_tokens": reply.context_tokens, "weights_bytes": sum(p.nbytes for p in llm.model.parameters())}
+           "context_tokens": reply.context_tokens, "weights_bytes": llm.model.weights_bytes()}
     if device == "cuda":
         out["cuda_peak"] = torch.cuda.max_memory_allocated()
     kv_cache = llm.new_cache(cache)  # after the peak was read: the allocator's real bytes, for the exact check
@@ -113,11 +113,11 @@ def measure(args) -> dict:
             "model": args.model,
             "runtime": run_child("runtime", device), "runs": []}
     print(f"runtime: {data['runtime']}", flush=True)
-    for dtype in args.dtypes:
+    for weights, dtype in (config.split(":") for config in args.configs):
         for kv in args.kv:
             for context in args.contexts:
-                run = {"context": context, "dtype": dtype, "kv_dtype": kv,
-                       **run_child("run", model, str(context), dtype, kv, device)}
+                run = {"context": context, "weights": weights, "dtype": dtype, "kv_dtype": kv,
+                       **run_child("run", model, str(context), dtype, kv, device, weights)}
                 print(json.dumps(run), flush=True)
                 data["runs"].append(run)
     return data
@@ -132,10 +132,12 @@ def compare(data: dict, model: str | None, device: str) -> dict:
     key = "cuda_peak" if device == "cuda" else "peak_rss"
     rows = []
     for run in data["runs"]:
-        est = estimate(model, context=run["context"], kv_dtype=run["kv_dtype"], dtype=run["dtype"], device=device)
+        weights = run.get("weights", "fp32")  # runs before weight modes existed stored dense weights
+        est = estimate(model, context=run["context"], kv_dtype=run["kv_dtype"], dtype=run["dtype"], device=device,
+                       weights=weights)
         measured = run[key]
         row = {
-            "context": run["context"], "dtype": run["dtype"], "kv_dtype": run["kv_dtype"],
+            "context": run["context"], "weights": weights, "dtype": run["dtype"], "kv_dtype": run["kv_dtype"],
             "measured_bytes": measured, "estimated_bytes": est.total_peak_bytes,
             "error": (est.total_peak_bytes - measured) / measured,
             "kv_exact": est.kv_bytes == run["kv_bytes"], "weights_exact": est.weights_bytes == run["weights_bytes"],
@@ -150,7 +152,7 @@ def compare(data: dict, model: str | None, device: str) -> dict:
         rows.append(row)
     worst = max(rows, key=lambda r: abs(r["error"]))
     return {"rows": rows, "worst_error": worst["error"], "worst_case": {k: worst[k] for k in
-                                                                        ("context", "dtype", "kv_dtype")}}
+                                                                        ("context", "weights", "dtype", "kv_dtype")}}
 
 
 def calibration(data: dict, model: str | None, device: str) -> dict:
@@ -163,7 +165,7 @@ def calibration(data: dict, model: str | None, device: str) -> dict:
         return {"cuda_runtime_bytes": data["runtime"].get("cuda_runtime")}
     checkpoint = open_checkpoint(model)
     vocab = checkpoint.config.vocab_size
-    mapped = checkpoint.file_tensor_bytes if checkpoint.format == "gguf" else 0
+    mapped = checkpoint.mapped_peak_bytes
     runtime = data["runtime"]["rss_runtime"]
     # Runs whose weights are resident once loaded (a safetensors file already in the compute dtype stays mapped
     # and pages in on first use instead).
@@ -181,13 +183,13 @@ def calibration(data: dict, model: str | None, device: str) -> dict:
 def print_table(result: dict, label: str) -> None:
     what = "max_memory_allocated" if label.startswith("cuda") else "peak RSS"
     print(f"\n{label}: estimate vs measured {what} (MiB); act. = a turn's activations, measured vs estimated")
-    print(f"{'context':>7} {'dtype':>5} {'kv':>5} {'measured':>9} {'estimate':>9} {'error':>7} {'load err':>8}  "
+    print(f"{'context':>7} {'weights':>7} {'dtype':>5} {'kv':>5} {'measured':>9} {'estimate':>9} {'error':>7} {'load err':>8}  "
           f"{'act. meas':>9} {'act. est':>8}  exact KV/weights")
     for r in result["rows"]:
         load = f"{r['load_error']:>+8.2%}" if "load_error" in r else f"{'':>8}"
         act = r.get("activation_measured_bytes")
         act = f"{act / MiB:>9.1f}" if act is not None else f"{'':>9}"
-        print(f"{r['context']:>7} {r['dtype']:>5} {r['kv_dtype']:>5} {r['measured_bytes'] / MiB:>9.1f} "
+        print(f"{r['context']:>7} {r.get('weights', 'fp32'):>7} {r['dtype']:>5} {r['kv_dtype']:>5} {r['measured_bytes'] / MiB:>9.1f} "
               f"{r['estimated_bytes'] / MiB:>9.1f} {r['error']:>+7.2%} {load}  {act} "
               f"{r['activation_estimated_bytes'] / MiB:>8.1f}  {r['kv_exact']}/{r['weights_exact']}")
     print(f"worst error: {result['worst_error']:+.2%} ({result['worst_case']})")
@@ -199,7 +201,9 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model path or name (default: the default model)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 4096, 8192])
-    parser.add_argument("--dtypes", nargs="+", default=None, help="default: fp32 bf16 on CPU, bf16 on CUDA")
+    parser.add_argument("--configs", nargs="+", default=None, metavar="WEIGHTS:DTYPE",
+                        help="weights mode and compute dtype per run (default: auto:auto fp32:fp32 on CPU, "
+                             "bf16:bf16 on CUDA)")
     parser.add_argument("--kv", nargs="+", default=["auto", "int8"])
     parser.add_argument("--reuse", action="store_true", help="re-estimate against the stored measurements")
     parser.add_argument("--quick", action="store_true", help="contexts 512 and 8192, KV auto only (as a suite)")
@@ -211,10 +215,13 @@ def main() -> None:
         if kind == "runtime":
             out = child_runtime(rest[0])
         else:
-            out = child_run(rest[0] or None, int(rest[1]), rest[2], rest[3], rest[4])
+            out = child_run(rest[0] or None, int(rest[1]), rest[2], rest[3], rest[4], rest[5])
         print(json.dumps(out))
         return
-    args.dtypes = args.dtypes or (["bf16"] if args.device == "cuda" else ["fp32", "bf16"])
+    args.configs = args.configs or (["bf16:bf16"] if args.device == "cuda" else ["auto:auto", "fp32:fp32"])
+    for config in args.configs:
+        if config.count(":") != 1:
+            raise SystemExit(f"--configs takes WEIGHTS:DTYPE pairs (e.g. auto:auto), got '{config}'")
     if args.quick:
         args.contexts, args.kv = [512, 8192], ["auto"]
     label = args.label or (f"{args.device} {Path(args.model).name}" if args.model else args.device)

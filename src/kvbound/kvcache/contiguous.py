@@ -7,6 +7,7 @@ import torch
 from kvbound.config import ModelConfig
 from kvbound.errors import ContextOverflowError
 from kvbound.kvcache.base import KVCache, attention, step_mask
+from kvbound.kvcache.pool import lazy_zeros
 
 
 class ContiguousCache(KVCache):
@@ -16,8 +17,8 @@ class ContiguousCache(KVCache):
             raise ValueError(f"cache capacity must be at least 1 token, got {capacity}")
         self.config, self.capacity, self.dtype = config, capacity, dtype
         shape = (config.num_layers, config.num_kv_heads, capacity, config.head_dim)  # (L, n_kv, S_max, D)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = lazy_zeros(*shape, dtype=dtype, device=device)
+        self.v = lazy_zeros(*shape, dtype=dtype, device=device)
         self.positions = torch.zeros(capacity, dtype=torch.long, device=device)
         self._len = 0
         self._step: tuple[int, int, torch.Tensor | None] | None = None  # (start, T, mask)

@@ -6,6 +6,9 @@ consecutive reads its keys as one view (no gather). Metadata here is plain Pytho
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from kvbound.errors import KVBudgetExceeded
@@ -13,6 +16,21 @@ from kvbound.kvcache.spec import FLOAT_DTYPES, KVSpec, format_bytes
 
 STORAGE = ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero")  # pool tensors, (L, n_kv, slots or blocks, ·)
 PER_BLOCK = ("k_scale", "k_zero")  # indexed by block (keys are quantized per channel over a block); others by slot
+
+
+LAZY_MIN_BYTES = 1 << 20
+
+
+def lazy_zeros(*shape: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A zero tensor whose pages cost RSS only once written. On CPU, `torch.zeros` writes every byte up front, so
+    a pool sized for the model's whole context (180 MB for the default model) would be resident before the first
+    token; an anonymous memory map is zero-filled by the kernel page by page, on first touch. Other devices (and
+    small tensors) use `torch.zeros`: GPU memory is committed at allocation either way."""
+    device = torch.device(device)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if device.type != "cpu" or nbytes < LAZY_MIN_BYTES:
+        return torch.zeros(*shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(*shape)  # the tensor keeps the map alive
 
 
 class BlockPool:
@@ -26,16 +44,16 @@ class BlockPool:
         slots = num_blocks * B
         if spec.quantized:
             width = D * spec.bits // 8
-            self.k = torch.zeros(L, H, slots, width, dtype=torch.uint8, device=device)  # (L, n_kv, slots, D')
-            self.v = torch.zeros(L, H, slots, width, dtype=torch.uint8, device=device)
-            self.k_scale = torch.zeros(L, H, num_blocks, D, dtype=torch.float16, device=device)  # per channel
-            self.k_zero = torch.zeros(L, H, num_blocks, D, dtype=torch.float16, device=device)
-            self.v_scale = torch.zeros(L, H, slots, D // spec.group, dtype=torch.float16, device=device)  # per token
-            self.v_zero = torch.zeros(L, H, slots, D // spec.group, dtype=torch.float16, device=device)
+            self.k = lazy_zeros(L, H, slots, width, dtype=torch.uint8, device=device)  # (L, n_kv, slots, D')
+            self.v = lazy_zeros(L, H, slots, width, dtype=torch.uint8, device=device)
+            self.k_scale = lazy_zeros(L, H, num_blocks, D, dtype=torch.float16, device=device)  # per channel
+            self.k_zero = lazy_zeros(L, H, num_blocks, D, dtype=torch.float16, device=device)
+            self.v_scale = lazy_zeros(L, H, slots, D // spec.group, dtype=torch.float16, device=device)  # per token
+            self.v_zero = lazy_zeros(L, H, slots, D // spec.group, dtype=torch.float16, device=device)
         else:
             dtype = FLOAT_DTYPES[spec.dtype]
-            self.k = torch.zeros(L, H, slots, D, dtype=dtype, device=device)  # (L, n_kv, slots, D)
-            self.v = torch.zeros(L, H, slots, D, dtype=dtype, device=device)
+            self.k = lazy_zeros(L, H, slots, D, dtype=dtype, device=device)  # (L, n_kv, slots, D)
+            self.v = lazy_zeros(L, H, slots, D, dtype=dtype, device=device)
         self._free: set[int] = set(range(num_blocks))
         self.refcount = [0] * num_blocks
         # Prefix sharing (vLLM-style): the hash of a block's token chain → the block that holds it. An entry

@@ -76,12 +76,12 @@ def raw_source(t) -> "Int4Source | Int8Source | None":
 
 
 def _field(fields: dict, key: str, default=None, required: bool = False):
-    f = fields.get(key)
-    if f is None:
+    value = fields.get(key)
+    if value is None:
         if required:
             raise ModelFormatError(f"GGUF metadata lacks '{key}'; the file is incomplete or not a model")
         return default
-    return f.contents()
+    return value
 
 
 def read_config(fields: dict, path: Path) -> ModelConfig:
@@ -91,7 +91,7 @@ def read_config(fields: dict, path: Path) -> ModelConfig:
     hidden = int(_field(fields, f"{arch}.embedding_length", required=True))
     heads = int(_field(fields, f"{arch}.attention.head_count", required=True))
     tokens = fields.get("tokenizer.ggml.tokens")
-    vocab = _field(fields, f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None)
+    vocab = _field(fields, f"{arch}.vocab_size") or (len(tokens) if isinstance(tokens, list) else None)
     if vocab is None:
         raise ModelFormatError(f"{path}: GGUF metadata has neither '{arch}.vocab_size' nor a tokenizer vocabulary")
     head_dim = int(_field(fields, f"{arch}.attention.key_length") or hidden // heads)
@@ -123,13 +123,15 @@ def read_config(fields: dict, path: Path) -> ModelConfig:
 def open_gguf(path: Path) -> Checkpoint:
     import gguf
 
+    from kvbound.loading.gguf_index import GGUFIndex
+
     size = path.stat().st_size
     if size < 32:
         raise ModelFormatError(f"{path} is {size} bytes: truncated or not a GGUF file; re-install the model "
                                "(`kvbound pull`) or check the path")
     try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as e:  # the gguf package raises ValueError/struct/IndexError/mmap errors on bad files
+        reader = GGUFIndex(path)
+    except Exception as e:  # GGUFFormatError, or OSError/ValueError from mmap and numpy on odd files
         raise ModelFormatError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it may be "
                                "truncated or corrupt — re-download or re-install it") from None
     fields = reader.fields
@@ -177,6 +179,7 @@ def open_gguf(path: Path) -> Checkpoint:
                 if heads is not None:
                     source = source.take(torch.from_numpy(unpermute_rope_rows(np.arange(source.shape[0]), heads)))
                 yield name, source
+                reader.release(t)  # the values were copied out: the file's pages may leave RSS
                 continue
             try:
                 array = gguf.quants.dequantize(t.data, t.tensor_type)  # float32, shape (out, in) for matrices
@@ -188,6 +191,7 @@ def open_gguf(path: Path) -> Checkpoint:
                 array = array.copy()
             # Tensors a quantized plan re-quantizes stay fp32 until then.
             yield name, torch.from_numpy(np.ascontiguousarray(array)).to(torch.float32 if quantized else dtype)
+            reader.release(t)
 
     def make_tokenizer():
         from kvbound.tokenizer import Tokenizer
@@ -195,4 +199,5 @@ def open_gguf(path: Path) -> Checkpoint:
         return Tokenizer.from_gguf(reader)
 
     return Checkpoint(path=path, format="gguf", config=config, tensors=tensors, make_tokenizer=make_tokenizer,
-                      tensor_types=types, file_tensor_bytes=data_bytes, file_types=file_types)
+                      tensor_types=types, file_tensor_bytes=data_bytes, file_types=file_types,
+                      mapped_peak_bytes=max((int(t.n_bytes) for t in reader.tensors), default=0))

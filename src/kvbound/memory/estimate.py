@@ -137,7 +137,7 @@ def max_context_within(budget_bytes: int, source: "_Source", kv_budget: int | st
 class _Source:
     config: ModelConfig
     format: str
-    mapped_bytes: int  # bytes of tensor data a loader keeps memory-mapped (resident once read)
+    mapped_bytes: int  # bytes of tensor data resident at once from the loader's memory map (Checkpoint.mapped_peak_bytes)
     file_types: dict | None = None  # HF tensor name → storage type in the file (None: a bare config)
 
 
@@ -150,10 +150,7 @@ def _source(model: Any) -> _Source:
         from kvbound.loading import open_checkpoint
 
         model = open_checkpoint(model)
-    # GGUF weights are dequantized from one memory map of the file, open until the load ends; safetensors files
-    # are mapped one tensor at a time.
-    mapped = model.file_tensor_bytes if model.format == "gguf" else 0
-    return _Source(model.config, model.format, mapped, dict(model.file_types))
+    return _Source(model.config, model.format, model.mapped_peak_bytes, dict(model.file_types))
 
 
 def _device_type(device: str | torch.device) -> str:

@@ -95,13 +95,11 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path_or_reader: str | Path | Any) -> Tokenizer:
-        """From a GGUF path or an open `gguf.GGUFReader` (only tokenizer.* fields are read)."""
-        import gguf
+        """From a GGUF path or an open `GGUFIndex` (only tokenizer.* fields are read)."""
+        from kvbound.loading.gguf_index import GGUFIndex
 
-        reader = path_or_reader if isinstance(path_or_reader, gguf.GGUFReader) else gguf.GGUFReader(path_or_reader)
-        return cls.from_gguf_fields(
-            {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
-        )
+        reader = path_or_reader if isinstance(path_or_reader, GGUFIndex) else GGUFIndex(path_or_reader)
+        return cls.from_gguf_fields({key: value for key, value in reader.fields.items() if key.startswith("tokenizer.")})
 
     @classmethod
     def from_gguf_fields(cls, fields: dict[str, object]) -> Tokenizer:
