@@ -59,7 +59,9 @@ class ChatTurn:
         session = plan.session
         self.registry.begin(session)
         held, feed = self.registry.turn_tokens(session, plan.user)
-        self.admission.admit(session, held, feed, self.sampling["max_new_tokens"])
+        # A new conversation without a session id comes back as another new session: it cannot keep a place.
+        queue = self.session_id is not None or plan.state != "new"
+        self.admission.admit(session, held, feed, self.sampling["max_new_tokens"], queue=queue)
         self._computed = self.registry.restore(session)  # history fed again after an offload, or for the first time
         self._held = session.chat.context_tokens
         self.info = TurnInfo(session.id, plan.state, self._held - self._computed)
