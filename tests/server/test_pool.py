@@ -130,3 +130,25 @@ def test_evicting_policy_keeps_a_long_session_going(serve, policy) -> None:
     detail = httpx.get(server.url + "/v1/sessions/evict").json()
     assert detail["turns"] == 4 and detail["memory"]["tokens_evicted"] > 0
     assert detail["kv_tokens"] <= 128
+
+
+def test_restore_that_would_overflow_with_the_new_message_keeps_the_newest_turns(serve, tiny_llm) -> None:
+    """An offloaded conversation that fits the capacity alone, but not with the next message, is restored with its
+    newest turns only (as Chat.from_messages cuts) instead of being refused with 413 (seen in the load benchmark)."""
+    server = serve(kv_budget=6 * BLOCK_BYTES, policy="turns")  # 192 tokens per session at most
+    render, encode = tiny_llm.tokenizer.apply_chat_template, tiny_llm.tokenizer.encode
+    for turn in range(2):
+        assert post(server, user(f"turn {turn}"), "long", max_tokens=24).status_code == 200
+    messages = httpx.get(server.url + "/v1/sessions/long").json()["messages"]
+    history = len(encode(render(messages, add_generation_prompt=False)))
+    assert history < 192
+    for name in ("a", "b"):  # two more sessions: "long", used longest ago, is offloaded
+        assert post(server, user("hi " * 20), name, max_tokens=30).status_code == 200
+    assert httpx.get(server.url + "/v1/sessions/long").json()["state"] == "offloaded"
+    words = 1
+    while len(encode(render(messages + user("x " * words), add_generation_prompt=True))) - history < 192 - history:
+        words += 1  # the shortest message that overflows together with the history
+    response = post(server, messages + user("x " * words), "long", max_tokens=4)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-kvbound-session-state"] == "restored"
+    assert response.json()["kvbound"]["refed_history_tokens"] < history

@@ -341,12 +341,13 @@ class Chat:
         return chat
 
     @classmethod
-    def from_messages(cls, llm: "LLM", messages: list[dict[str, str]], cache: "PagedCache") -> "Chat":
+    def from_messages(cls, llm: "LLM", messages: list[dict[str, str]], cache: "PagedCache",
+                      reserve: int = 0) -> "Chat":
         """A chat holding a saved conversation whose KV state is lost: the system prompt and the newest whole
         turns go through one prefill into `cache`, each turn its own segment (replies are not regenerated).
-        Cost: prefill of every token of the conversation if it fits the cache, else of at most 3/4 of the
-        capacity (the system prompt and the newest turns); older turns stay in `messages` but, as after an
-        eviction, not in the cache. A summarize policy's note is not rebuilt. With a template that rewrites
+        Cost: prefill of every token of the conversation if it and `reserve` (tokens the next turn's message will
+        add) fit the cache, else of at most 3/4 of the capacity less the reserve (the system prompt and the newest
+        turns); older turns stay in `messages` but, as after an eviction, not in the cache. A summarize policy's note is not rebuilt. With a template that rewrites
         earlier turns nothing is fed now: the next turn prefills the conversation."""
         render = llm.tokenizer.apply_chat_template
         system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
@@ -373,8 +374,8 @@ class Chat:
             pieces.append(llm.tokenizer.encode(text[len(done):]))
             done = text
         system_ids = llm.tokenizer.encode(render(head, add_generation_prompt=False)) if head else []
-        first, room = 0, (cache.capacity * 3) // 4 - len(system_ids)
-        if len(system_ids) + sum(map(len, pieces)) > cache.capacity:
+        first, room = 0, (cache.capacity * 3) // 4 - len(system_ids) - reserve
+        if len(system_ids) + sum(map(len, pieces)) + reserve > cache.capacity:
             first = len(pieces)
             while first and len(pieces[first - 1]) <= room:
                 first -= 1

@@ -262,10 +262,11 @@ class SessionRegistry:
         session.offloads += 1
         self.offloads_total += 1
 
-    def restore(self, session: Session) -> int:
+    def restore(self, session: Session, reserve: int = 0) -> int:
         """Make the session's chat (a no-op if it has one); return the tokens computed to do so. From the store's
         snapshot of its last turn when that is its conversation (no prefill), else one prefill of its messages
-        (Chat.from_messages; a conversation over the cache keeps its newest turns), else (no turn yet) an empty
+        (Chat.from_messages; a conversation that leaves no room for `reserve` more tokens — the next message —
+        keeps its newest turns), else (no turn yet) an empty
         chat that feeds the system prompt with its first message."""
         if session.chat is not None:
             return 0
@@ -274,7 +275,7 @@ class SessionRegistry:
         elif session.turns:
             cache = self.llm.new_cache(self.cache_config, pool=self.pool)
             try:
-                session.chat = Chat.from_messages(self.llm, session.messages, cache)
+                session.chat = Chat.from_messages(self.llm, session.messages, cache, reserve=reserve)
             except BaseException:
                 cache.free()
                 raise
@@ -291,9 +292,10 @@ class SessionRegistry:
         self.offload(min(idle, key=lambda s: s.last_used))
         return True
 
-    def turn_tokens(self, session: Session, user: str) -> tuple[int, int]:
-        """(tokens the session's cache holds now, tokens its next turn will feed for `user`): what the turn's new
-        message adds to a chat that holds KV, else its whole conversation (what `restore` feeds at most)."""
+    def turn_tokens(self, session: Session, user: str) -> tuple[int, int, int]:
+        """(tokens the session's cache holds now, tokens its next turn will feed for `user`, of which the new
+        message's): what the new message adds to a chat that holds KV, else its conversation as `restore` feeds it
+        (all of it, or the newest turns when it and the message would overflow the capacity)."""
         tokenizer = self.llm.tokenizer
         render = tokenizer.apply_chat_template
         message = [{"role": "user", "content": user}]
@@ -301,13 +303,15 @@ class SessionRegistry:
             chat = session.chat
             full = len(tokenizer.encode(render(chat.messages + message, add_generation_prompt=True)))
             before = len(tokenizer.encode(render(chat.messages, add_generation_prompt=False)))
-            return chat.context_tokens, max(1, full - before)
+            return chat.context_tokens, max(1, full - before), max(1, full - before)
         full = len(tokenizer.encode(render(session.messages + message, add_generation_prompt=True)))
         if not session.turns:
-            return 0, full
+            return 0, full, full
         history = len(tokenizer.encode(render(session.messages, add_generation_prompt=False)))
-        kept = history if history <= self.capacity else (self.capacity * 3) // 4  # Chat.from_messages' cut
-        return 0, kept + max(1, full - history)
+        new = max(1, full - history)
+        fits = history + new + 1 <= self.capacity  # + the first generated token
+        kept = history if fits else max(0, (self.capacity * 3) // 4 - new)  # Chat.from_messages' cut, at most
+        return 0, kept + new, new
 
     # -- turns ------------------------------------------------------------------------------------------------------
     def begin(self, session: Session) -> None:

@@ -58,11 +58,12 @@ class ChatTurn:
         self.plan = plan = self.registry.plan(self.conversation, self.session_id)
         session = plan.session
         self.registry.begin(session)
-        held, feed = self.registry.turn_tokens(session, plan.user)
+        held, feed, message = self.registry.turn_tokens(session, plan.user)
         # A new conversation without a session id comes back as another new session: it cannot keep a place.
         queue = self.session_id is not None or plan.state != "new"
         self.admission.admit(session, held, feed, self.sampling["max_new_tokens"], queue=queue)
-        self._computed = self.registry.restore(session)  # history fed again after an offload, or for the first time
+        # history fed again after an offload (leaving room for the message), or for the first time
+        self._computed = self.registry.restore(session, reserve=message + 1)
         self._held = session.chat.context_tokens
         self.info = TurnInfo(session.id, plan.state, self._held - self._computed)
         return session.chat.stream(plan.user, **self.sampling)
