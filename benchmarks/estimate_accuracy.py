@@ -165,7 +165,12 @@ def calibration(data: dict, model: str | None, device: str) -> dict:
         return {"cuda_runtime_bytes": data["runtime"].get("cuda_runtime")}
     checkpoint = open_checkpoint(model)
     vocab = checkpoint.config.vocab_size
-    mapped = checkpoint.mapped_peak_bytes
+    from kvbound.models.weights import plan_weights
+
+    def transient(run: dict) -> int:  # what a quantizing plan holds while loading, which the estimator adds itself
+        plan = plan_weights(checkpoint.config, checkpoint.file_types, run.get("weights", "fp32"), run["dtype"], device)
+        return plan.load_transient_bytes(checkpoint.config) if plan.quantized else 0
+
     runtime = data["runtime"]["rss_runtime"]
     # Runs whose weights are resident once loaded (a safetensors file already in the compute dtype stays mapped
     # and pages in on first use instead).
@@ -175,8 +180,8 @@ def calibration(data: dict, model: str | None, device: str) -> dict:
         # what stays after kvbound.load() besides runtime and weights: the tokenizer
         "tokenizer_bytes_per_vocab_entry": median([(r["rss_loaded"] - runtime - r["weights_bytes"]) / vocab
                                                    for r in runs] or [0]),
-        # what loading held on top, besides the file's mapped tensor data
-        "loading_bytes_per_vocab_entry": median([(r["peak_loading"] - r["rss_loaded"] - mapped) / vocab
+        # what loading held on top, besides a quantizing plan's own transient
+        "loading_bytes_per_vocab_entry": median([(r["peak_loading"] - r["rss_loaded"] - transient(r)) / vocab
                                                  for r in runs if "peak_loading" in r] or [0])}
 
 

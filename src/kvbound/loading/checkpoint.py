@@ -23,9 +23,6 @@ class Checkpoint:
     tensor_types: dict[str, int] = field(default_factory=dict)  # storage type name -> count (e.g. {"Q4_1": 210})
     file_tensor_bytes: int = 0  # bytes of tensor data on disk
     file_types: dict[str, str] = field(default_factory=dict)  # HF tensor name -> storage type in the file
-    # Bytes of the file resident at once while loading: a GGUF's tensors are read from one memory map and each
-    # one's pages are released once converted, so the largest tensor; safetensors maps one tensor at a time.
-    mapped_peak_bytes: int = 0
 
     def load_model(self, plan, device):
         """The model with each matrix stored as `plan` says (see models/weights.py)."""

@@ -199,5 +199,4 @@ def open_gguf(path: Path) -> Checkpoint:
         return Tokenizer.from_gguf(reader)
 
     return Checkpoint(path=path, format="gguf", config=config, tensors=tensors, make_tokenizer=make_tokenizer,
-                      tensor_types=types, file_tensor_bytes=data_bytes, file_types=file_types,
-                      mapped_peak_bytes=max((int(t.n_bytes) for t in reader.tensors), default=0))
+                      tensor_types=types, file_tensor_bytes=data_bytes, file_types=file_types)

@@ -26,20 +26,22 @@ from kvbound.models.weights import plan_weights
 # -- calibration (benchmarks/estimate_accuracy.py measures each constant; results/estimate_accuracy.json) ----------
 # The runtime itself, whatever the model. CPU: RSS of a fresh process that imported kvbound.cli.app (Python, torch,
 #   tokenizers, typer, rich) and ran one forward of a tiny random model — the first meta-device model and the first
-#   forward make torch import and initialize ~85 MiB more (the benchmark's "runtime" child: 322.9 MiB on Linux
+#   forward make torch import and initialize ~85 MiB more (the benchmark's "runtime" child: 318.7 MiB on Linux
 #   x86-64, Python 3.11, torch 2.13 CPU). CUDA: the target is torch.cuda.max_memory_allocated, which counts tensors
 #   only; what the runtime adds there is cuBLAS's workspace, taken from torch's caching allocator on the first
 #   matmul (the same child on an H200, torch 2.11+cu130: 32.0 MiB).
-RUNTIME_BASELINE_BYTES: dict[str, int] = {"cpu": 323 << 20, "cuda": 32 << 20}
+RUNTIME_BASELINE_BYTES: dict[str, int] = {"cpu": 319 << 20, "cuda": 32 << 20}
 # Loading, per vocabulary entry of the checkpoint (LLM drops the file reader once the weights are in):
-# - while loading: the gguf package parses every token and merge into numpy views (tokenizer.json is parsed in
-#   Rust), and a GGUF's tensor data is memory-mapped (file_tensor_bytes, resident once dequantized) — a run's peak
-#   RSS at the end of kvbound.load() minus its RSS then and the mapped bytes;
+# - while loading: GGUF metadata as Python strings and lists (loading/gguf_index.py; tokenizer.json is parsed in
+#   Rust) and the heap that converting tensors leaves — a run's peak RSS in kvbound.load() minus its RSS at the
+#   end, less a quantizing plan's own transient (WeightsPlan.load_transient_bytes). The file's memory map adds
+#   nothing at the peak: each tensor's pages are released once converted, and the peak comes at the end, when all
+#   the weights are in;
 # - what stays: the tokenizer and the heap around it — a run's RSS after kvbound.load() minus runtime and weights.
-# The benchmark's medians over its 16 CPU runs of SmolLM2 (49,152 entries): GGUF 3,288 and 487 bytes;
-# safetensors (the same vocabulary as tokenizer.json) 24 and 110 bytes.
-LOADING_BYTES_PER_VOCAB_ENTRY: dict[str, int] = {"gguf": 3288, "safetensors": 24, "none": 0}
-TOKENIZER_BYTES_PER_VOCAB_ENTRY: dict[str, int] = {"gguf": 487, "safetensors": 110, "none": 0}
+# The benchmark's medians over its 16 CPU runs of SmolLM2 (49,152 entries): GGUF 254 and 237 bytes (with the gguf
+# package's reader they were 3,288 and 487); safetensors (the same vocabulary as tokenizer.json) 24 and 110 bytes.
+LOADING_BYTES_PER_VOCAB_ENTRY: dict[str, int] = {"gguf": 254, "safetensors": 24, "none": 0}
+TOKENIZER_BYTES_PER_VOCAB_ENTRY: dict[str, int] = {"gguf": 237, "safetensors": 110, "none": 0}
 # glibc malloc: freeing an mmapped chunk raises the mmap threshold to that chunk's size (up to 32 MiB) and the heap
 # then keeps up to twice the threshold free before it trims, so a turn's RSS peak exceeds the bytes torch holds by
 # about twice its largest tensor, plus fragmentation: 18 MiB fits the turns the benchmark isolates (the RSS
@@ -137,20 +139,19 @@ def max_context_within(budget_bytes: int, source: "_Source", kv_budget: int | st
 class _Source:
     config: ModelConfig
     format: str
-    mapped_bytes: int  # bytes of tensor data resident at once from the loader's memory map (Checkpoint.mapped_peak_bytes)
     file_types: dict | None = None  # HF tensor name → storage type in the file (None: a bare config)
 
 
 def _source(model: Any) -> _Source:
     if isinstance(model, ModelConfig):
-        return _Source(model, "none", 0)
+        return _Source(model, "none")
     if isinstance(model, _Source):
         return model
     if not hasattr(model, "config"):  # a path or name: read the metadata only
         from kvbound.loading import open_checkpoint
 
         model = open_checkpoint(model)
-    return _Source(model.config, model.format, model.mapped_peak_bytes, dict(model.file_types))
+    return _Source(model.config, model.format, dict(model.file_types))
 
 
 def _device_type(device: str | torch.device) -> str:
@@ -198,7 +199,7 @@ def _estimate(context: int | None, source: _Source, kv_dtype: str, kv_budget: in
     tokenizer = loader = 0
     if device == "cpu":  # device memory holds none of this
         tokenizer = config.vocab_size * TOKENIZER_BYTES_PER_VOCAB_ENTRY[source.format]
-        loader = config.vocab_size * LOADING_BYTES_PER_VOCAB_ENTRY[source.format] + source.mapped_bytes
+        loader = config.vocab_size * LOADING_BYTES_PER_VOCAB_ENTRY[source.format]
         if plan.quantized:
             loader += plan.load_transient_bytes(config)
     baseline = runtime + tokenizer
