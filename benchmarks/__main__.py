@@ -1,6 +1,6 @@
 """Run the benchmark suites, each in its own process (peers in their own venvs), then regenerate BENCHMARKS.md.
 
-    python -m benchmarks [--quick] [decode long_chat quality kvpress load]
+    python -m benchmarks [--quick] [decode long_chat quality kvpress load prefill_memory]
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 from benchmarks import common, report
 
 SUITES = {"decode": "benchmarks.decode", "long_chat": "benchmarks.long_chat", "quality": "benchmarks.quality",
-          "kvpress": "benchmarks.compression", "load": "benchmarks.load"}
+          "kvpress": "benchmarks.compression", "load": "benchmarks.load", "prefill_memory": "benchmarks.prefill_memory"}
 
 
 def main(argv: list[str] | None = None) -> int:

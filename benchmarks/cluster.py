@@ -252,11 +252,18 @@ def markdown(result: dict[str, Any]) -> str:
           f"{s['sessions_held']['resident']} of {s['sessions_held']['created']}",
           ", ".join(f"{k} {v}" for k, v in s["sessions_held"]["resident_per_replica"].items()), f"{s['ready_s']:.0f}"]
          for name, s in systems.items()])
-    extra = "\n".join(f"- {name}: routing overhead vs the single-process server (p50) {r['routing_overhead_ms']} ms; "
+    extra = "\n".join(f"- {name}: routing overhead vs the single-process server (p50) {_ms(r['routing_overhead_ms'])}; "
                       f"the ingress's own choice of replica {r['ingress_route_ms_mean']} ms mean; requests/s "
                       f"{r['throughput_vs_single']}x the single server's"
                       for name, r in systems.items() if name != SINGLE)
     return f"{table}\n\n{held}\n\n{extra}"
+
+
+def _ms(overhead: dict[str, float] | float) -> str:
+    """Routing overhead per probe ({'models': 10.8, 'one_token_turn': -51.4}) as '10.8 ms (models), ...'."""
+    if not isinstance(overhead, dict):
+        return f"{overhead} ms"
+    return ", ".join(f"{v:+.1f} ms ({k.replace('_', ' ')})" for k, v in overhead.items())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,19 +6,61 @@ sentences computed from the numbers (so the prose cannot drift from the tables).
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
-from benchmarks import common, compression, decode, weights, load, long_chat, quality
+from benchmarks import (batch_decode, cluster, common, compression, decode, load, long_chat, prefill_memory, quality,
+                        weights)
 
 OUT = common.ROOT / "BENCHMARKS.md"
-SECTIONS = [  # (result name, title, module with markdown(result))
-    ("decode", "Decode and prefill speed", decode),
-    ("long_chat", "A long chat under a fixed KV budget", long_chat),
-    ("quality", "Quality under a KV budget (perplexity, passkey)", quality),
-    ("kvpress", "Context compression against kvpress", compression),
-    ("load", "Concurrent chat clients: kvbound serve against llama.cpp's server", load),
-    ("weights", "Weight storage modes: bytes, process RSS, decode speed and roofline", weights),
+ESTIMATE_COMMAND = "python benchmarks/estimate_accuracy.py [--device cuda] [--model DIR]"
+
+
+def estimate_markdown(result: dict[str, Any]) -> str:
+    """benchmarks/estimate_accuracy.py's entries (one per label: device, or device and model), each a table of
+    measured against estimated peak bytes. Older rows have no weights mode; 'auto' is shown with what it resolved to."""
+    parts = [("How close `kvbound estimate`'s predicted peak is to a real process: every run is a fresh process that "
+              "loads the model and generates 8 tokens after a prompt filling a cache of `context` tokens; error = "
+              "(estimated − measured) / measured.")]
+    for label, entry in _estimate_entries(result):
+        rows = entry["rows"]
+        with_weights = any("weights" in r for r in rows)
+
+        def shown(r: dict[str, Any], key: str) -> str:
+            resolved = r.get("estimate", {}).get(key)
+            return f"{r[key]} ({resolved})" if r[key] == "auto" and resolved and resolved != "auto" else r[key]
+
+        table = common.markdown_table(
+            ["context", *(["weights"] if with_weights else []), "dtype", "KV dtype", "measured MiB", "estimated MiB",
+             "error"],
+            [[r["context"], *([r.get("weights", "—")] if with_weights else []), shown(r, "dtype"),
+              shown(r, "kv_dtype"), common.mib(r["measured_bytes"]), common.mib(r["estimated_bytes"]),
+              f"{100 * r['error']:+.2f}%"] for r in rows])
+        what = "torch.cuda.max_memory_allocated" if label.startswith("cuda") else "the process's peak RSS"
+        platform = entry.get("measurements", {}).get("platform")
+        case = ", ".join(f"{k} {v}" for k, v in entry.get("worst_case", {}).items())
+        parts += ["", f"**{label}**: estimate against {what}" + (f"; {platform}" if platform else ""), "", table, "",
+                  f"Worst error {100 * entry['worst_error']:+.2f}%" + (f" ({case})." if case else ".")]
+    return "\n".join(parts)
+
+
+def _estimate_entries(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(label, e) for label, e in result.items() if isinstance(e, dict) and e.get("rows")]
+
+
+SECTIONS = [  # (result name, title, markdown(result))
+    ("decode", "Decode and prefill speed", decode.markdown),
+    ("long_chat", "A long chat under a fixed KV budget", long_chat.markdown),
+    ("quality", "Quality under a KV budget (perplexity, passkey)", quality.markdown),
+    ("kvpress", "Context compression against kvpress", compression.markdown),
+    ("load", "Concurrent chat clients: kvbound serve against llama.cpp's server", load.markdown),
+    ("weights", "Weight storage modes: bytes, process RSS, decode speed and roofline", weights.markdown),
+    ("prefill_memory", "Prefill memory: extra peak RSS of a long prompt's prefill", prefill_memory.markdown),
+    ("batch_decode", "Continuous batching: one forward for all sequences against one per sequence",
+     batch_decode.markdown),
+    ("cluster", "kvbound on Ray Serve against the single-process server", cluster.markdown),
+    ("estimate_accuracy", "Accuracy of `kvbound estimate`", estimate_markdown),
 ]
 
 
@@ -131,12 +173,69 @@ def weights_headlines(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def prefill_memory_headlines(r: dict[str, Any]) -> list[str]:
+    top = max(row["context"] for row in r["rows"])
+    at = [row for row in r["rows"] if row["context"] == top]
+    ours = [row for row in at if row["system"].startswith("kvbound")]
+    if not ours:
+        return []
+    goal = r["config"]["goal_bytes"]
+
+    def beyond(rows: list[dict[str, Any]], sep: str) -> str:
+        return sep.join(f"{x['system']} {common.mib(x['overhead_bytes']):,.0f} MiB" for x in rows)
+
+    met = "met" if all(x["overhead_bytes"] <= goal for x in ours) else "missed"
+    theirs = [row for row in at if row["system"].startswith("transformers")]
+    return [f"Prefill of {ours[0]['prompt_tokens']:,} tokens, peak RSS beyond the KV it keeps: {beyond(ours, ' and ')} "
+            f"(goal ≤ {common.mib(goal):.0f} MiB: {met})" + "".join(f"; {beyond([x], '')}" for x in theirs) + "."]
+
+
+def batch_decode_headlines(r: dict[str, Any]) -> list[str]:
+    rows = [row for row in r["rows"] if row["level"] == "generations"]
+    lines = []
+    for mode in dict.fromkeys(row["weights"] for row in rows):
+        row = max((x for x in rows if x["weights"] == mode), key=lambda x: x["sequences"])
+        agreement = row["greedy_agreement"].split(",")[0]  # '8/8 identical, first 32 tokens ...'
+        lines.append(f"Continuous batching, {row['sequences']} sequences (weights {mode}, {row['compute_dtype']}): "
+                     f"{_fmt_x(row['speedup'])} the tok/s of one forward per sequence ({row['batched_tok_s']:.1f} vs "
+                     f"{row['sequential_tok_s']:.1f} tok/s in all); greedy tokens {agreement}.")
+    return lines
+
+
+def cluster_headlines(r: dict[str, Any]) -> list[str]:
+    systems = r["systems"]
+    single = systems.get(cluster.SINGLE, {}).get("sessions_held", {})
+    lines = []
+    for name, s in systems.items():
+        if name == cluster.SINGLE:
+            continue
+        routing = s["routing_overhead_ms"]
+        models = routing.get("models") if isinstance(routing, dict) else routing
+        held = s["sessions_held"]
+        lines.append(f"`{name}`: requests/s {s['throughput_vs_single']:.2f}x the single-process server's; "
+                     f"{held['resident']} of {held['created']} sessions keep their KV in "
+                     f"{held['kv_budget_bytes'] / 2**20:.1f} MiB in all (single server: "
+                     f"{single.get('resident', '—')} in {single.get('kv_budget_bytes', 0) / 2**20:.1f} MiB); "
+                     f"routing adds {models:.1f} ms p50 to GET /v1/models.")
+    return lines
+
+
+def estimate_accuracy_headlines(r: dict[str, Any]) -> list[str]:
+    entries = _estimate_entries(r)
+    if not entries:
+        return []
+    return ["`kvbound estimate` against the measured peak, worst error: " + ", ".join(
+        f"{label} {100 * e['worst_error']:+.2f}%" for label, e in entries) + "."]
+
+
 HEADLINES = {"decode": decode_headlines, "long_chat": long_chat_headlines, "quality": quality_headlines,
-             "kvpress": kvpress_headlines, "load": load.headlines, "weights": weights_headlines}
+             "kvpress": kvpress_headlines, "load": load.headlines, "weights": weights_headlines,
+             "prefill_memory": prefill_memory_headlines, "batch_decode": batch_decode_headlines,
+             "cluster": cluster_headlines, "estimate_accuracy": estimate_accuracy_headlines}
 
 
 def machine_section(results: dict[str, dict[str, Any]]) -> str:
-    m = next(iter(results.values()))["machine"]
+    m = next(r["machine"] for r in results.values() if "machine" in r)
     rows = [["CPU", f"{m['cpu']} ({', '.join(m.get('cpu_flags', []))})"], ["logical cores", m["logical_cores"]],
             ["memory", f"{m['memory_gib']} GiB"], ["threads per system", m["threads"]],
             ["python", m["python"]], ["platform", m["platform"]]]
@@ -160,13 +259,32 @@ def venv_versions(name: str, dists: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
+def read(name: str) -> dict[str, Any] | None:
+    """A result, or None (logged) while it is missing or half-written by a run still in progress."""
+    try:
+        return common.read_result(name)
+    except json.JSONDecodeError as e:
+        common.log(f"skipping benchmarks/results/{name}.json: {e}")
+        return None
+
+
+def provenance(name: str, r: dict[str, Any]) -> str:
+    """The command, date and load behind a section (estimate_accuracy.json carries no machine facts)."""
+    where = f"results: `benchmarks/results/{name}.json`"
+    if "machine" not in r:
+        return f"`{ESTIMATE_COMMAND}`; {where}"
+    m = r["machine"]
+    return (f"`{m['command']}` — {m['date']}{' (quick)' if r.get('quick') else ''}; load average at start "
+            f"{m['load_average_at_start']}; {where}")
+
+
 def render() -> str:
-    results = {name: r for name, _, _ in SECTIONS if (r := common.read_result(name)) is not None}
+    results = {name: r for name, _, _ in SECTIONS if (r := read(name)) is not None}
     parts = ["# Benchmarks", "",
              "Generated from `benchmarks/results/*.json` by `python -m benchmarks.report`; regenerate, do not edit. "
-             "Run everything with `python -m benchmarks [--quick] [decode long_chat quality kvpress load]` (peers "
-             "need `bash benchmarks/peers/setup.sh` once).", ""]
-    if not results:
+             "Run everything with `python -m benchmarks [--quick] [decode long_chat quality kvpress load "
+             "prefill_memory]` (peers need `bash benchmarks/peers/setup.sh` once).", ""]
+    if not any("machine" in r for r in results.values()):
         return "\n".join(parts + ["No results yet."]) + "\n"
     parts += ["## Method", "",
               "- Every system runs on **one thread** (torch.set_num_threads(1) for kvbound and transformers, "
@@ -180,15 +298,11 @@ def render() -> str:
     heads = [line for name in results for line in HEADLINES[name](results[name])]
     if heads:
         parts += ["## Headlines", "", *[f"- {h}" for h in heads], ""]
-    for name, title, module in SECTIONS:
+    for name, title, markdown in SECTIONS:
         r = results.get(name)
         if r is None:
             continue
-        m = r["machine"]
-        parts += [f"## {title}", "",
-                  f"`{m['command']}` — {m['date']}{' (quick)' if r.get('quick') else ''}; load average at start "
-                  f"{m['load_average_at_start']}; results: `benchmarks/results/{name}.json`", "",
-                  module.markdown(r), ""]
+        parts += [f"## {title}", "", provenance(name, r), "", markdown(r), ""]
         if r.get("plot"):
             parts += [f"![{PLOT_ALT.get(name, title)}]({r['plot']})", ""]
     extra = sorted(p.name for p in common.RESULTS.glob("*.json") if p.stem not in results)

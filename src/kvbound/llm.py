@@ -172,7 +172,7 @@ class LLM:
                   completion: "Completion") -> Iterator[str]:
         started = time.perf_counter()
         ids = self.tokenizer.encode(prompt, add_special=True)
-        kv = self.new_cache(cache, pool=pool)
+        kv = completion.cache = self.new_cache(cache, pool=pool)
         try:
             if not kv.policy.evicts and len(ids) + 1 > kv.capacity:
                 raise ContextOverflowError(f"the prompt is {len(ids)} tokens and the KV cache holds {kv.capacity}; "
@@ -190,6 +190,7 @@ class LLM:
                 receipt=asdict(kv.receipt()))
         finally:
             kv.free()
+            completion.cache = None
 
     def info(self) -> ModelInfo:
         c = self.config
@@ -209,6 +210,7 @@ class Completion:
     def __init__(self) -> None:
         self.pieces: Iterator[str] = iter(())
         self.reply: Reply | None = None
+        self.cache: PagedCache | None = None  # the KV cache while the completion runs (from its first piece on)
 
     def __iter__(self) -> Iterator[str]:
         return self.pieces

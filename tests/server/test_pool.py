@@ -152,3 +152,18 @@ def test_restore_that_would_overflow_with_the_new_message_keeps_the_newest_turns
     assert response.status_code == 200, response.text
     assert response.headers["x-kvbound-session-state"] == "restored"
     assert response.json()["kvbound"]["refed_history_tokens"] < history
+
+
+def test_raw_completion_takes_its_blocks_from_the_shared_pool(serve) -> None:
+    """/v1/completions is admitted like a chat turn: an idle session is offloaded to make room, and the blocks
+    return to the pool when it ends."""
+    server = serve(kv_budget=6 * BLOCK_BYTES)  # 6 blocks, 192 tokens
+    assert post(server, user("hi"), "idle", max_tokens=40).status_code == 200  # holds 2+ blocks
+    held = server.memory()["pool"]["free_blocks"]
+    assert held <= 4
+    body = {"model": "tiny", "prompt": "word " * 8, "max_tokens": 100, "temperature": 0, "logit_bias": NO_STOP}
+    response = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 100
+    assert httpx.get(server.url + "/v1/sessions/idle").json()["state"] == "offloaded"
+    assert server.memory()["pool"]["free_blocks"] == 6

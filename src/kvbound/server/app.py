@@ -258,7 +258,7 @@ def _routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         sampling = _check_request(server, body, body.max_tokens, COMPLETION_DEFAULT_TOKENS)
-        task = RawCompletion(llm, body.prompt, sampling, registry.capacity, settings.kv_dtype,
+        task = RawCompletion(llm, body.prompt, sampling, server.admission, registry.capacity, settings.kv_dtype,
                              server.metrics.observe_reply)
         stream, first = await _first_event(server, task, request)
         rid = new_id("cmpl")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from kvbound.config import CacheConfig
 from kvbound.errors import ContextOverflowError
-from kvbound.server.protocol import finish_reason, usage
+from kvbound.server.protocol import finish_reason, new_id, usage
 
 if TYPE_CHECKING:
     from kvbound.chat.session import Reply
@@ -96,15 +96,22 @@ class ChatTurn:
 
 
 class RawCompletion:
-    """A plain-text completion in a cache of its own sized to the request (prompt + max_tokens), at most what a
-    session may hold: LLM.stream_raw takes no shared pool yet."""
+    """A plain-text completion in a cache sized to the request (prompt + max_tokens, at most what a session may
+    hold) whose blocks come from the shared pool: admitted like a chat turn (idle sessions are offloaded to make
+    room; 429 when turns in progress hold it), released when it ends."""
 
-    def __init__(self, llm: "LLM", prompt: str, sampling: dict[str, Any], max_context_tokens: int, kv_dtype: str,
-                 on_reply: OnReply | None = None):
-        self.llm, self.prompt, self.sampling = llm, prompt, sampling
+    def __init__(self, llm: "LLM", prompt: str, sampling: dict[str, Any], admission: "PoolAdmission",
+                 max_context_tokens: int, kv_dtype: str, on_reply: OnReply | None = None):
+        self.llm, self.prompt, self.sampling, self.admission = llm, prompt, sampling, admission
         self.max_context_tokens, self.kv_dtype, self.on_reply = max_context_tokens, kv_dtype, on_reply
+        self.id = new_id("raw")  # its place in the admission's table
         self.info = TurnInfo()
         self.completion: Completion | None = None
+
+    @property
+    def kv_blocks(self) -> int:
+        cache = self.completion.cache if self.completion is not None else None
+        return len(cache.table) if cache is not None else 0
 
     def start(self) -> Iterator[str]:
         prompt_tokens = len(self.llm.tokenizer.encode(self.prompt, add_special=True))
@@ -113,9 +120,11 @@ class RawCompletion:
                 f"the prompt is {prompt_tokens:,} tokens and a completion may hold {self.max_context_tokens:,} "
                 "(what a session may hold); shorten the prompt or raise --kv-budget",
                 needed=prompt_tokens + 1, available=self.max_context_tokens)
-        tokens = min(self.max_context_tokens, prompt_tokens + self.sampling["max_new_tokens"])
+        max_tokens = self.sampling["max_new_tokens"]
+        tokens = min(self.max_context_tokens, prompt_tokens + max_tokens)
+        self.admission.admit(self, 0, prompt_tokens, max_tokens, queue=False)  # a retry is another completion
         self.completion = self.llm.stream_raw(self.prompt, cache=CacheConfig(tokens=tokens, dtype=self.kv_dtype),
-                                              **self.sampling)
+                                              pool=self.admission.pool, **self.sampling)
         return iter(self.completion)
 
     def finish(self) -> TurnResult:
@@ -127,4 +136,4 @@ class RawCompletion:
                           {"finish_reason": reply.finish_reason, "kv_bytes": reply.kv_bytes})
 
     def release(self) -> None:
-        pass
+        self.admission.release(self)
