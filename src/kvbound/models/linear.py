@@ -93,17 +93,19 @@ def concat(parts: list) -> torch.Tensor | Int4Source | Int8Source:
     return torch.cat([p if isinstance(p, torch.Tensor) else p.dequantize() for p in parts], 0)
 
 
-def bucketed_mm(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ w_t (K, N) with M padded to a multiple of ROW_BUCKET. A bf16/fp16 GEMM on CPU (oneDNN) compiles
-    and keeps a kernel for every row count it sees; a chat's prefills have a new count each turn, and RSS grew
-    ~0.5 MB per new shape without bound (measured). With buckets there are at most chunk / 64 shapes."""
+def bucketed_mm(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) @ w_t (K, N) (+ bias, added before the result is rounded to x's dtype, as F.linear does) with M
+    padded to a multiple of ROW_BUCKET. A bf16/fp16 GEMM on CPU (oneDNN) compiles and keeps a kernel for every row
+    count it sees; a chat's prefills have a new count each turn, and RSS grew ~0.5 MB per new shape without bound
+    (measured). With buckets there are at most chunk / 64 shapes."""
     M = x.shape[0]
     padded = -(-M // ROW_BUCKET) * ROW_BUCKET
-    if padded == M:
-        return x @ w_t
-    full = x.new_zeros(padded, x.shape[1])
-    full[:M] = x
-    return (full @ w_t)[:M]
+    if padded != M:
+        full = x.new_zeros(padded, x.shape[1])
+        full[:M] = x
+        x = full
+    y = x @ w_t if bias is None else torch.addmm(bias, x, w_t)
+    return y[:M]
 
 
 class Scratch:
@@ -128,9 +130,7 @@ class DenseLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 or x.device.type != "cpu" or x.numel() == x.shape[-1]:
             return F.linear(x, self.weight, self.bias)
-        y = bucketed_mm(x.reshape(-1, self.in_features), self.weight.t())
-        if self.bias is not None:
-            y = y + self.bias
+        y = bucketed_mm(x.reshape(-1, self.in_features), self.weight.t(), self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
