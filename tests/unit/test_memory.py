@@ -4,6 +4,8 @@ upward crossing; the ledger's KV bytes are the pool's; refusals carry their numb
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import warnings
@@ -230,6 +232,18 @@ def test_predicted_turn_peak_adds_the_step_and_a_pending_scratch() -> None:
     assert first - later == cache.pool.workspace_bytes > 0
     assert later > 10_000
     assert predict_turn_peak(llm, cache, new_tokens=200, used_bytes=10_000) >= later
+
+
+def test_predicted_turn_peak_counts_the_new_kv_of_a_pool_committed_on_write() -> None:
+    """On CPU a large pool's pages become resident only when written: a turn's new tokens add their KV bytes."""
+    config = dataclasses.replace(TINY, max_context=16384)
+    model = random_model(config)
+    small = build_cache(config, CacheConfig(tokens=256), "fp32", model.inv_freq)
+    large = build_cache(config, CacheConfig(tokens=16384), "fp32", model.inv_freq)  # K: 4 MiB
+    assert not small.pool.committed_on_write and large.pool.committed_on_write
+    llm = fake_llm(model)
+    base = predict_turn_peak(llm, small, new_tokens=100, used_bytes=0)
+    assert predict_turn_peak(llm, large, new_tokens=100, used_bytes=0) == base + 100 * large.spec.bytes_per_token
 
 
 def test_fitting_chunk_is_the_largest_that_fits() -> None:

@@ -129,7 +129,7 @@ class KVDtype(str, Enum):
 @dataclass
 class CacheOptions:
     kv_budget: Annotated[Optional[str], typer.Option(
-        "--kv-budget", help="KV cache budget in bytes, e.g. 64MiB, 512MB, 1GiB; preallocated, never exceeded.",
+        "--kv-budget", help="KV cache budget in bytes, e.g. 64MiB, 512MB, 1GiB; reserved up front, never exceeded.",
         rich_help_panel="KV cache")] = None
     kv_tokens: Annotated[Optional[int], typer.Option(
         "--kv-tokens", "--context", min=1, help="KV cache capacity in tokens (instead of --kv-budget).",

@@ -26,11 +26,15 @@ def lazy_zeros(*shape: int, dtype: torch.dtype, device: torch.device | str) -> t
     a pool sized for the model's whole context (180 MB for the default model) would be resident before the first
     token; an anonymous memory map is zero-filled by the kernel page by page, on first touch. Other devices (and
     small tensors) use `torch.zeros`: GPU memory is committed at allocation either way."""
-    device = torch.device(device)
-    nbytes = math.prod(shape) * dtype.itemsize
-    if device.type != "cpu" or nbytes < LAZY_MIN_BYTES:
+    if not committed_on_write(math.prod(shape) * dtype.itemsize, device):
         return torch.zeros(*shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * dtype.itemsize
     return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(*shape)  # the tensor keeps the map alive
+
+
+def committed_on_write(nbytes: int, device: torch.device | str) -> bool:
+    """Whether `lazy_zeros` gives a tensor of `nbytes` whose pages are committed when first written."""
+    return torch.device(device).type == "cpu" and nbytes >= LAZY_MIN_BYTES
 
 
 class BlockPool:
@@ -54,6 +58,8 @@ class BlockPool:
             dtype = FLOAT_DTYPES[spec.dtype]
             self.k = lazy_zeros(L, H, slots, D, dtype=dtype, device=device)  # (L, n_kv, slots, D)
             self.v = lazy_zeros(L, H, slots, D, dtype=dtype, device=device)
+        # RSS grows with the blocks written, up to the pool, instead of the pool being resident from the start
+        self.committed_on_write = committed_on_write(self.k.nbytes, self.device)
         self._free: set[int] = set(range(num_blocks))
         self.refcount = [0] * num_blocks
         # Prefix sharing (vLLM-style): the hash of a block's token chain → the block that holds it. An entry

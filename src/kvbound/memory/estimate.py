@@ -3,7 +3,8 @@
 KV bytes come from the allocator itself: the cache is built on the meta device (no memory) through the same
 `build_cache` a chat uses, so an estimate and an allocation cannot disagree. Activations are derived from tensor
 shapes; the runtime and loader baselines are per-platform constants calibrated by benchmarks/estimate_accuracy.py.
-The process peaks either while loading (checkpoint metadata and file map beside the weights) or during a turn.
+The process peaks either while loading (checkpoint metadata and conversion transients beside the weights) or during
+a turn.
 """
 
 from __future__ import annotations

@@ -110,7 +110,9 @@ def predict_turn_peak(llm: Any, cache: Any, new_tokens: int, used_bytes: int | N
                       chunk: int | None = None) -> int:
     """Predicted peak of the process (CPU: RSS; CUDA: allocated device bytes) while `cache` takes `new_tokens`
     more tokens through `llm` in prefill steps of `chunk` (default: the runner's): what is in use now plus the
-    largest step's activations plus a scratch the pool has yet to allocate. The KV pool is preallocated."""
+    largest step's activations plus a scratch the pool has yet to allocate. The KV pool is allocated up front, but
+    on CPU its pages are committed when first written (kvcache/pool.lazy_zeros), so the KV of the new tokens is
+    counted as if every one of their pages were new (at most that much too high)."""
     device = llm.device.type
     used_bytes = devices.usage_bytes(llm.device) if used_bytes is None else used_bytes
     spec, pool = cache.spec, cache.pool
@@ -118,7 +120,8 @@ def predict_turn_peak(llm: Any, cache: Any, new_tokens: int, used_bytes: int | N
     step = max(1, min(chunk or llm.runner.chunk, new_tokens, keys))
     transient = activation_peak(llm.config, spec, step, keys, device, cache.policy.needs_attention)
     pending_scratch = scratch_bytes(spec, pool.num_blocks) if spec.quantized and not pool.workspace_bytes else 0
-    return used_bytes + transient + pending_scratch
+    pending_kv = int(min(new_tokens, cache.capacity) * spec.bytes_per_token) if pool.committed_on_write else 0
+    return used_bytes + transient + pending_scratch + pending_kv
 
 
 def fitting_chunk(llm: Any, cache: Any, new_tokens: int, budget_bytes: int, used_bytes: int | None = None) -> int:
