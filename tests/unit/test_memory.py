@@ -5,7 +5,6 @@ upward crossing; the ledger's KV bytes are the pool's; refusals carry their numb
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import logging
 import warnings
