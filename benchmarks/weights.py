@@ -4,7 +4,7 @@ against transformers (the same GGUF dequantized to fp32, DynamicCache) and llama
 Every system runs in its own fresh process (so peak RSS is its own), one thread, greedy decoding after a prefill of
 the context; systems alternate per context and repeat; the best decode time of the repeats is reported.
 
-    python -m benchmarks.weights [--quick] [--contexts 512 8192] [--tokens 32] [--repeats 2]
+    python -m benchmarks.weights [--quick] [--contexts 512 8192] [--tokens 32] [--repeats 2] [--compiled]
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def child(args: argparse.Namespace) -> int:
         import kvbound
         from benchmarks.decode import KvboundSystem
 
-        llm = kvbound.load(weights=args.system, device="cpu")
+        mode, _, compiled = args.system.partition("+")  # "auto+compile": the compiled decode step
+        llm = kvbound.load(weights=mode, device="cpu", compile=bool(compiled))
         weights = llm.model.weights_bytes()
         system = KvboundSystem(llm, "auto")
     load_s = time.perf_counter() - started
@@ -101,7 +102,7 @@ def run_system(system: str, ids: list[int], tokens: int) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
-def measure(contexts: list[int], tokens: int, repeats: int, peers: bool) -> dict[str, Any]:
+def measure(contexts: list[int], tokens: int, repeats: int, peers: bool, compiled: bool = False) -> dict[str, Any]:
     import kvbound
     from benchmarks.decode import LlamaCppSystem, prompt_ids
     from kvbound.loading import open_checkpoint
@@ -110,7 +111,8 @@ def measure(contexts: list[int], tokens: int, repeats: int, peers: bool) -> dict
     file_bytes = checkpoint.file_tensor_bytes
     tokenizer = checkpoint.make_tokenizer()
     all_ids = prompt_ids(SimpleNamespace(tokenizer=tokenizer), max(contexts))
-    systems = [f"kvbound weights {m}" for m in MODES] + [BASELINE]
+    systems = [f"kvbound weights {m}" for m in MODES] + (["kvbound weights auto+compile"] if compiled else []) + [
+        BASELINE]
     unavailable = {}
     if peers:
         ok, why = LlamaCppSystem.available()
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--no-peers", action="store_true", help="skip llama.cpp (its venv)")
+    parser.add_argument("--compiled", action="store_true", help="add the default weights with --compile")
+    parser.add_argument("--name", default=SUITE, help="results file name (default: weights, the report's)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--ids", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -196,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         return child(args)
     contexts = args.contexts or ([512, 8192] if args.quick else [512, 2048, 8192])
     repeats = args.repeats or (1 if args.quick else 2)
-    result = measure(contexts, args.tokens, repeats, not args.no_peers)
-    path = common.write_result(SUITE, result)
+    result = measure(contexts, args.tokens, repeats, not args.no_peers, args.compiled)
+    path = common.write_result(args.name, result)
     common.log(f"wrote {path}")
     print(markdown(result))
     return 0

@@ -73,12 +73,14 @@ class ModelInfo:
 class LLM:
     def __init__(self, path: str | Path | None = None, *, dtype: str = "auto", device: str = "auto",
                  chunk: int = DEFAULT_CHUNK, memory_budget: int | str | None = None,
-                 thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS, weights: str = "auto"):
+                 thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS, weights: str = "auto", compile: bool = False):
         # The process budget is checked before anything loads, so a bad value costs nothing.
         self.guard = MemoryGuard(memory_budget, thresholds) if memory_budget is not None else None
         self.thresholds = thresholds
         self._callbacks: list[Callable[[MemoryEvent], None]] = []
         self._chats: weakref.WeakSet = weakref.WeakSet()
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
         self.device = pick_device(device)
         pick_dtype(dtype, self.device)  # validate before reading the file
         self.checkpoint = open_checkpoint(path)
@@ -96,6 +98,8 @@ class LLM:
         self.checkpoint.tensors = self.checkpoint.make_tokenizer = None
         gc.collect()
         _trim_heap()
+        if compile:  # compiles on the first decode step (seconds), not here
+            self.model.compile_decode()
         if self.guard is not None:  # loading may already cross a threshold
             self.guard.check(usage_bytes(self.device))
         self.runner = Runner(self.model, chunk=chunk)
@@ -247,12 +251,17 @@ def _trim_heap() -> None:
 
 
 def load(model: str | Path | None = None, *, dtype: str = "auto", device: str = "auto",
-         chunk: int = DEFAULT_CHUNK, memory_budget: int | str | None = None, weights: str = "auto") -> LLM:
+         chunk: int = DEFAULT_CHUNK, memory_budget: int | str | None = None, weights: str = "auto",
+         compile: bool = False) -> LLM:
     """Load a model: a .gguf path, a safetensors directory, or a known name (default: smollm2-135m).
 
     `weights` chooses how matrices are stored: `auto` keeps a quantized GGUF quantized (4-bit types as int4, 8-bit
     as int8, computing in bf16), `int8`/`int4` quantize any checkpoint on load, `fp32`/`bf16`/`fp16` are dense.
 
     `memory_budget` ('1GiB') bounds the whole process: each turn's predicted peak is checked before it runs
-    (a smaller prefill chunk is tried first), and a turn that cannot fit raises MemoryBudgetExceeded."""
-    return LLM(model, dtype=dtype, device=device, chunk=chunk, memory_budget=memory_budget, weights=weights)
+    (a smaller prefill chunk is tried first), and a turn that cannot fit raises MemoryBudgetExceeded.
+
+    `compile=True` compiles the decode step with torch.compile (CUDA graphs on GPU; models/compiled.py): the same
+    tokens, a few seconds of compiling on the first step; measured no faster on CPU."""
+    return LLM(model, dtype=dtype, device=device, chunk=chunk, memory_budget=memory_budget, weights=weights,
+               compile=compile)

@@ -51,17 +51,22 @@ class ModelOptions:
     memory_budget: Annotated[Optional[str], typer.Option(
         "--memory-budget", help="Memory for the whole process (e.g. 1GiB): a turn or a KV pool that would cross it "
                                 "is refused before it runs.", rich_help_panel="Model")] = None
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="Compile the decode step (torch.compile; CUDA graphs on GPU). Same tokens; seconds of "
+                          "compiling first; measured no faster on CPU.", rich_help_panel="Model")] = False
 
     def load(self, console: Console | None = None) -> LLM:
         if self.memory_budget is not None:
             parse_size(self.memory_budget)  # a typo fails before the model loads
-        return load_model(self.model, self.dtype, self.device, console, self.memory_budget, self.weights)
+        return load_model(self.model, self.dtype, self.device, console, self.memory_budget, self.weights,
+                          self.compile)
 
 
 def load_model(model: str | None, dtype: Enum, device: str, console: Console | None = None,
-               memory_budget: str | None = None, weights: Enum = Weights["auto"]) -> LLM:
+               memory_budget: str | None = None, weights: Enum = Weights["auto"], compile: bool = False) -> LLM:
     """`kvbound.load` with a spinner on an interactive terminal (loading reads and packs every weight: seconds)."""
-    options = dict(dtype=dtype.value, device=device, memory_budget=memory_budget, weights=weights.value)
+    options = dict(dtype=dtype.value, device=device, memory_budget=memory_budget, weights=weights.value,
+                   compile=compile)
     if console is None or not console.is_terminal:
         return load(model, **options)
     with console.status(f"loading {model or 'the default model'}…"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -13,6 +13,9 @@ from kvbound.kvcache.base import KVCache
 from kvbound.models.layers import MLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 from kvbound.models.linear import DenseLinear
 from kvbound.models.weights import COMPUTE_DTYPES, WeightsPlan, materialize, matrix_modules, weights_bytes
+
+if TYPE_CHECKING:
+    from kvbound.models.compiled import CompiledBlocks
 
 # attend(layer, q, k, v) → attention output: q (B, H, T, D), k and v (B, n_kv, T, D) → (B, H, T, D). A single
 # sequence passes its cache's `attend`; a decode batch passes one that sends each row to its own cache.
@@ -31,13 +34,21 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
         """x (B, T, hidden); cos/sin (T, D) shared by the rows, or (B, 1, 1, D) one position per row."""
+        return self.output(attend(self.layer, *self.project(x, cos, sin)))
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, H, T, D) and k (rotated), v (B, n_kv, T, D)."""
         B, T, _ = x.shape
         H, rotated = self.num_heads, self.num_heads + self.num_kv_heads
         qkv = self.qkv_proj(x).view(B, T, rotated + self.num_kv_heads, self.head_dim)  # (B, T, H + 2 n_kv, D)
         # q and k rotate together (one RoPE pass over H + n_kv heads): per-op overhead dominates decode here.
         q, k = apply_rope(qkv[:, :, :rotated].transpose(1, 2), cos, sin).split((H, self.num_kv_heads), dim=1)
-        v = qkv[:, :, rotated:].transpose(1, 2)  # (B, n_kv, T, D)
-        out = attend(self.layer, q, k, v)  # (B, H, T, D)
+        return q, k, qkv[:, :, rotated:].transpose(1, 2)
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """The attention output (B, H, T, D) through o_proj → (B, T, hidden)."""
+        B, _, T, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -50,7 +61,15 @@ class Block(nn.Module):
         self.mlp = MLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
+        return self.finish(x, attend(self.self_attn.layer, *self.attention_inputs(x, cos, sin)))
+
+    # The two halves around attention (which reads and writes the cache): models/compiled.py compiles these.
+    def attention_inputs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.self_attn.project(self.input_layernorm(x), cos, sin)
+
+    def finish(self, x: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn.output(attention)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -66,6 +85,7 @@ class LlamaModel(nn.Module):
         self.lm_head = None if config.tie_embeddings else DenseLinear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling),
                              persistent=False)
+        self.compiled: CompiledBlocks | None = None  # a compiled single-sequence decode step (compile_decode)
 
     @classmethod
     def from_tensors(cls, config: ModelConfig, tensors: Iterable[tuple[str, object]],
@@ -98,6 +118,14 @@ class LlamaModel(nn.Module):
         model.plan = plan
         return model.eval()
 
+    def compile_decode(self) -> None:
+        """Compile the decode step (one token of one sequence): torch.compile (inductor) fuses each block's norms,
+        RoPE, residuals and SwiGLU around its matmuls, CUDA graphs replay them on GPU; attention stays eager (it
+        reads the cache). Prefill and batched decode stay eager. See models/compiled.py for what it measured."""
+        from kvbound.models.compiled import CompiledBlocks
+
+        self.compiled = CompiledBlocks(self.device)
+
     @property
     def dtype(self) -> torch.dtype:
         """The compute dtype (activations; dense weights)."""
@@ -118,9 +146,10 @@ class LlamaModel(nn.Module):
         positions = cache.begin(input_ids.shape[1])  # (T,)
         x = self.embed_tokens.rows(input_ids)  # (1, T, hidden)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # (T, D)
+        step = self.compiled if self.compiled is not None and input_ids.shape[1] == 1 else None
         try:
             for block in self.layers:
-                x = block(x, cos, sin, cache.attend)
+                x = block(x, cos, sin, cache.attend) if step is None else step(block, x, cos, sin, cache.attend)
         except BaseException:
             cache.rollback(0)
             raise
