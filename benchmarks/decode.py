@@ -1,10 +1,12 @@
-"""Prefill and decode speed at long contexts: kvbound (KV fp32/bf16/int8/int4) against transformers on the same
-GGUF (dequantized to fp32), DynamicCache and StaticCache (and QuantizedCache where its backend is installed).
+"""Prefill and decode speed at long contexts: kvbound as it loads by default (the GGUF's 4-bit weights kept int4,
+computing in bf16) with KV bf16/int8/int4, and with dense fp32 weights and KV as a reference, against transformers on
+the same GGUF (dequantized to fp32), DynamicCache and StaticCache (and QuantizedCache where its backend is
+installed), and llama-cpp-python (same GGUF, f16 and q8_0 KV, its own process per run).
 
 Every system runs in this one process on one thread, interleaved per context (A, B, C, A, B, C, ...); the
 reported time is the best of the repeats, the figure least disturbed by other processes on a shared machine.
 
-    python -m benchmarks.decode [--quick] [--contexts 512 2048 8192] [--tokens 32] [--repeats 2]
+    python -m benchmarks.decode [--quick] [--contexts 512 2048 8192] [--tokens 32] [--repeats 2] [--no-fp32]
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from typing import Any, Callable
 from benchmarks import common
 
 SUITE = "decode"
-KV_DTYPES = ("fp32", "bf16", "int8", "int4")
+KV_DTYPES = ("bf16", "int8", "int4")  # of the default engine (bf16 compute: its KV is bf16 unless quantized)
 BASELINE = "transformers DynamicCache"
-BF16_WEIGHTS = "kvbound bf16 weights, KV bf16"
+DEFAULT = "kvbound KV bf16"  # default weights, default KV: what `kvbound.load()` runs
+FP32 = "kvbound fp32 weights, KV fp32"
 
 
 @dataclass
@@ -158,12 +161,12 @@ def quantized_cache_backend() -> tuple[str | None, str]:
 
 
 def build_systems(llm, hf, model_path, kv_dtypes=KV_DTYPES, peers: bool = True,
-                  llm_bf16=None) -> tuple[list, dict[str, str]]:
+                  llm_fp32=None) -> tuple[list, dict[str, str]]:
     import transformers
 
     systems: list = [KvboundSystem(llm, d) for d in kv_dtypes]
-    if llm_bf16 is not None:  # the same engine computing in bf16: half the weight bytes read per decoded token
-        systems.append(KvboundSystem(llm_bf16, "auto", name=BF16_WEIGHTS))
+    if llm_fp32 is not None:  # dense fp32 weights and KV: the same numbers transformers computes
+        systems.append(KvboundSystem(llm_fp32, "fp32", name=FP32))
     config = hf.config
     systems.append(TransformersSystem(hf, "DynamicCache", lambda n: transformers.DynamicCache(config=config)))
     systems.append(TransformersSystem(hf, "StaticCache",
@@ -194,7 +197,7 @@ def prompt_ids(llm, count: int) -> list[int]:
 
 
 def measure(contexts: list[int], decode_tokens: int, repeats: int, kv_dtypes=KV_DTYPES,
-            peers: bool = True, bf16_weights: bool = True) -> dict[str, Any]:
+            peers: bool = True, fp32: bool = True) -> dict[str, Any]:
     common.pin_threads()
     import torch
 
@@ -204,11 +207,11 @@ def measure(contexts: list[int], decode_tokens: int, repeats: int, kv_dtypes=KV_
     from kvbound.loading import resolve_model
 
     path = resolve_model()
-    llm = kvbound.load(path, dtype="fp32", device="cpu")
+    llm = kvbound.load(path, device="cpu")
     hf = load_transformers(path)
-    llm_bf16 = kvbound.load(path, dtype="bf16", device="cpu") if bf16_weights else None
+    llm_fp32 = kvbound.load(path, weights="fp32", dtype="fp32", device="cpu") if fp32 else None
     max_context = llm.config.max_context
-    systems, unavailable = build_systems(llm, hf, path, kv_dtypes, peers, llm_bf16)
+    systems, unavailable = build_systems(llm, hf, path, kv_dtypes, peers, llm_fp32)
     all_ids = prompt_ids(llm, max(contexts))
 
     for system in systems:  # warm-up: first-call allocations, kernel selection (llama.cpp warms up per process)
@@ -245,7 +248,8 @@ def measure(contexts: list[int], decode_tokens: int, repeats: int, kv_dtypes=KV_
                 rows.append(entry)
     return {
         "config": {"contexts": contexts, "decode_tokens": decode_tokens, "repeats": repeats,
-                   "model": str(path), "kvbound_compute_dtype": "fp32", "transformers_dtype": "float32",
+                   "model": str(path), "kvbound_weights": llm.plan.mode, "kvbound_storage": llm.plan.counts(),
+                   "kvbound_compute_dtype": llm.dtype_name, "transformers_dtype": "float32",
                    "kvbound_prefill_chunk": llm.runner.chunk, "transformers_prefill": "one forward pass",
                    "llamacpp": "own process per run, n_batch 512, flash attention on, use_extra_bufts off",
                    "in_process_peak_rss_bytes": common.peak_rss_bytes(),
@@ -280,8 +284,11 @@ def markdown(result: dict[str, Any]) -> str:
                      f"loaded): its peak RSS was "
                      f"{common.mib(cfg_rss):,.0f} MiB; llama.cpp runs in its own process per run.")
     cfg = result["config"]
-    head = (f"{cfg['decode_tokens']} greedy tokens after a prefill of the context (capped at the model's 8192 "
-            f"minus the decoded tokens); kvbound prefills in chunks of {cfg['kvbound_prefill_chunk']}, "
+    weights = (f"kvbound's default weights ({cfg['kvbound_weights']}: "
+               f"{', '.join(f'{n} {k}' for k, n in cfg['kvbound_storage'].items())} matrices, computing in "
+               f"{cfg['kvbound_compute_dtype']}) unless the row says fp32; " if "kvbound_weights" in cfg else "")
+    head = (f"{weights}{cfg['decode_tokens']} greedy tokens after a prefill of the context (capped at the model's "
+            f"8192 minus the decoded tokens); kvbound prefills in chunks of {cfg['kvbound_prefill_chunk']}, "
             f"transformers in {cfg['transformers_prefill']}; {cfg['timing']}.")
     return "\n".join([head, "", table, *([""] + notes if notes else [])])
 
@@ -293,12 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, help="greedy tokens decoded per run")
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--no-peers", action="store_true", help="skip llama.cpp (its venv)")
-    parser.add_argument("--no-bf16-weights", action="store_true", help="skip kvbound computing in bf16")
+    parser.add_argument("--no-fp32", action="store_true", help="skip kvbound with dense fp32 weights and KV")
     args = parser.parse_args(argv)
     contexts = args.contexts or ([512, 2048] if args.quick else [512, 2048, 8192])
     tokens = args.tokens or (16 if args.quick else 32)
     repeats = args.repeats or (2 if args.quick else 3)
-    result = measure(contexts, tokens, repeats, peers=not args.no_peers, bf16_weights=not args.no_bf16_weights)
+    result = measure(contexts, tokens, repeats, peers=not args.no_peers, fp32=not args.no_fp32)
     return common.finish(SUITE, result, args.quick, markdown)
 
 
