@@ -72,7 +72,7 @@ def measure(context_tokens: int, scored: int) -> dict[str, Any]:
     from kvbound.loading import resolve_model
 
     path = resolve_model()
-    llm = kvbound.load(path, dtype="fp32", device="cpu")
+    llm = kvbound.load(path, dtype="fp32", weights="fp32", device="cpu")  # dense, as kvpress computes
     text = common.data_file("texts/prideprejudice.txt").read_text()[: (context_tokens + scored) * 8]
     ids = llm.tokenizer.encode(text, add_special=True)[: context_tokens + scored + 1]
     context, continuation = ids[:context_tokens], ids[context_tokens:]

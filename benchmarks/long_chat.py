@@ -194,8 +194,9 @@ def measure(target: int, max_new: int, systems: list[str]) -> dict[str, Any]:
                 out.unlink()
             rows = results[name]["rows"]
             advance(note=f"{name}: {len(rows)} turns, {rows[-1]['tokens_passed'] if rows else 0} tokens")
-    return {"config": {"target_tokens": target, "max_new_tokens": max_new, "greedy": True, "model_dtype": "fp32",
-                       "conversation": "examples/dev-200-turns.jsonl, looped"},
+    return {"config": {"target_tokens": target, "max_new_tokens": max_new, "greedy": True,
+                       "kvbound_weights": "default (int4/int8 kept from the GGUF, bf16 compute) unless a system says",
+                       "transformers_dtype": "fp32", "conversation": "examples/dev-200-turns.jsonl, looped"},
             "systems": results}
 
 

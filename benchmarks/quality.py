@@ -33,7 +33,7 @@ def load_llm():
     torch.set_num_threads(common.THREADS)
     import kvbound
 
-    return kvbound.load(dtype="fp32", device="cpu")
+    return kvbound.load(dtype="fp32", weights="fp32", device="cpu")  # dense fp32: the numbers session 1 measured
 
 
 def perplexity_runs(llm, tokens: int, advance) -> list[dict[str, Any]]:
