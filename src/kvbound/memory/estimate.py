@@ -26,12 +26,12 @@ from kvbound.models.weights import plan_weights
 
 # -- calibration (benchmarks/estimate_accuracy.py measures each constant; results/estimate_accuracy.json) ----------
 # The runtime itself, whatever the model. CPU: RSS of a fresh process that imported kvbound.cli.app (Python, torch,
-#   tokenizers, typer, rich) and ran one forward of a tiny random model — the first meta-device model and the first
-#   forward make torch import and initialize ~85 MiB more (the benchmark's "runtime" child: 318.7 MiB on Linux
-#   x86-64, Python 3.11, torch 2.13 CPU). CUDA: the target is torch.cuda.max_memory_allocated, which counts tensors
+#   tokenizers, typer, rich) and ran one forward of a tiny random model (the benchmark's "runtime" child: 246.5 MiB
+#   on Linux x86-64, Python 3.11, torch 2.13 CPU; 318.7 MiB while building on the meta device imported sympy and
+#   torch._dynamo, see models/layers.rope_inv_freq). CUDA: the target is torch.cuda.max_memory_allocated, which counts tensors
 #   only; what the runtime adds there is cuBLAS's workspace, taken from torch's caching allocator on the first
 #   matmul (the same child on an H200, torch 2.11+cu130: 32.0 MiB).
-RUNTIME_BASELINE_BYTES: dict[str, int] = {"cpu": 319 << 20, "cuda": 32 << 20}
+RUNTIME_BASELINE_BYTES: dict[str, int] = {"cpu": 246 << 20, "cuda": 32 << 20}
 # Loading, per vocabulary entry of the checkpoint (LLM drops the file reader once the weights are in):
 # - while loading: GGUF metadata as Python strings and lists (loading/gguf_index.py; tokenizer.json is parsed in
 #   Rust) and the heap that converting tensors leaves — a run's peak RSS in kvbound.load() minus its RSS at the
@@ -39,10 +39,10 @@ RUNTIME_BASELINE_BYTES: dict[str, int] = {"cpu": 319 << 20, "cuda": 32 << 20}
 #   nothing at the peak: each tensor's pages are released once converted, and the peak comes at the end, when all
 #   the weights are in;
 # - what stays: the tokenizer and the heap around it — a run's RSS after kvbound.load() minus runtime and weights.
-# The benchmark's medians over its 16 CPU runs of SmolLM2 (49,152 entries): GGUF 254 and 237 bytes (with the gguf
+# The benchmark's medians over its 16 CPU runs of SmolLM2 (49,152 entries): GGUF 327 and 307 bytes (with the gguf
 # package's reader they were 3,288 and 487); safetensors (the same vocabulary as tokenizer.json) 24 and 110 bytes.
-LOADING_BYTES_PER_VOCAB_ENTRY: dict[str, int] = {"gguf": 254, "safetensors": 24, "none": 0}
-TOKENIZER_BYTES_PER_VOCAB_ENTRY: dict[str, int] = {"gguf": 237, "safetensors": 110, "none": 0}
+LOADING_BYTES_PER_VOCAB_ENTRY: dict[str, int] = {"gguf": 327, "safetensors": 24, "none": 0}
+TOKENIZER_BYTES_PER_VOCAB_ENTRY: dict[str, int] = {"gguf": 307, "safetensors": 110, "none": 0}
 # glibc malloc: freeing an mmapped chunk raises the mmap threshold to that chunk's size (up to 32 MiB) and the heap
 # then keeps up to twice the threshold free before it trims, so a turn's RSS peak exceeds the bytes torch holds by
 # about twice its largest tensor, plus fragmentation: 18 MiB fits the turns the benchmark isolates (the RSS
