@@ -5,6 +5,7 @@ and the merged views. Deterministic, seconds; tests/cluster/test_ray.py runs the
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -42,6 +43,9 @@ def test_a_session_moves_off_a_full_replica_with_its_history(local_cluster) -> N
     session = client.get("/v1/sessions/ann").json()
     assert [m["content"] for m in session["messages"] if m["role"] == "user"] == ["one", "two", "three"]
     left = cluster.replicas[cluster.config.replica_names.index(home)]._local("ann")
+    deadline = time.monotonic() + 10  # the ingress tells the old replica without waiting for it (fire and forget)
+    while left.chat is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert left.chat is None  # the copy left behind gave its KV back to that replica's pool
 
     # back on its first replica (the other one now full): the stale copy there is brought up to date first
