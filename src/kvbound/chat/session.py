@@ -54,6 +54,12 @@ def sampling_params(**kwargs: Any) -> SamplingParams:
     return SamplingParams(**kwargs).validate()
 
 
+
+def restore_room(capacity: int, reserve: int = 0) -> int:
+    """Tokens a conversation restored into a cache of `capacity` keeps (system prompt and newest whole turns) when
+    it and `reserve` do not fit: 3/4 of the capacity less the reserve, so the next turns have room to grow."""
+    return (capacity * 3) // 4 - reserve
+
 class Chat:
     """Segments label the cache's tokens: 0 is the system prompt, turn k (user message + reply) is k. The
     system prompt and the current turn are always pinned; `turns` policies pin the newest turns too."""
@@ -374,7 +380,7 @@ class Chat:
             pieces.append(llm.tokenizer.encode(text[len(done):]))
             done = text
         system_ids = llm.tokenizer.encode(render(head, add_generation_prompt=False)) if head else []
-        first, room = 0, (cache.capacity * 3) // 4 - len(system_ids) - reserve
+        first, room = 0, restore_room(cache.capacity, reserve) - len(system_ids)
         if len(system_ids) + sum(map(len, pieces)) + reserve > cache.capacity:
             first = len(pieces)
             while first and len(pieces[first - 1]) <= room:

@@ -26,9 +26,9 @@ def lazy_zeros(*shape: int, dtype: torch.dtype, device: torch.device | str) -> t
     a pool sized for the model's whole context (180 MB for the default model) would be resident before the first
     token; an anonymous memory map is zero-filled by the kernel page by page, on first touch. Other devices (and
     small tensors) use `torch.zeros`: GPU memory is committed at allocation either way."""
-    if not committed_on_write(math.prod(shape) * dtype.itemsize, device):
-        return torch.zeros(*shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * dtype.itemsize
+    if not committed_on_write(nbytes, device):
+        return torch.zeros(*shape, dtype=dtype, device=device)
     return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(*shape)  # the tensor keeps the map alive
 
 

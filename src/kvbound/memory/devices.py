@@ -17,11 +17,12 @@ def rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def peak_rss_bytes() -> int:
+def peak_rss_bytes(current: int | None = None) -> int:
     """Highest resident set size this process has reached (ru_maxrss: KiB on Linux, bytes on macOS). The kernel
-    updates its high-water mark lazily, so the RSS of this instant can be above it: take the larger."""
+    updates its high-water mark lazily, so the RSS of this instant (`current`, read now if not given) can be above
+    it: take the larger."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return max(int(peak if sys.platform == "darwin" else peak * 1024), rss_bytes())
+    return max(int(peak if sys.platform == "darwin" else peak * 1024), rss_bytes() if current is None else current)
 
 
 def usage_bytes(device: torch.device | str = "cpu") -> int:

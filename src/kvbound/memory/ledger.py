@@ -84,7 +84,7 @@ class Ledger:
             tokens_held=cache.num_tokens, tokens_evicted=self.tokens_evicted, tokens_quantized=self.tokens_quantized,
             tokens_summarized=self.tokens_summarized, capacity_tokens=cache.capacity,
             activation_peak_bytes=self.activation_peak_bytes, rss_bytes=(rss := devices.rss_bytes()),
-            peak_rss_bytes=max(devices.peak_rss_bytes(), rss), device_allocated_bytes=device.allocated_bytes,
+            peak_rss_bytes=devices.peak_rss_bytes(rss), device_allocated_bytes=device.allocated_bytes,
             device_free_bytes=device.free_bytes, turns_left_forecast=turns_left, forecast=text)
 
 
@@ -116,6 +116,6 @@ def process_memory(llm: Any, caches: Iterable[Any]) -> ProcessMemory:
         weights_bytes=llm.model.weights_bytes(),
         kv_reserved_bytes=sum(p.nbytes for p in pools) + residual, kv_used_bytes=sum(c.nbytes for c in caches),
         sessions=len(caches), workspace_bytes=sum(p.workspace_bytes for p in pools), rss_bytes=(rss := devices.rss_bytes()),
-        peak_rss_bytes=max(devices.peak_rss_bytes(), rss), device_allocated_bytes=device.allocated_bytes,
+        peak_rss_bytes=devices.peak_rss_bytes(rss), device_allocated_bytes=device.allocated_bytes,
         device_peak_allocated_bytes=device.peak_allocated_bytes, device_free_bytes=device.free_bytes,
         nvml_used_bytes=device.nvml_used_bytes)

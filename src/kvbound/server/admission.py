@@ -97,10 +97,6 @@ class PoolAdmission:
     def release(self, session: "Session") -> None:
         self._reserved.pop(session.id, None)
 
-    def forget(self, session_id: str) -> None:
-        """The session's refused turn will not come back (it failed otherwise, or the session was deleted)."""
-        self._waiting.pop(session_id, None)
-
     def _wait(self, session_id: str, need: int, now: float) -> None:
         waiter = self._waiting.get(session_id)
         if waiter is None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from kvbound.chat.session import Chat
+from kvbound.chat.session import Chat, restore_room
 from kvbound.config import CacheConfig
 from kvbound.errors import KvboundError
 from kvbound.server.errors import ApiError, ServerBusy, SessionNotFound
@@ -303,14 +303,15 @@ class SessionRegistry:
             chat = session.chat
             full = len(tokenizer.encode(render(chat.messages + message, add_generation_prompt=True)))
             before = len(tokenizer.encode(render(chat.messages, add_generation_prompt=False)))
-            return chat.context_tokens, max(1, full - before), max(1, full - before)
+            new = max(1, full - before)
+            return chat.context_tokens, new, new
         full = len(tokenizer.encode(render(session.messages + message, add_generation_prompt=True)))
         if not session.turns:
             return 0, full, full
         history = len(tokenizer.encode(render(session.messages, add_generation_prompt=False)))
         new = max(1, full - history)
         fits = history + new + 1 <= self.capacity  # + the first generated token
-        kept = history if fits else max(0, (self.capacity * 3) // 4 - new)  # Chat.from_messages' cut, at most
+        kept = history if fits else max(0, restore_room(self.capacity, new))  # Chat.from_messages' cut, at most
         return 0, kept + new, new
 
     # -- turns ------------------------------------------------------------------------------------------------------
