@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from kvbound.errors import KVBudgetExceeded, SnapshotError
-from kvbound.kvcache import quant
+from kvbound.kvcache import native, quant
 from kvbound.kvcache.base import KVCache, attention, step_mask
 from kvbound.kvcache.pool import PER_BLOCK, STORAGE, BlockPool
 from kvbound.kvcache.spec import FLOAT_DTYPES, format_bytes
@@ -169,7 +169,10 @@ class PagedCache(KVCache):
         start, T, mask, new_slots, _ = self._step
         end = start + T
         if self.spec.quantized:
-            keys, values = self._write_quantized(layer, start, k[0], v[0])
+            self._write_quantized(layer, start, k[0], v[0])
+            if T == 1 and mask is None and (out := self._decode_native(layer, q, end)) is not None:
+                return out
+            keys, values = self._read_layer(layer, end)
         else:
             self.pool.k[layer].index_copy_(1, new_slots, k[0].to(self.pool.k.dtype))
             self.pool.v[layer].index_copy_(1, new_slots, v[0].to(self.pool.v.dtype))
@@ -180,6 +183,24 @@ class PagedCache(KVCache):
         if keys.dtype != q.dtype:
             keys, values = keys.to(q.dtype), values.to(q.dtype)
         return attention(q, keys, values, mask)
+
+    def _decode_native(self, layer: int, q: torch.Tensor, count: int) -> torch.Tensor | None:
+        """A single-query step over quantized blocks with the native kernel (None: use the eager path)."""
+        pool, spec = self.pool, self.spec
+        nblocks = count // self.block
+        observe = self.policy is not None and self.policy.needs_attention
+        table = torch.tensor(self.table[:nblocks], dtype=torch.long)
+        rest = count - nblocks * self.block
+        done = native.decode_attention(
+            q[0, :, 0], pool.k[layer], pool.k_scale[layer], pool.k_zero[layer], pool.v[layer], pool.v_scale[layer],
+            pool.v_zero[layer], block=self.block, group=spec.group, bits=spec.bits, table=table,
+            res_k=self.res_k[layer, :, :rest], res_v=self.res_v[layer, :, :rest], with_scores=observe)
+        if done is None:
+            return None
+        out, logits = done
+        if observe:  # what _observe computes from the dequantized keys, from the kernel's logits
+            self.policy.observe(self, layer, torch.softmax(logits, dim=-1).mean(dim=(0, 1)), 1)
+        return out.to(q.dtype).view(1, -1, 1, q.shape[-1])
 
     def end(self) -> None:
         start, T, _, _, _ = self._step
@@ -396,8 +417,8 @@ class PagedCache(KVCache):
         quant.dequantize_values(vc, vs, vz, spec.bits, spec.group, v_out)
 
     # -- writing storage -----------------------------------------------------------------------------------------
-    def _write_quantized(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        """Append k/v (n_kv, T, D): fill the residual window, quantize each block that fills, then read all."""
+    def _write_quantized(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append k/v (n_kv, T, D): fill the residual window and quantize each block that fills."""
         T = k.shape[1]
         pooled_before = (start // self.block) * self.block
         r = start - pooled_before
@@ -418,7 +439,6 @@ class PagedCache(KVCache):
         else:
             self.res_k[layer, :, r:r + T] = k
             self.res_v[layer, :, r:r + T] = v
-        return self._read_layer(layer, total)
 
     def _store_block(self, layer: int, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
         pool, spec, B = self.pool, self.spec, self.block
