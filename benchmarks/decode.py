@@ -204,6 +204,7 @@ def measure(contexts: list[int], decode_tokens: int, repeats: int, kv_dtypes=KV_
     torch.set_num_threads(common.THREADS)
     import kvbound
     import transformers  # noqa: F401  (its version goes into the machine facts)
+    from kvbound.kvcache import native
     from kvbound.loading import resolve_model
 
     path = resolve_model()
@@ -251,6 +252,7 @@ def measure(contexts: list[int], decode_tokens: int, repeats: int, kv_dtypes=KV_
                    "model": str(path), "kvbound_weights": llm.plan.mode, "kvbound_storage": llm.plan.counts(),
                    "kvbound_compute_dtype": llm.dtype_name, "transformers_dtype": "float32",
                    "kvbound_prefill_chunk": llm.runner.chunk, "transformers_prefill": "one forward pass",
+                   "kvbound_int_kv_decode": "native C kernel" if native.available() else "eager (dequantize + SDPA)",
                    "llamacpp": "own process per run, n_batch 512, flash attention on, use_extra_bufts off",
                    "in_process_peak_rss_bytes": common.peak_rss_bytes(),
                    "baseline": BASELINE, "timing": "best of repeats, systems interleaved per context"},
@@ -289,8 +291,34 @@ def markdown(result: dict[str, Any]) -> str:
                f"{cfg['kvbound_compute_dtype']}) unless the row says fp32; " if "kvbound_weights" in cfg else "")
     head = (f"{weights}{cfg['decode_tokens']} greedy tokens after a prefill of the context (capped at the model's "
             f"8192 minus the decoded tokens); kvbound prefills in chunks of {cfg['kvbound_prefill_chunk']}, "
-            f"transformers in {cfg['transformers_prefill']}; {cfg['timing']}.")
+            f"transformers in {cfg['transformers_prefill']}; {cfg['timing']}."
+            + (f" int8/int4 KV decode: {cfg['kvbound_int_kv_decode']}." if "kvbound_int_kv_decode" in cfg else ""))
     return "\n".join([head, "", table, *([""] + notes if notes else [])])
+
+
+def plot(result: dict[str, Any], path: Path) -> Path | None:
+    """Decode tok/s and KV MiB against context, one line per system."""
+    plt = common.pyplot()
+    if plt is None:
+        return None
+    fig, (ax_rate, ax_kv) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in dict.fromkeys(r["system"] for r in result["rows"]):
+        rows = sorted((r for r in result["rows"] if r["system"] == name), key=lambda r: r["context"])
+        x = [r["context"] for r in rows]
+        style = "-" if name.startswith("kvbound") else "--"
+        ax_rate.plot(x, [r["decode_tok_s"] for r in rows], style, marker="o", label=name)
+        ax_kv.plot(x, [r["kv_bytes"] / 2**20 for r in rows], style, marker="o", label=name)
+    for ax in (ax_rate, ax_kv):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(result["config"]["contexts"], [str(c) for c in result["config"]["contexts"]])
+        ax.grid(alpha=0.3)
+    ax_rate.set(xlabel="tokens of context", ylabel="decode tokens/s (one thread)", title="decode speed")
+    ax_kv.set(xlabel="tokens of context", ylabel="KV cache (MiB)", title="KV cache size")
+    ax_rate.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.tokens or (16 if args.quick else 32)
     repeats = args.repeats or (2 if args.quick else 3)
     result = measure(contexts, tokens, repeats, peers=not args.no_peers, fp32=not args.no_fp32)
+    png = plot(result, common.RESULTS / "decode.png")
+    result["plot"] = str(png.relative_to(common.ROOT)) if png else None
     return common.finish(SUITE, result, args.quick, markdown)
 
 

