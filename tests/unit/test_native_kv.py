@@ -66,36 +66,45 @@ def test_native_decode_matches_eager(dtype, policy, monkeypatch):
         assert torch.allclose(fast_scores, slow_scores, atol=1e-5)
 
 
-def test_kernel_reads_residual_and_scattered_blocks():
-    """decode_attention on hand-made storage against a plain softmax over the dequantized rows."""
+def stored(blocks: int, bits: int, gen: torch.Generator) -> tuple[BlockPool, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A one-layer pool of random codes and scales, its blocks in shuffled sequence order; returns the pool, the
+    table, and the keys/values (n_kv, S, D) it dequantizes to, in sequence order."""
     from kvbound.kvcache import quant
 
-    gen = torch.Generator().manual_seed(1)
-    blocks, rest, g = 5, 3, HEADS // N_KV
-    keys = torch.randn(N_KV, blocks * BLOCK, D, generator=gen)
-    values = torch.randn(N_KV, blocks * BLOCK, D, generator=gen)
-    table = torch.tensor([3, 0, 4, 1, 2])  # sequence order -> pool block
-    pool = BlockPool(KVSpec(1, N_KV, D, "int8", "fp32", BLOCK), blocks)
-    deq_k, deq_v = torch.empty_like(keys), torch.empty_like(values)
-    for i, blk in enumerate(table.tolist()):
-        seq, slot = slice(i * BLOCK, (i + 1) * BLOCK), slice(blk * BLOCK, (blk + 1) * BLOCK)
-        codes, pool.k_scale[0, :, blk], pool.k_zero[0, :, blk] = quant.quantize_keys(keys[:, seq], 8)
-        pool.k[0, :, slot] = codes
-        quant.dequantize_keys(codes, pool.k_scale[0, :, blk:blk + 1], pool.k_zero[0, :, blk:blk + 1], 8, BLOCK,
-                              deq_k[:, seq])
-        codes, pool.v_scale[0, :, slot], pool.v_zero[0, :, slot] = quant.quantize_values(values[:, seq], 8, 32)
-        pool.v[0, :, slot] = codes
-        quant.dequantize_values(codes, pool.v_scale[0, :, slot], pool.v_zero[0, :, slot], 8, 32, deq_v[:, seq])
+    pool = BlockPool(KVSpec(1, N_KV, D, f"int{bits}", "fp32", BLOCK), blocks)
+    pool.k[0] = torch.randint(0, 256, pool.k[0].shape, dtype=torch.uint8, generator=gen)
+    pool.v[0] = torch.randint(0, 256, pool.v[0].shape, dtype=torch.uint8, generator=gen)
+    for t in (pool.k_scale, pool.v_scale):
+        t[0] = (torch.rand(t[0].shape, generator=gen) * 0.1 + 0.01).half()
+    for t in (pool.k_zero, pool.v_zero):
+        t[0] = (torch.randn(t[0].shape, generator=gen)).half()
+    table = torch.randperm(blocks, generator=gen)
+    slots = (table[:, None] * BLOCK + torch.arange(BLOCK)).flatten()
+    keys = quant.dequantize_keys(pool.k[0][:, slots], pool.k_scale[0][:, table], pool.k_zero[0][:, table], bits,
+                                 BLOCK, torch.empty(N_KV, blocks * BLOCK, D))
+    values = quant.dequantize_values(pool.v[0][:, slots], pool.v_scale[0][:, slots], pool.v_zero[0][:, slots], bits,
+                                     32, torch.empty(N_KV, blocks * BLOCK, D))
+    return pool, table, keys, values
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("blocks,threads", [(5, 1), (97, 1), (97, 2), (97, 3), (200, 16)])
+def test_kernel_matches_softmax_over_dequantized_rows(bits, blocks, threads):
+    """decode_attention on scattered blocks plus a residual window, on one thread or split among several, against a
+    plain softmax over the dequantized rows."""
+    gen = torch.Generator().manual_seed(blocks * 10 + bits)
+    pool, table, keys, values = stored(blocks, bits, gen)
+    rest, g = 3, HEADS // N_KV
     res_k, res_v = torch.randn(2, N_KV, rest, D, generator=gen)
-    q = torch.randn(HEADS, D, generator=gen)
+    q = torch.randn(HEADS, D, generator=gen) * 3
     out, logits = native.decode_attention(q, pool.k[0], pool.k_scale[0], pool.k_zero[0], pool.v[0], pool.v_scale[0],
-                                          pool.v_zero[0], block=BLOCK, group=32, bits=8, table=table,
-                                          res_k=res_k, res_v=res_v, with_scores=True)
-    all_k, all_v = torch.cat((deq_k, res_k), 1), torch.cat((deq_v, res_v), 1)  # (n_kv, S, D)
-    ref_logits = q.view(N_KV, g, D) @ all_k.transpose(1, 2) / D ** 0.5
+                                          pool.v_zero[0], block=BLOCK, group=32, bits=bits, table=table,
+                                          res_k=res_k, res_v=res_v, with_scores=True, threads=threads)
+    all_k, all_v = torch.cat((keys, res_k), 1).double(), torch.cat((values, res_v), 1).double()  # (n_kv, S, D)
+    ref_logits = q.view(N_KV, g, D).double() @ all_k.transpose(1, 2) / D ** 0.5
     ref = torch.softmax(ref_logits, -1) @ all_v
-    assert torch.allclose(logits, ref_logits, atol=1e-4)
-    assert torch.allclose(out, ref.reshape(HEADS, D), atol=1e-5)
+    assert torch.allclose(logits.double(), ref_logits, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(out.double(), ref.reshape(HEADS, D), rtol=1e-4, atol=1e-5)
 
 
 def test_disabled_or_unbuildable_falls_back(monkeypatch, tmp_path):

@@ -29,14 +29,14 @@ import torch
 logger = logging.getLogger("kvbound")
 
 SOURCE = Path(__file__).with_name("kernels") / "qattn.c"
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c11", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c11", "-pthread", "-shared", "-fPIC")
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,  # q, n_kv, g, D
              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # kc, ks, kz
              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # vc, vs, vz
              ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,  # slots, blocks, B, G, bits
              ctypes.c_void_p, ctypes.c_int64,  # table, nblocks
              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,  # rk, rv, rest
-             ctypes.c_void_p, ctypes.c_void_p]  # out, scores
+             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]  # out, scores, threads
 
 
 def cache_dir() -> Path:
@@ -103,13 +103,15 @@ def _ptr(t: torch.Tensor) -> int:
 def decode_attention(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
                      v: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, *, block: int, group: int,
                      bits: int, table: torch.Tensor, res_k: torch.Tensor, res_v: torch.Tensor,
-                     with_scores: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+                     with_scores: bool = False, threads: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """One query per query head over one layer of a quantized pool and a residual window.
 
     q (n_heads, D) any float dtype; k/v (n_kv, slots, D') uint8 and their scales/zeros as BlockPool stores one layer
     (contiguous); table (nblocks,) int64 block ids in sequence order; res_k/res_v (n_kv, rest, D) float. Returns
     (out (n_heads, D) fp32, raw scaled logits (n_kv, n_heads // n_kv, S) fp32 or None), or None when the kernel is
-    unavailable or the shapes are past its tile sizes (use the eager path then)."""
+    unavailable or the shapes are past its tile sizes (use the eager path then). Long sequences are split among
+    `threads` threads (default: PyTorch's intra-op thread count), each taking at least 32 blocks."""
     lib = library()
     if lib is None or q.device.type != "cpu":
         return None
@@ -127,5 +129,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, k_
         raise ValueError("the native KV kernel needs contiguous pool tensors and an int64 block table")
     rc = lib.kvb_qattn_decode(_ptr(qs), n_kv, g, D, _ptr(k), _ptr(k_scale), _ptr(k_zero), _ptr(v), _ptr(v_scale),
                               _ptr(v_zero), slots, k_scale.shape[1], block, group, bits, _ptr(table), nblocks,
-                              _ptr(rk), _ptr(rv), rest, _ptr(out), _ptr(scores) if scores is not None else None)
+                              _ptr(rk), _ptr(rv), rest, _ptr(out), _ptr(scores) if scores is not None else None,
+                              torch.get_num_threads() if threads is None else threads)
     return None if rc != 0 else (out, scores)

@@ -13,9 +13,12 @@
  *   q           (n_kv, g, D)           fp32, already scaled by 1/sqrt(D); query heads grouped by KV head
  *   out         (n_kv, g, D)           fp32
  *   scores      (n_kv, g, nblocks * B + rest) or NULL: the raw scaled logits, in sequence order
+ *   threads     how many threads may share the blocks (long sequences only)
  * Returns 0, or -1 when a dimension is past the tile sizes below (the caller falls back to the eager path).
  */
 #include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -123,30 +126,41 @@ static inline __attribute__((always_inline)) void attend_tile(const float *restr
     }
 }
 
-static inline __attribute__((always_inline)) void decode(
-        const float *q, int n_kv, int g, const int D, const uint8_t *kc, const uint16_t *ks, const uint16_t *kz,
-        const uint8_t *vc, const uint16_t *vs, const uint16_t *vz, int64_t slots, int64_t num_blocks, int B,
-        const int G, const int bits, const int64_t *table, int64_t nblocks, const float *rk, const float *rv,
-        int64_t rest, float *out, float *scores) {
-    const int W = D * bits / 8, ngroups = D / G;
-    const int64_t S = nblocks * B + rest;
+/* One share of the work: blocks [b0, b1) of the sequence (and the residual window when with_rest) for every head,
+ * left as online-softmax state (m, l, unnormalized acc) per query row for the merge. */
+struct share {
+    const float *q;
+    int n_kv, g, D, B, G, bits;
+    const uint8_t *kc, *vc;
+    const uint16_t *ks, *kz, *vs, *vz;
+    int64_t slots, num_blocks, S, b0, b1, rest;
+    const int64_t *table;
+    const float *rk, *rv;
+    int with_rest;
+    float *m, *l, *acc, *scores; /* m, l: (n_kv * g); acc: (n_kv * g * D) */
+};
+
+static inline __attribute__((always_inline)) void run_share(const struct share *w, const int D, const int G,
+                                                              const int bits) {
+    const int W = D * bits / 8, ngroups = D / G, g = w->g, B = w->B;
     float kt[MAX_B * MAX_D], vt[MAX_B * MAX_D], scale[MAX_D], zero[MAX_D];
-    float m[MAX_G], l[MAX_G], acc[MAX_G * MAX_D];
-    for (int h = 0; h < n_kv; h++) {
-        const float *qh = q + (int64_t)h * g * D;
+    for (int h = 0; h < w->n_kv; h++) {
+        const float *qh = w->q + (int64_t)h * g * D;
+        float *m = w->m + h * g, *l = w->l + h * g, *acc = w->acc + (int64_t)h * g * D;
+        float *sc = w->scores ? w->scores + (int64_t)h * g * w->S : NULL;
         for (int j = 0; j < g; j++) { m[j] = -INFINITY; l[j] = 0.f; }
         memset(acc, 0, sizeof(float) * (size_t)g * D);
-        for (int64_t bi = 0; bi < nblocks; bi++) {
-            const int64_t blk = table[bi], row0 = h * slots + blk * B;
-            const uint16_t *ksb = ks + (h * num_blocks + blk) * D, *kzb = kz + (h * num_blocks + blk) * D;
+        for (int64_t bi = w->b0; bi < w->b1; bi++) {
+            const int64_t blk = w->table[bi], row0 = h * w->slots + blk * B;
+            const uint16_t *ksb = w->ks + (h * w->num_blocks + blk) * D, *kzb = w->kz + (h * w->num_blocks + blk) * D;
             for (int d = 0; d < D; d++) { scale[d] = h2f(ksb[d]); zero[d] = h2f(kzb[d]); }
             for (int t = 0; t < B; t++) {
                 float *kr = kt + t * D, *vr = vt + t * D;
-                unpack_row(kc + (row0 + t) * W, D, bits, kr);
+                unpack_row(w->kc + (row0 + t) * W, D, bits, kr);
 #pragma omp simd
                 for (int d = 0; d < D; d++) kr[d] = kr[d] * scale[d] + zero[d];
-                unpack_row(vc + (row0 + t) * W, D, bits, vr);
-                const uint16_t *vsr = vs + (row0 + t) * ngroups, *vzr = vz + (row0 + t) * ngroups;
+                unpack_row(w->vc + (row0 + t) * W, D, bits, vr);
+                const uint16_t *vsr = w->vs + (row0 + t) * ngroups, *vzr = w->vz + (row0 + t) * ngroups;
                 for (int gi = 0; gi < ngroups; gi++) {
                     const float s = h2f(vsr[gi]), z = h2f(vzr[gi]);
                     float *seg = vr + gi * G;
@@ -154,33 +168,70 @@ static inline __attribute__((always_inline)) void decode(
                     for (int d = 0; d < G; d++) seg[d] = seg[d] * s + z;
                 }
             }
-            attend_tile(qh, g, D, kt, vt, B, m, l, acc, scores ? scores + (int64_t)h * g * S + bi * B : NULL, S);
+            attend_tile(qh, g, D, kt, vt, B, m, l, acc, sc ? sc + bi * B : NULL, w->S);
         }
-        if (rest > 0)
-            attend_tile(qh, g, D, rk + h * rest * D, rv + h * rest * D, (int)rest, m, l, acc,
-                        scores ? scores + (int64_t)h * g * S + nblocks * B : NULL, S);
-        float *oh = out + (int64_t)h * g * D;
-        for (int j = 0; j < g; j++) {
-            const float inv = l[j] > 0.f ? 1.f / l[j] : 0.f;
-            for (int d = 0; d < D; d++) oh[j * D + d] = acc[j * D + d] * inv;
-        }
+        if (w->with_rest && w->rest > 0)
+            attend_tile(qh, g, D, w->rk + h * w->rest * D, w->rv + h * w->rest * D, (int)w->rest, m, l, acc,
+                        sc ? sc + (w->S - w->rest) : NULL, w->S);
     }
 }
 
 /* Specialized for the common head sizes, group and bit widths, so the inner loops have constant trip counts. */
+static void *run(void *arg) {
+    const struct share *w = arg;
+    if (w->D == 64 && w->G == 32 && w->bits == 8) run_share(w, 64, 32, 8);
+    else if (w->D == 64 && w->G == 32 && w->bits == 4) run_share(w, 64, 32, 4);
+    else if (w->D == 128 && w->G == 32 && w->bits == 8) run_share(w, 128, 32, 8);
+    else if (w->D == 128 && w->G == 32 && w->bits == 4) run_share(w, 128, 32, 4);
+    else run_share(w, w->D, w->G, w->bits);
+    return NULL;
+}
+
+/* threads > 1 splits the blocks among that many threads (each at least MIN_SHARE blocks; the calling thread takes
+ * the first share and the residual window) and merges their softmax states. */
+#define MAX_THREADS 16
+#define MIN_SHARE 32
+
 int kvb_qattn_decode(const float *q, int n_kv, int g, int D, const uint8_t *kc, const uint16_t *ks,
                      const uint16_t *kz, const uint8_t *vc, const uint16_t *vs, const uint16_t *vz, int64_t slots,
                      int64_t num_blocks, int B, int G, int bits, const int64_t *table, int64_t nblocks,
-                     const float *rk, const float *rv, int64_t rest, float *out, float *scores) {
+                     const float *rk, const float *rv, int64_t rest, float *out, float *scores, int threads) {
     if (D > MAX_D || g > MAX_G || B > MAX_B || rest > MAX_B || G < 1 || D % G || (bits != 8 && bits != 4))
         return -1;
-#define CALL(d, gr, b) decode(q, n_kv, g, d, kc, ks, kz, vc, vs, vz, slots, num_blocks, B, gr, b, table, nblocks, \
-                              rk, rv, rest, out, scores)
-    if (D == 64 && G == 32 && bits == 8) CALL(64, 32, 8);
-    else if (D == 64 && G == 32 && bits == 4) CALL(64, 32, 4);
-    else if (D == 128 && G == 32 && bits == 8) CALL(128, 32, 8);
-    else if (D == 128 && G == 32 && bits == 4) CALL(128, 32, 4);
-    else CALL(D, G, bits);
-#undef CALL
+    int n = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    if (nblocks / MIN_SHARE < n) n = nblocks / MIN_SHARE > 1 ? (int)(nblocks / MIN_SHARE) : 1;
+    const size_t rows = (size_t)n_kv * g;
+    float *state = malloc(sizeof(float) * (size_t)n * rows * (D + 2));
+    if (!state) return -1;
+    struct share shares[MAX_THREADS];
+    pthread_t tids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int i = 0; i < n; i++) {
+        float *base = state + (size_t)i * rows * (D + 2);
+        shares[i] = (struct share){q, n_kv, g, D, B, G, bits, kc, vc, ks, kz, vs, vz, slots, num_blocks,
+                                   nblocks * B + rest, nblocks * i / n, nblocks * (i + 1) / n, rest, table, rk, rv,
+                                   i == 0, base, base + rows, base + 2 * rows, scores};
+        if (i > 0) started[i] = pthread_create(&tids[i], NULL, run, &shares[i]) == 0;
+    }
+    run(&shares[0]);
+    for (int i = 1; i < n; i++) {
+        if (started[i]) pthread_join(tids[i], NULL);
+        else run(&shares[i]); /* no thread to be had: do its share here */
+    }
+    for (size_t r = 0; r < rows; r++) { /* merge: rescale each share to the common max */
+        float mx = -INFINITY, lsum = 0.f;
+        for (int i = 0; i < n; i++) if (shares[i].m[r] > mx) mx = shares[i].m[r];
+        float *o = out + r * D;
+        for (int d = 0; d < D; d++) o[d] = 0.f;
+        for (int i = 0; i < n; i++) {
+            if (shares[i].m[r] == -INFINITY) continue;
+            const float c = exp_nonpos(shares[i].m[r] - mx), *a = shares[i].acc + r * D;
+            lsum += shares[i].l[r] * c;
+            for (int d = 0; d < D; d++) o[d] += a[d] * c;
+        }
+        const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+        for (int d = 0; d < D; d++) o[d] *= inv;
+    }
+    free(state);
     return 0;
 }
