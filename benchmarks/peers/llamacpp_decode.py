@@ -19,8 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks import common  # noqa: E402
 
-KV_TYPES = {"f16": 1, "q8_0": 8}  # GGML_TYPE_F16, GGML_TYPE_Q8_0
-BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 34 / 32}  # q8_0: blocks of 32 int8 + one fp16 scale
+KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0
+# q8_0: blocks of 32 int8 + one fp16 scale; q4_0: blocks of 32 4-bit values (16 bytes) + one fp16 scale
+BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
 def no_extra_buffers() -> None:
@@ -37,6 +38,16 @@ def no_extra_buffers() -> None:
         return p
 
     low.llama_model_default_params = params
+
+
+def kv_bytes(llm, kv: str) -> int:
+    """Bytes of K and V for all layers and `llm.n_ctx()` positions, stored as `kv`, from the GGUF's metadata."""
+    meta = llm.metadata
+    arch = meta.get("general.architecture", "llama")
+    heads, kv_heads = int(meta[f"{arch}.attention.head_count"]), int(meta[f"{arch}.attention.head_count_kv"])
+    head_dim = int(meta[f"{arch}.embedding_length"]) // heads
+    kv_values_per_token = 2 * int(meta[f"{arch}.block_count"]) * kv_heads * head_dim  # K and V, all layers
+    return int(kv_values_per_token * BYTES_PER_VALUE[kv] * llm.n_ctx())
 
 
 def main() -> int:
@@ -63,11 +74,6 @@ def main() -> int:
                           flash_attn=True, logits_all=False, verbose=False)
     rss_loaded = common.rss_bytes()
     n_vocab = llm.n_vocab()
-    meta = llm.metadata
-    arch = meta.get("general.architecture", "llama")
-    heads, kv_heads = int(meta[f"{arch}.attention.head_count"]), int(meta[f"{arch}.attention.head_count_kv"])
-    head_dim = int(meta[f"{arch}.embedding_length"]) // heads
-    kv_values_per_token = 2 * int(meta[f"{arch}.block_count"]) * kv_heads * head_dim  # K and V, all layers
 
     def last_token() -> int:
         return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
@@ -87,7 +93,7 @@ def main() -> int:
     args.out.write_text(json.dumps({
         "system": f"llama.cpp KV {args.kv}", "prefill_s": t1 - t0, "decode_s": t2 - t1, "decoded": args.tokens,
         "tokens": tokens, "n_ctx": llm.n_ctx(), "flash_attn": True, "extra_bufts": args.extra_bufts,
-        "kv_bytes": int(kv_values_per_token * BYTES_PER_VALUE[args.kv] * llm.n_ctx()),
+        "kv_bytes": kv_bytes(llm, args.kv),
         "rss_start_bytes": rss_start, "rss_loaded_bytes": rss_loaded,
         "rss_end_bytes": common.rss_bytes(), "peak_rss_bytes": common.peak_rss_bytes(),
         "llama_cpp_version": llama_cpp.__version__, "machine": common.machine_info()}))

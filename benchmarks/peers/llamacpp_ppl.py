@@ -1,0 +1,79 @@
+"""llama.cpp (llama-cpp-python) side of the quality benchmark's KV-quantization comparison; runs inside
+benchmarks/.venvs/llamacpp. Started by benchmarks/quality.py once per KV type, each run its own process.
+
+Evaluates the given token ids (batches of 512, logits for every position) in one context that holds them all, and
+scores them as kvbound.engine.perplexity does: token i predicted from position i-1, for i = 1..N-1; perplexity is
+exp of the mean negative log-likelihood (log-softmax in float64).
+
+    benchmarks/.venvs/llamacpp/bin/python benchmarks/peers/llamacpp_ppl.py --ids IDS.json --model M.gguf \
+        --kv q8_0 --out OUT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks import common  # noqa: E402
+from benchmarks.peers.llamacpp_decode import KV_TYPES, kv_bytes, no_extra_buffers  # noqa: E402
+
+BATCH = 512
+
+
+def mean_nll(scores, ids: list[int]) -> float:
+    """Mean negative log-likelihood of ids[1:] under the logits `scores` (N, V) of positions 0..N-2."""
+    import numpy as np
+
+    total = 0.0
+    for start in range(0, len(ids) - 1, BATCH):  # float64 log-softmax a batch of rows at a time
+        stop = min(start + BATCH, len(ids) - 1)
+        logits = scores[start:stop].astype(np.float64)  # (T, V)
+        peak = logits.max(axis=1, keepdims=True)
+        log_norm = peak[:, 0] + np.log(np.exp(logits - peak).sum(axis=1))  # (T,)
+        targets = np.asarray(ids[start + 1:stop + 1])
+        total += float((log_norm - logits[np.arange(stop - start), targets]).sum())
+    return total / (len(ids) - 1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ids", type=Path, required=True, help="JSON list of the token ids to score")
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--kv", choices=list(KV_TYPES), default="f16")
+    parser.add_argument("--extra-bufts", action="store_true", help="keep llama.cpp's weight repacking buffers")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    common.pin_threads()
+    import llama_cpp
+
+    if not args.extra_bufts:
+        no_extra_buffers()
+    ids = json.loads(args.ids.read_text())
+    if len(ids) < 2:
+        raise SystemExit(f"{args.ids} holds {len(ids)} token ids; at least 2 are needed to score one")
+    kv = KV_TYPES[args.kv]
+    # Flash attention on: llama.cpp refuses a quantized V cache without it.
+    llm = llama_cpp.Llama(model_path=str(args.model), n_ctx=len(ids), n_batch=BATCH, n_ubatch=BATCH,
+                          n_threads=common.THREADS, n_threads_batch=common.THREADS, type_k=kv, type_v=kv,
+                          flash_attn=True, logits_all=True, verbose=False)
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    nll = mean_nll(llm.scores[: len(ids)], ids)
+    elapsed = time.perf_counter() - t0
+    args.out.write_text(json.dumps({
+        "system": f"llama.cpp KV {args.kv}", "kv_dtype": args.kv, "ppl": math.exp(nll), "nll": nll,
+        "scored_tokens": len(ids) - 1, "n_ctx": llm.n_ctx(), "batch": BATCH, "flash_attn": True,
+        "extra_bufts": args.extra_bufts, "kv_bytes": kv_bytes(llm, args.kv), "elapsed_s": elapsed,
+        "peak_rss_bytes": common.peak_rss_bytes(), "llama_cpp_version": llama_cpp.__version__,
+        "machine": common.machine_info()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
