@@ -16,6 +16,7 @@ import importlib.util
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from benchmarks import common
@@ -111,7 +112,6 @@ class LlamaCppSystem:
     def run(self, ids: list[int], decode_tokens: int) -> Run:
         import json
         import tempfile
-        from pathlib import Path
 
         with tempfile.TemporaryDirectory() as tmp:
             ids_file, out = Path(tmp) / "ids.json", Path(tmp) / "out.json"

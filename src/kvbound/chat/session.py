@@ -41,7 +41,7 @@ class Reply:
     reprefilled_tokens: int = 0  # history tokens fed again because the template rewrote earlier text
     receipt: dict[str, Any] = field(default_factory=dict)  # what the KV cache did this turn (see Receipt)
     mem_events: list[dict[str, Any]] = field(default_factory=list)  # thresholds crossed this turn
-    forecast: str = ""  # "≈N more turns until the KV budget is full ..." 
+    forecast: str = ""  # "≈N more turns until the KV budget is full ..."
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
