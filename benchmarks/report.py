@@ -272,8 +272,9 @@ def render() -> str:
     results = {name: r for name, _, _ in SECTIONS if (r := read(name)) is not None}
     parts = ["# Benchmarks", "",
              "Generated from `benchmarks/results/*.json` by `python -m benchmarks.report`; regenerate, do not edit. "
-             "Run everything with `python -m benchmarks [--quick] [decode long_chat quality kvpress load "
-             "prefill_memory]` (peers need `bash benchmarks/peers/setup.sh` once).", ""]
+             "Run everything with `python -m benchmarks [--quick] [suite ...]` (suites: "
+             f"{', '.join(name for name, _, _ in SECTIONS)}); it installs the bench extra and the peers' venvs "
+             "(`benchmarks/peers/setup.sh`) first when they are missing.", ""]
     if not any("machine" in r for r in results.values()):
         return "\n".join(parts + ["No results yet."]) + "\n"
     parts += ["## Method", "",
