@@ -24,7 +24,7 @@ SUITES = {"decode": "benchmarks.decode", "weights": "benchmarks.weights", "long_
           "batch_decode": "benchmarks.batch_decode", "cluster": "benchmarks.cluster"}
 PEERS = {"decode": ("llamacpp",), "weights": ("llamacpp",), "long_chat": ("llamacpp",), "quality": ("llamacpp",),
          "load": ("llamacpp",), "kvpress": ("kvpress",)}  # the peer venvs each suite runs
-BENCH_MODULES = ("matplotlib", "transformers", "accelerate")  # the `bench` extra, used in this process's venv
+BENCH_MODULES = ("matplotlib", "transformers", "accelerate", "optimum")  # the `bench` extra (optimum-quanto)
 
 
 def setup(suites: list[str]) -> None:

@@ -157,7 +157,7 @@ def quantized_cache_backend() -> tuple[str | None, str]:
     if importlib.util.find_spec("hqq"):
         return "HQQ", "hqq importable"
     return None, ("unavailable: transformers QuantizedCache needs optimum-quanto or hqq, neither is installed "
-                  "in the benchmark venv (no CPU wheel is installed here)")
+                  "(pip install -e '.[bench]' installs optimum-quanto)")
 
 
 def build_systems(llm, hf, model_path, kv_dtypes=KV_DTYPES, peers: bool = True,
