@@ -29,7 +29,7 @@ import torch
 logger = logging.getLogger("kvbound")
 
 SOURCE = Path(__file__).with_name("kernels") / "qattn.c"
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c11", "-pthread", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c11", "-ffp-contract=fast", "-pthread", "-shared", "-fPIC")
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,  # q, n_kv, g, D
              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # kc, ks, kz
              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # vc, vs, vz
