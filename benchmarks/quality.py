@@ -17,9 +17,8 @@ import argparse
 import json
 import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from benchmarks import common
 from benchmarks.decode import LlamaCppSystem
@@ -33,9 +32,7 @@ LLAMACPP_KV = ("f16", "q8_0", "q4_0")
 LLAMACPP_SCRIPT = common.BENCH / "peers" / "llamacpp_ppl.py"
 KV_PAIRS = (("fp32", "f16"), ("bf16", None), ("int8", "q8_0"), ("int4", "q4_0"))  # kvbound ↔ llama.cpp, by bits
 EVEN_POINTS = 0.5  # a gap in ΔPPL below this many percentage points is called even (as the kvpress headlines do)
-RAW_CHUNK_NOTE = ("llm.generate(raw=True) prefills in the runner's default chunk (512) even when an evicting "
-                  "cache holds fewer tokens, which raises KVBudgetExceeded; the suite sets runner.chunk to "
-                  "min(512, capacity // 4), as Chat.send does, for the evicting passkey runs")
+
 
 
 def load_llm(default_weights: bool = False):
@@ -155,16 +152,6 @@ def kv_quant_runs(tokens: int, peers: bool, advance) -> dict[str, Any]:
     return result
 
 
-@contextmanager
-def prefill_chunk(llm, chunk: int) -> Iterator[None]:
-    saved = llm.runner.chunk
-    llm.runner.chunk = chunk
-    try:
-        yield
-    finally:
-        llm.runner.chunk = saved
-
-
 def passkey_cases(llm, max_tokens: int) -> list[dict[str, Any]]:
     cases = []
     for case in common.read_jsonl(common.data_file("passkey/dev-classic.jsonl")):
@@ -183,13 +170,11 @@ def passkey_runs(llm, cases: list[dict[str, Any]], advance) -> list[dict[str, An
         configs = [("full", "none", CacheConfig())]
         configs += [(f"1/{f}", p, CacheConfig(tokens=n // f, policy=p)) for p in POLICIES for f in PASSKEY_FRACTIONS]
         for budget, policy, cfg in configs:
-            chunk = min(llm.runner.chunk, max(1, cfg.tokens // 4)) if cfg.tokens else llm.runner.chunk
-            with prefill_chunk(llm, chunk):
-                try:
-                    reply = llm.generate(case["prompt"], raw=True, temperature=0, max_new_tokens=8, cache=cfg)
-                    text, error = reply.text, None
-                except Exception as exc:  # recorded, not fatal: one failing configuration must not end the suite
-                    text, error = "", f"{type(exc).__name__}: {exc}"
+            try:
+                reply = llm.generate(case["prompt"], raw=True, temperature=0, max_new_tokens=8, cache=cfg)
+                text, error = reply.text, None
+            except Exception as exc:  # recorded, not fatal: one failing configuration must not end the suite
+                text, error = "", f"{type(exc).__name__}: {exc}"
             hit = str(case["answer"]) in text
             rows.append({"id": case["id"], "prompt_tokens": n, "depth": case["depth"], "budget": budget,
                          "policy": policy, "kv_tokens": cfg.tokens or n, "hit": hit, "text": text, "error": error})
@@ -209,8 +194,7 @@ def measure(tokens: int, passkey_max: int, peers: bool = True) -> dict[str, Any]
     return {"config": {"ppl_tokens": tokens, "ppl_text": "data/texts/prideprejudice.txt (from the start)",
                        "ppl_chunk": 512, "policies": list(POLICIES), "fractions": list(FRACTIONS),
                        "passkey_file": "data/passkey/dev-classic.jsonl", "passkey_max_prompt_tokens": passkey_max,
-                       "passkey_fractions": list(PASSKEY_FRACTIONS), "model_dtype": "fp32",
-                       "workaround": RAW_CHUNK_NOTE},
+                       "passkey_fractions": list(PASSKEY_FRACTIONS), "model_dtype": "fp32"},
             "perplexity": ppl, "kv_quantization": kv_quant, "passkey": passkey}
 
 
@@ -295,8 +279,7 @@ def markdown(result: dict[str, Any]) -> str:
     parts += [f"**Passkey retrieval** ({cfg['passkey_file']}, prompts of {', '.join(map(str, lengths))} tokens, "
               "raw completion, greedy 8 tokens; budget as a fraction of the prompt).", "",
               common.markdown_table(["KV budget", "policy", "hits", "errors"],
-                                    [[s["budget"], s["policy"], f"{s['hits']}/{s['cases']}", s["errors"]] for s in pk]),
-              "", f"Note: {cfg['workaround']}."]
+                                    [[s["budget"], s["policy"], f"{s['hits']}/{s['cases']}", s["errors"]] for s in pk])]
     return "\n".join(parts)
 
 

@@ -195,3 +195,16 @@ def test_recent_turn_pins_are_soft(llm):
         reply = chat.send(text, max_new_tokens=8, temperature=1.0, seed=turn)
         assert reply.context_tokens <= 96
     assert chat.cache.evicted_total > 0 and chat.cache.segment_tokens(0) > 0
+
+
+@pytest.mark.parametrize("policy", ["window", "snapkv"])
+def test_raw_completion_prefills_in_chunks_the_budget_can_hold(llm, policy):
+    """A raw completion whose prompt is longer than an evicting cache, and the cache smaller than the runner's
+    512-token chunk: the prefill steps down to chunks eviction can make room for, instead of KVBudgetExceeded."""
+    prompt = " ".join(["the rain in spain stays mainly on the plain"] * 60)
+    n = len(llm.tokenizer.encode(prompt, add_special=True))
+    assert n > 4 * 96 and llm.runner.chunk > 96
+    reply = llm.generate(prompt, raw=True, temperature=0.0, max_new_tokens=4,
+                         cache=CacheConfig(tokens=96, policy=policy))
+    assert reply.receipt["evicted_tokens"] >= n - 96
+    assert reply.context_tokens <= 96
