@@ -170,12 +170,19 @@ struct share {
     const float *rk, *rv;
     int with_rest;
     float *m, *l, *acc, *scores; /* m, l: (n_kv * g); acc: (n_kv * g * D) */
+    float *tiles;                /* 2 * B * D: one block's keys and values, dequantized (on the heap, not the stack:
+                                  * the caller's thread may have a small one) */
 };
 
 static inline __attribute__((always_inline)) void run_share(const struct share *w, const int D, const int G,
                                                               const int bits) {
+    /* the share's fields as locals: stores into the tiles could otherwise alias *w and force reloads */
     const int W = D * bits / 8, ngroups = D / G, g = w->g, B = w->B;
-    float kt[MAX_B * MAX_D], vt[MAX_B * MAX_D], scale[MAX_D], zero[MAX_D];
+    const uint8_t *restrict kc = w->kc, *restrict vc = w->vc;
+    const uint16_t *restrict ks = w->ks, *restrict kz = w->kz, *restrict vs = w->vs, *restrict vz = w->vz;
+    const int64_t *restrict table = w->table;
+    const int64_t slots = w->slots, num_blocks = w->num_blocks;
+    float *restrict kt = w->tiles, *restrict vt = w->tiles + (int64_t)B * D, scale[MAX_D], zero[MAX_D];
     for (int h = 0; h < w->n_kv; h++) {
         const float *qh = w->q + (int64_t)h * g * D;
         float *m = w->m + h * g, *l = w->l + h * g, *acc = w->acc + (int64_t)h * g * D;
@@ -183,16 +190,16 @@ static inline __attribute__((always_inline)) void run_share(const struct share *
         for (int j = 0; j < g; j++) { m[j] = -INFINITY; l[j] = 0.f; }
         memset(acc, 0, sizeof(float) * (size_t)g * D);
         for (int64_t bi = w->b0; bi < w->b1; bi++) {
-            const int64_t blk = w->table[bi], row0 = h * w->slots + blk * B;
-            const uint16_t *ksb = w->ks + (h * w->num_blocks + blk) * D, *kzb = w->kz + (h * w->num_blocks + blk) * D;
+            const int64_t blk = table[bi], row0 = h * slots + blk * B;
+            const uint16_t *ksb = ks + (h * num_blocks + blk) * D, *kzb = kz + (h * num_blocks + blk) * D;
             for (int d = 0; d < D; d++) { scale[d] = h2f(ksb[d]); zero[d] = h2f(kzb[d]); }
             for (int t = 0; t < B; t++) {
                 float *kr = kt + t * D, *vr = vt + t * D;
-                unpack_row(w->kc + (row0 + t) * W, D, bits, kr);
+                unpack_row(kc + (row0 + t) * W, D, bits, kr);
 #pragma omp simd
                 for (int d = 0; d < D; d++) kr[d] = kr[d] * scale[d] + zero[d];
-                unpack_row(w->vc + (row0 + t) * W, D, bits, vr);
-                const uint16_t *vsr = w->vs + (row0 + t) * ngroups, *vzr = w->vz + (row0 + t) * ngroups;
+                unpack_row(vc + (row0 + t) * W, D, bits, vr);
+                const uint16_t *vsr = vs + (row0 + t) * ngroups, *vzr = vz + (row0 + t) * ngroups;
                 for (int gi = 0; gi < ngroups; gi++) {
                     const float s = h2f(vsr[gi]), z = h2f(vzr[gi]);
                     float *seg = vr + gi * G;
@@ -232,17 +239,19 @@ int kvb_qattn_decode(const float *q, int n_kv, int g, int D, const uint8_t *kc, 
         return -1;
     int n = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
     if (nblocks / MIN_SHARE < n) n = nblocks / MIN_SHARE > 1 ? (int)(nblocks / MIN_SHARE) : 1;
-    const size_t rows = (size_t)n_kv * g;
-    float *state = malloc(sizeof(float) * (size_t)n * rows * (D + 2));
+    /* per share, 64-byte aligned: the two tiles first, then m, l and acc */
+    const size_t rows = (size_t)n_kv * g, tiles = 2 * (size_t)B * D;
+    const size_t each = (tiles + rows * (D + 2) + 15) / 16 * 16;
+    float *state = aligned_alloc(64, sizeof(float) * (size_t)n * each);
     if (!state) return -1;
     struct share shares[MAX_THREADS];
     pthread_t tids[MAX_THREADS];
     int started[MAX_THREADS] = {0};
     for (int i = 0; i < n; i++) {
-        float *base = state + (size_t)i * rows * (D + 2);
+        float *base = state + (size_t)i * each;
         shares[i] = (struct share){q, n_kv, g, D, B, G, bits, kc, vc, ks, kz, vs, vz, slots, num_blocks,
                                    nblocks * B + rest, nblocks * i / n, nblocks * (i + 1) / n, rest, table, rk, rv,
-                                   i == 0, base, base + rows, base + 2 * rows, scores};
+                                   i == 0, base + tiles, base + tiles + rows, base + tiles + 2 * rows, scores, base};
         if (i > 0) started[i] = pthread_create(&tids[i], NULL, run, &shares[i]) == 0;
     }
     run(&shares[0]);
