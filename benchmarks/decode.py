@@ -127,17 +127,25 @@ class LlamaCppSystem:
 
 
 def hf_cache_bytes(cache) -> int:
-    """Bytes of the tensors a transformers cache holds (whatever its layer type keeps)."""
+    """Bytes of the tensors a transformers cache holds (whatever its layer type keeps). A tensor subclass that
+    stores other tensors (quanto's packed QBits tensors in QuantizedCache) counts what it stores, not its shape."""
     import torch
 
-    total, seen = 0, set()
+    seen: set[int] = set()
+
+    def nbytes(t: torch.Tensor) -> int:
+        if id(t) in seen:
+            return 0
+        seen.add(id(t))
+        if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+            return sum(nbytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+        return t.numel() * t.element_size()
+
+    total = 0
     for layer in getattr(cache, "layers", []):
         for value in vars(layer).values():
             items = value if isinstance(value, (list, tuple)) else [value]
-            for t in items:
-                if isinstance(t, torch.Tensor) and id(t) not in seen:
-                    seen.add(id(t))
-                    total += t.numel() * t.element_size()
+            total += sum(nbytes(t) for t in items if isinstance(t, torch.Tensor))
     return total
 
 

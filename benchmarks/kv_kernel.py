@@ -68,17 +68,18 @@ def measure(contexts: list[int], steps: int, repeats: int, threads: list[int]) -
         for n_threads in threads:
             torch.set_num_threads(n_threads)
             for context in contexts:
+                held = min(context, llm.config.max_context - steps * repeats - 8)  # the steps must fit the model
                 base = None
                 for dtype, path in SYSTEMS:
                     gen = torch.Generator().manual_seed(context)
-                    cache = llm.new_cache(CacheConfig(tokens=context + steps * repeats + 64, dtype=dtype))
+                    cache = llm.new_cache(CacheConfig(tokens=held + steps * repeats + 8, dtype=dtype))
                     with torch.inference_mode(), native_path(path != "eager"):
-                        for start in range(0, context, CHUNK):
-                            step(cache, min(CHUNK, context - start), heads, gen, llm.model.dtype)
+                        for start in range(0, held, CHUNK):
+                            step(cache, min(CHUNK, held - start), heads, gen, llm.model.dtype)
                         step(cache, 1, heads, gen, llm.model.dtype)  # warm-up
                         times = [sum(step(cache, 1, heads, gen, llm.model.dtype) for _ in range(steps)) / steps
                                  for _ in range(repeats)]
-                    row = {"kv_dtype": dtype, "path": path, "threads": n_threads, "context": context,
+                    row = {"kv_dtype": dtype, "path": path, "threads": n_threads, "context": context, "held": held,
                            "ms_per_step": 1e3 * min(times), "kv_bytes": cache.nbytes}
                     base = base or row["ms_per_step"]
                     row["vs_bf16_sdpa"] = base / row["ms_per_step"]
