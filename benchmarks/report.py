@@ -90,6 +90,12 @@ def decode_headlines(r: dict[str, Any]) -> list[str]:
             p = at[name]
             lines.append(f"Against {name} at {top}: kvbound decodes {_fmt_x(ours['decode_tok_s'] / p['decode_tok_s'])}"
                          f" and prefills {_fmt_x(ours['prefill_tok_s'] / p['prefill_tok_s'])} its speed.")
+    quantized = next((name for name in at if name.startswith("transformers QuantizedCache")), None)
+    if quantized and "kvbound KV int4" in at:
+        q, ours4 = at[quantized], at["kvbound KV int4"]
+        lines.append(f"Quantized KV at {top}: kvbound int4 decodes {ours4['decode_tok_s']:.2f} tok/s in "
+                     f"{common.mib(ours4['kv_bytes'])} MiB; {quantized} {q['decode_tok_s']:.2f} tok/s in "
+                     f"{common.mib(q['kv_bytes'])} MiB ({_fmt_x(ours4['decode_tok_s'] / q['decode_tok_s'])}).")
     for name in ("kvbound KV int8", "kvbound KV int4", decode.FP32):
         if name in at:
             q = at[name]
