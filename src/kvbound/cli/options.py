@@ -140,7 +140,9 @@ class CacheOptions:
         "--kv-tokens", "--context", min=1, help="KV cache capacity in tokens (instead of --kv-budget).",
         rich_help_panel="KV cache")] = None
     kv_dtype: Annotated[KVDtype, typer.Option(
-        "--kv-dtype", help="KV storage: auto (the compute dtype), fp32, fp16, bf16, int8, int4.",
+        "--kv-dtype", help="KV storage: auto (the compute dtype), fp32, fp16, bf16, int8, int4. int8 holds ~1.8x the "
+                           "tokens of bf16 in a budget at about the same quality, int4 ~3x (+1.2% perplexity); on CPU "
+                           "both decode about as fast as bf16 from 2k tokens of context on.",
         rich_help_panel="KV cache")] = KVDtype.auto
     policy: Annotated[str, typer.Option(
         "--policy", help="What happens when the budget is full: none (refuse), window, h2o, snapkv, tova, turns, "
