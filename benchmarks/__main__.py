@@ -34,7 +34,8 @@ def setup(suites: list[str]) -> None:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{common.ROOT}[bench]"], check=False)
     peers = sorted({p for s in suites for p in PEERS.get(s, ()) if not common.venv_python(p).exists()})
     for peer in peers:
-        common.log(f"setting up the {peer} venv (benchmarks/peers/setup.sh {peer}; llama.cpp builds for minutes)")
+        common.log(f"setting up the {peer} venv (benchmarks/peers/setup.sh {peer}"
+                   + ("; llama-cpp-python builds from source for minutes)" if peer == "llamacpp" else ")"))
         done = subprocess.run(["bash", str(common.ROOT / "benchmarks" / "peers" / "setup.sh"), peer], check=False)
         if done.returncode != 0:
             common.log(f"the {peer} venv could not be set up (exit {done.returncode}); its rows will be missing")
