@@ -115,6 +115,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, k_
     lib = library()
     if lib is None or q.device.type != "cpu":
         return None
+    if table.dtype != torch.int64 or not all(t.is_contiguous() for t in (k, k_scale, k_zero, v, v_scale, v_zero,
+                                                                          table)):
+        raise ValueError("the native KV kernel needs contiguous pool tensors and an int64 block table")
     n_kv, slots, _ = k.shape
     n_heads, D = q.shape
     g = n_heads // n_kv
@@ -124,9 +127,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, k_
     rv = res_v.float().contiguous()
     out = torch.empty(n_heads, D, dtype=torch.float32)
     scores = torch.empty(n_kv, g, nblocks * block + rest, dtype=torch.float32) if with_scores else None
-    if table.dtype != torch.int64 or not all(t.is_contiguous() for t in (k, k_scale, k_zero, v, v_scale, v_zero,
-                                                                          table)):
-        raise ValueError("the native KV kernel needs contiguous pool tensors and an int64 block table")
     rc = lib.kvb_qattn_decode(_ptr(qs), n_kv, g, D, _ptr(k), _ptr(k_scale), _ptr(k_zero), _ptr(v), _ptr(v_scale),
                               _ptr(v_zero), slots, k_scale.shape[1], block, group, bits, _ptr(table), nblocks,
                               _ptr(rk), _ptr(rv), rest, _ptr(out), _ptr(scores) if scores is not None else None,

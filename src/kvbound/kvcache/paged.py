@@ -79,6 +79,7 @@ class PagedCache(KVCache):
         self.evicted_total = 0
         self._step = None
         self._contiguous_table = True
+        self._step_blocks: torch.Tensor | None = None
 
     # -- accounting ---------------------------------------------------------------------------------------------
     @property
@@ -136,8 +137,11 @@ class PagedCache(KVCache):
         # (the common single-session case), else a gather list. Decided once per step, not per layer.
         self._contiguous_table = self._contiguous()
         new_slots = None
-        if not self.spec.quantized:
-            B = self.block
+        B = self.block
+        if self.spec.quantized:  # the blocks the step's whole blocks of tokens are in, for the native decode kernel
+            self._step_blocks = torch.tensor(self.table[: (start + T) // B], dtype=torch.long,
+                                             device=self.positions.device)
+        else:
             new_slots = torch.tensor([self.table[i // B] * B + i % B for i in range(start, start + T)],
                                      dtype=torch.long, device=self.positions.device)
         self._step = (start, T, mask, new_slots, new_blocks)
@@ -187,19 +191,17 @@ class PagedCache(KVCache):
     def _decode_native(self, layer: int, q: torch.Tensor, count: int) -> torch.Tensor | None:
         """A single-query step over quantized blocks with the native kernel (None: use the eager path)."""
         pool, spec = self.pool, self.spec
-        nblocks = count // self.block
         observe = self.policy is not None and self.policy.needs_attention
-        table = torch.tensor(self.table[:nblocks], dtype=torch.long)
-        rest = count - nblocks * self.block
+        rest = count - self._step_blocks.numel() * self.block
         done = native.decode_attention(
             q[0, :, 0], pool.k[layer], pool.k_scale[layer], pool.k_zero[layer], pool.v[layer], pool.v_scale[layer],
-            pool.v_zero[layer], block=self.block, group=spec.group, bits=spec.bits, table=table,
+            pool.v_zero[layer], block=self.block, group=spec.group, bits=spec.bits, table=self._step_blocks,
             res_k=self.res_k[layer, :, :rest], res_v=self.res_v[layer, :, :rest], with_scores=observe)
         if done is None:
             return None
         out, logits = done
-        if observe:  # what _observe computes from the dequantized keys, from the kernel's logits
-            self.policy.observe(self, layer, torch.softmax(logits, dim=-1).mean(dim=(0, 1)), 1)
+        if observe:
+            self._observe_logits(layer, logits)
         return out.to(q.dtype).view(1, -1, 1, q.shape[-1])
 
     def end(self) -> None:
@@ -401,7 +403,6 @@ class PagedCache(KVCache):
     def _dequantize(self, layer: int, pooled: int, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
         spec, pool = self.spec, self.pool
         nblocks = pooled // self.block
-        table = torch.tensor(self.table[:nblocks], dtype=torch.long, device=self.positions.device)
         if self._consecutive():
             first = self.table[0]
             s0, s1 = first * self.block, (first + nblocks) * self.block
@@ -410,6 +411,7 @@ class PagedCache(KVCache):
             vs, vz = pool.v_scale[layer, :, s0:s1], pool.v_zero[layer, :, s0:s1]
         else:
             slots = self._slots(pooled)
+            table = torch.tensor(self.table[:nblocks], dtype=torch.long, device=self.positions.device)
             kc, vc = pool.k[layer].index_select(1, slots), pool.v[layer].index_select(1, slots)
             ks, kz = pool.k_scale[layer].index_select(1, table), pool.k_zero[layer].index_select(1, table)
             vs, vz = pool.v_scale[layer].index_select(1, slots), pool.v_zero[layer].index_select(1, slots)
@@ -465,6 +467,10 @@ class PagedCache(KVCache):
         logits = qg @ keys[0].float().transpose(1, 2) / math.sqrt(D)  # (n_kv, G*Tq, S)
         if mask is not None:
             logits = logits.masked_fill(~mask.repeat(H // n_kv, 1)[None], float("-inf"))
+        self._observe_logits(layer, logits)
+
+    def _observe_logits(self, layer: int, logits: torch.Tensor) -> None:
+        """Hand the policy the softmax of scaled logits (n_kv, queries, S), averaged over heads and queries."""
         attn = torch.softmax(logits.float(), dim=-1).mean(dim=(0, 1))  # (S,)
         self.policy.observe(self, layer, attn, self._step[1])
 

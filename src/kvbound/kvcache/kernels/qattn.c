@@ -77,7 +77,8 @@ static inline float exp_nonpos(float x) {
     return x <= -87.f ? 0.f : r;
 }
 
-static inline __attribute__((always_inline)) void unpack_row(const uint8_t *restrict c, int D, int bits, float *restrict dst) {
+static inline __attribute__((always_inline)) void unpack_row(const uint8_t *restrict c, int D, int bits,
+                                                               float *restrict dst) {
     if (bits == 8) {
 #pragma omp simd
         for (int d = 0; d < D; d++) dst[d] = (float)c[d];
@@ -118,9 +119,9 @@ static inline __attribute__((always_inline)) void dot8(const float *restrict q, 
 }
 
 /* Online-softmax update of g query rows with a tile of n keys/values (fp32, row-major n x D). */
-static inline __attribute__((always_inline)) void attend_tile(const float *restrict q, int g, int D, const float *restrict kt, const float *restrict vt,
-                        int n, float *restrict m, float *restrict l, float *restrict acc, float *scores,
-                        int64_t score_stride) {
+static inline __attribute__((always_inline)) void attend_tile(
+        const float *restrict q, int g, int D, const float *restrict kt, const float *restrict vt, int n,
+        float *restrict m, float *restrict l, float *restrict acc, float *scores, int64_t score_stride) {
     float p[MAX_B];
     for (int j = 0; j < g; j++) {
         const float *qj = q + (int64_t)j * D;
