@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks import common  # noqa: E402
 
+BATCH = 512  # n_batch and n_ubatch
 KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0
 # q8_0: blocks of 32 int8 + one fp16 scale; q4_0: blocks of 32 4-bit values (16 bytes) + one fp16 scale
 BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
@@ -50,28 +51,42 @@ def kv_bytes(llm, kv: str) -> int:
     return int(kv_values_per_token * BYTES_PER_VALUE[kv] * llm.n_ctx())
 
 
-def main() -> int:
+def peer_arguments(ids_help: str) -> argparse.ArgumentParser:
+    """The arguments every llama.cpp peer script takes: the token ids, the GGUF, the KV type, the output file."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--ids", type=Path, required=True, help="JSON list of prompt token ids")
+    parser.add_argument("--ids", type=Path, required=True, help=ids_help)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--kv", choices=list(KV_TYPES), default="f16")
-    parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--extra-bufts", action="store_true", help="keep llama.cpp's weight repacking buffers")
     parser.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def open_model(args: argparse.Namespace, n_ctx: int, logits_all: bool):
+    """llama_cpp.Llama on args.model, KV stored as args.kv, batches of BATCH, the benchmark's thread count, flash
+    attention on (llama.cpp refuses a quantized V cache without it), weight repacking off unless args.extra_bufts."""
+    import llama_cpp
+
+    if not args.extra_bufts:
+        no_extra_buffers()
+    kv = KV_TYPES[args.kv]
+    return llama_cpp.Llama(model_path=str(args.model), n_ctx=n_ctx, n_batch=BATCH, n_ubatch=BATCH,
+                           n_threads=common.THREADS, n_threads_batch=common.THREADS, type_k=kv, type_v=kv,
+                           flash_attn=True, logits_all=logits_all, verbose=False)
+
+
+def main() -> int:
+    parser = peer_arguments("JSON list of prompt token ids")
+    parser.add_argument("--tokens", type=int, default=32)
     args = parser.parse_args()
 
     common.pin_threads()
     import numpy as np
     import llama_cpp
 
-    if not args.extra_bufts:
-        no_extra_buffers()
     ids = json.loads(args.ids.read_text())
     rss_start = common.rss_bytes()
-    kv = KV_TYPES[args.kv]
-    llm = llama_cpp.Llama(model_path=str(args.model), n_ctx=len(ids) + args.tokens + 8, n_batch=512, n_ubatch=512,
-                          n_threads=common.THREADS, n_threads_batch=common.THREADS, type_k=kv, type_v=kv,
-                          flash_attn=True, logits_all=False, verbose=False)
+    llm = open_model(args, n_ctx=len(ids) + args.tokens + 8, logits_all=False)
     rss_loaded = common.rss_bytes()
     n_vocab = llm.n_vocab()
 

@@ -11,7 +11,6 @@ exp of the mean negative log-likelihood (log-softmax in float64).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -20,9 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks import common  # noqa: E402
-from benchmarks.peers.llamacpp_decode import KV_TYPES, kv_bytes, no_extra_buffers  # noqa: E402
-
-BATCH = 512
+from benchmarks.peers.llamacpp_decode import BATCH, kv_bytes, open_model, peer_arguments  # noqa: E402
 
 
 def mean_nll(scores, ids: list[int]) -> float:
@@ -41,27 +38,15 @@ def mean_nll(scores, ids: list[int]) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--ids", type=Path, required=True, help="JSON list of the token ids to score")
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--kv", choices=list(KV_TYPES), default="f16")
-    parser.add_argument("--extra-bufts", action="store_true", help="keep llama.cpp's weight repacking buffers")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    args = peer_arguments("JSON list of the token ids to score").parse_args()
 
     common.pin_threads()
     import llama_cpp
 
-    if not args.extra_bufts:
-        no_extra_buffers()
     ids = json.loads(args.ids.read_text())
     if len(ids) < 2:
         raise SystemExit(f"{args.ids} holds {len(ids)} token ids; at least 2 are needed to score one")
-    kv = KV_TYPES[args.kv]
-    # Flash attention on: llama.cpp refuses a quantized V cache without it.
-    llm = llama_cpp.Llama(model_path=str(args.model), n_ctx=len(ids), n_batch=BATCH, n_ubatch=BATCH,
-                          n_threads=common.THREADS, n_threads_batch=common.THREADS, type_k=kv, type_v=kv,
-                          flash_attn=True, logits_all=True, verbose=False)
+    llm = open_model(args, n_ctx=len(ids), logits_all=True)
     t0 = time.perf_counter()
     llm.eval(ids)
     nll = mean_nll(llm.scores[: len(ids)], ids)
