@@ -34,7 +34,6 @@ KV_PAIRS = (("fp32", "f16"), ("bf16", None), ("int8", "q8_0"), ("int4", "q4_0"))
 EVEN_POINTS = 0.5  # a gap in ΔPPL below this many percentage points is called even (as the kvpress headlines do)
 
 
-
 def load_llm(default_weights: bool = False):
     """Dense fp32 weights (the numbers session 1 measured, compared with kvpress), or with `default_weights` the
     model as `kvbound.load()` gives it: the GGUF's quantized matrices kept int4/int8, computing in bf16 — the
@@ -72,10 +71,7 @@ def perplexity_runs(llm, tokens: int, advance) -> list[dict[str, Any]]:
                      "ppl": r.ppl, "scored_tokens": r.tokens, "kv_peak_bytes": r.kv_peak_bytes,
                      "evicted_tokens": r.evicted_tokens, "chunk": r.chunk, "elapsed_s": r.elapsed_s})
         advance(note=f"ppl {budget} {policy} {dtype}: {r.ppl:.3f}")
-    full = next(r["ppl"] for r in rows if r["budget"] == "full" and r["kv_dtype"] == "fp32")
-    for r in rows:
-        r["delta_ppl_pct"] = 100.0 * (r["ppl"] / full - 1.0)
-    return rows
+    return with_delta(rows, "fp32")  # the first fp32 row is the full cache's
 
 
 def kvbound_kv_runs(llm, tokens: int, advance) -> list[dict[str, Any]]:
