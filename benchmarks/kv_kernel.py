@@ -1,5 +1,6 @@
-"""Attention alone, per decode step: reading int8/int4 KV with the native kernel, with the eager path it replaces
-(dequantize the layer into a float scratch, then SDPA), and bf16 KV through SDPA.
+"""Attention alone, per decode step: every KV storage type through the native kernel (blocks read in place through
+the block table) and through the eager path it replaces (float KV: SDPA over the layer; int8/int4: dequantize the
+layer into a float scratch, then SDPA), with the KV bytes read per second against this machine's copy bandwidth.
 
 The cache has the default model's shape (30 layers, 3 KV heads of 64, 9 query heads) and is filled with random
 K/V to the context through the cache's own write path; then single-token steps are timed through every layer
@@ -19,7 +20,8 @@ from typing import Any, Iterator
 from benchmarks import common
 
 SUITE = "kv_kernel"
-SYSTEMS = (("bf16", "SDPA"), ("int8", "eager"), ("int8", "native"), ("int4", "eager"), ("int4", "native"))
+SYSTEMS = (("bf16", "eager"), ("bf16", "native"), ("fp16", "native"), ("fp32", "eager"), ("fp32", "native"),
+           ("int8", "eager"), ("int8", "native"), ("int4", "eager"), ("int4", "native"))
 CHUNK = 512
 
 
@@ -61,6 +63,9 @@ def measure(contexts: list[int], steps: int, repeats: int, threads: list[int]) -
     from kvbound.config import CacheConfig
     from kvbound.kvcache import native
 
+    from benchmarks.weights import copy_bandwidth
+
+    bandwidth = copy_bandwidth()
     llm = kvbound.load(device="cpu")
     heads = llm.config.num_heads
     rows = []
@@ -81,6 +86,8 @@ def measure(contexts: list[int], steps: int, repeats: int, threads: list[int]) -
                                  for _ in range(repeats)]
                     row = {"kv_dtype": dtype, "path": path, "threads": n_threads, "context": context, "held": held,
                            "ms_per_step": 1e3 * min(times), "kv_bytes": cache.nbytes}
+                    row["kv_read_bytes_per_s"] = row["kv_bytes"] / min(times)  # every held byte is read once a step
+                    row["vs_copy_bandwidth"] = row["kv_read_bytes_per_s"] / bandwidth
                     base = base or row["ms_per_step"]
                     row["vs_bf16_sdpa"] = base / row["ms_per_step"]
                     rows.append(row)
@@ -90,6 +97,7 @@ def measure(contexts: list[int], steps: int, repeats: int, threads: list[int]) -
                        "layers": llm.config.num_layers, "kv_heads": llm.config.num_kv_heads,
                        "query_heads": llm.config.num_heads, "head_dim": llm.config.head_dim,
                        "compute_dtype": llm.dtype_name, "native_kernel": native.available(),
+                       "copy_bandwidth_bytes_per_s": bandwidth,
                        "timing": "attend() of every layer for one token, mean over steps, best of repeats"},
             "rows": rows}
 
@@ -97,13 +105,19 @@ def measure(contexts: list[int], steps: int, repeats: int, threads: list[int]) -
 def markdown(result: dict[str, Any]) -> str:
     cfg = result["config"]
     rows = [[r["threads"], r["context"], f"{r['kv_dtype']} {r['path']}", round(r["ms_per_step"], 2),
-             f"{r['vs_bf16_sdpa']:.2f}x", common.mib(r["kv_bytes"])] for r in result["rows"]]
+             f"{r['vs_bf16_sdpa']:.2f}x", common.mib(r["kv_bytes"]),
+             f"{r['kv_read_bytes_per_s'] / 1e9:.1f} ({100 * r['vs_copy_bandwidth']:.0f}%)"
+             if "kv_read_bytes_per_s" in r else "—"] for r in result["rows"]]
     head = (f"Attention of one decode step through all {cfg['layers']} layers ({cfg['query_heads']} query heads, "
             f"{cfg['kv_heads']} KV heads of {cfg['head_dim']}; random K/V written through the cache; computing in "
-            f"{cfg['compute_dtype']}); {cfg['timing']}. `eager` dequantizes the layer into a scratch and runs SDPA; "
-            "`native` is kernels/qattn.c. Speed is relative to bf16 KV through SDPA at the same context and threads.")
-    table = common.markdown_table(["threads", "context", "KV / path", "ms per step", "speed vs bf16 SDPA", "KV MiB"],
-                                  rows)
+            f"{cfg['compute_dtype']}); {cfg['timing']}. `eager` runs SDPA over the layer's K/V (int8/int4: dequantized "
+            "into a scratch first); `native` is kernels/qattn.c, reading the blocks in place. Speed is relative to bf16 "
+            "KV through SDPA at the same context and threads. KV GB/s: the KV bytes held, all read once a step, per "
+            "second"
+            + (f"; in brackets against this machine's one-thread copy bandwidth "
+               f"({cfg['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)." if "copy_bandwidth_bytes_per_s" in cfg else "."))
+    table = common.markdown_table(["threads", "context", "KV / path", "ms per step", "speed vs bf16 SDPA", "KV MiB",
+                                   "KV GB/s"], rows)
     return "\n".join([head, "", table])
 
 

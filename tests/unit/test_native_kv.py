@@ -1,4 +1,5 @@
-"""The native quantized-KV decode kernel against the eager path (dequantize, then SDPA) it replaces."""
+"""The native decode kernels (quantized and float KV, blocks read through the table) against the eager path they
+replace and against a float64 softmax."""
 
 from __future__ import annotations
 
@@ -39,8 +40,9 @@ def run(dtype: str, policy: str, monkeypatch, use_native: bool):
     if not use_native:
         monkeypatch.setattr(native, "library", lambda: None)
     calls = []
-    real = native.decode_attention
-    monkeypatch.setattr(native, "decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    entry = "decode_attention" if dtype.startswith("int") else "decode_attention_float"
+    real = getattr(native, entry)
+    monkeypatch.setattr(native, entry, lambda *a, **kw: (calls.append(1) if use_native else None) or real(*a, **kw))
     pool = BlockPool(KVSpec(2, N_KV, D, dtype, "fp32", BLOCK), 64)
     a, b = new_cache(pool, policy), new_cache(pool, policy)
     gen = torch.Generator().manual_seed(0)
@@ -53,13 +55,13 @@ def run(dtype: str, policy: str, monkeypatch, use_native: bool):
     return torch.stack(outs), a.scores[: a.n].clone(), len(calls)
 
 
-@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", ["int8", "int4", "fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("policy", ["none", "h2o"])
 def test_native_decode_matches_eager(dtype, policy, monkeypatch):
     fast, fast_scores, fast_calls = run(dtype, policy, monkeypatch, use_native=True)
     slow, slow_scores, _ = run(dtype, policy, monkeypatch, use_native=False)
     assert fast_calls == 2 * 19 * 2  # every single-token step of both layers went through the kernel
-    # eager dequantizes into the fp32 scratch with the same formula; only summation order differs
+    # eager dequantizes (or widens) into fp32 with the same formula; only summation order differs
     assert (fast - slow).abs().max().item() < 1e-4
     if policy == "h2o":  # the policy saw the same attention (from the kernel's logits) on the decode steps
         assert fast_scores.abs().sum() > 0
@@ -105,6 +107,48 @@ def test_kernel_matches_softmax_over_dequantized_rows(bits, blocks, threads):
     ref = torch.softmax(ref_logits, -1) @ all_v
     assert torch.allclose(logits.double(), ref_logits, rtol=1e-5, atol=1e-4)
     assert torch.allclose(out.double(), ref.reshape(HEADS, D), rtol=1e-4, atol=1e-5)
+
+
+FLOATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.mark.parametrize("kv", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("q_dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("blocks,held,threads", [(1, 1, 1), (5, 37, 1), (97, 97 * BLOCK, 1), (97, 771, 2),
+                                                 (97, 770, 3), (200, 1595, 16)])
+def test_float_kernel_matches_float64_softmax(kv, q_dtype, blocks, held, threads):
+    """decode_attention_float on scattered blocks whose last one is partly filled, on one thread or split among
+    several, against a float64 softmax over the rows the table names. Slots past `held` hold garbage (huge values)
+    that must not leak into the result."""
+    gen = torch.Generator().manual_seed(blocks * 7 + held)
+    dtype = FLOATS[kv]
+    pool = BlockPool(KVSpec(1, N_KV, D, kv, "fp32", BLOCK), blocks + 3)
+    pool.k[0] = (torch.randn(pool.k[0].shape, generator=gen) * 2).to(dtype)
+    pool.v[0] = torch.randn(pool.v[0].shape, generator=gen).to(dtype)
+    table = torch.randperm(blocks + 3, generator=gen)[:blocks]
+    slots = (table[:, None] * BLOCK + torch.arange(BLOCK)).flatten()
+    pool.k[0][:, slots[held:]] = 3e4  # written by nobody: past the sequence's end
+    pool.v[0][:, slots[held:]] = 3e4
+    q = (torch.randn(HEADS, D, generator=gen) * 3).to(FLOATS[q_dtype])
+    out, logits = native.decode_attention_float(q, pool.k[0], pool.v[0], block=BLOCK, table=table, held=held,
+                                                with_scores=True, threads=threads)
+    g = HEADS // N_KV
+    keys, values = pool.k[0][:, slots[:held]].double(), pool.v[0][:, slots[:held]].double()  # (n_kv, held, D)
+    ref_logits = q.view(N_KV, g, D).double() @ keys.transpose(1, 2) / D ** 0.5
+    ref = (torch.softmax(ref_logits, -1) @ values).reshape(HEADS, D)
+    assert out.dtype == q.dtype and logits.shape == (N_KV, g, held)
+    assert torch.allclose(logits.double(), ref_logits, rtol=1e-5, atol=1e-4)
+    tol = 1e-5 if q_dtype == "fp32" else 1e-2  # bf16 output: one rounding of a value of magnitude ~1
+    assert torch.allclose(out.double(), ref, rtol=tol, atol=tol)
+
+
+def test_float_kernel_refuses_an_inconsistent_length():
+    """`held` past the table's blocks (or short of its last block) would read another sequence's slots: refused."""
+    pool = BlockPool(KVSpec(1, N_KV, D, "fp32", "fp32", BLOCK), 4)
+    q, table = torch.randn(HEADS, D), torch.tensor([2, 0])
+    assert native.decode_attention_float(q, pool.k[0], pool.v[0], block=BLOCK, table=table,
+                                         held=2 * BLOCK + 1) is None
+    assert native.decode_attention_float(q, pool.k[0], pool.v[0], block=BLOCK, table=table, held=BLOCK) is None
 
 
 def test_disabled_or_unbuildable_falls_back(monkeypatch, tmp_path):

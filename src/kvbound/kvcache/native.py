@@ -1,9 +1,10 @@
-"""The native decode kernel for quantized KV (kernels/qattn.c), compiled on first use and loaded with ctypes.
+"""The native decode-attention kernels (kernels/qattn.c), compiled on first use and loaded with ctypes.
 
-A decode step over int8/int4 KV reads every held token once per layer. The eager path dequantizes the layer into a
-float scratch and then runs SDPA, which at 8k tokens made int8 KV 2.3x slower than bf16 KV although it reads half the
-bytes. The kernel dequantizes a block at a time into an L1-sized tile and attends to it at once (online softmax), and
-walks the block table itself, so scattered blocks need no gather either.
+A decode step reads every held token once per layer. SDPA needs the layer's K/V as one tensor: a quantized cache
+dequantized its whole layer into a float scratch first (int8 KV ran 2.3x slower than bf16 at 8k tokens), and a
+float cache whose blocks are not consecutive gathered them into a scratch. The kernels walk the block table
+themselves and attend block by block with an online softmax: quantized blocks are dequantized into an L1-sized
+tile, float blocks are read in place (fp32) or widened into the tile (bf16/fp16), so each KV byte is read once.
 
 It is plain C (no PyTorch headers: it compiles in about a second) built with the system's C compiler for this CPU
 (`-O3 -march=native`) into a per-user cache, keyed by the source, the flags and the CPU, and written atomically so
@@ -30,13 +31,17 @@ logger = logging.getLogger("kvbound")
 
 SOURCE = Path(__file__).with_name("kernels") / "qattn.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c11", "-ffp-contract=fast", "-pthread", "-shared", "-fPIC")
-_ARGTYPES = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,  # q, n_kv, g, D
-             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # kc, ks, kz
-             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # vc, vs, vz
-             ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,  # slots, blocks, B, G, bits
-             ctypes.c_void_p, ctypes.c_int64,  # table, nblocks
-             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,  # rk, rv, rest
-             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]  # out, scores, threads
+_Q = [ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int]  # q, kind, scale, n_kv, g, D
+_QUANT_ARGTYPES = [*_Q, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # kc, ks, kz
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # vc, vs, vz
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,  # slots, blocks, B, G, bits
+                   ctypes.c_void_p, ctypes.c_int64,  # table, nblocks
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,  # rk, rv, rest,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]  # res_stride, res_kind; out, scores, threads
+_FLOAT_ARGTYPES = [*_Q, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,  # kv kind, kf, vf
+                   ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # slots, B, table,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]  # nblocks, held; out, scores, threads
+KINDS = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}  # the kernel's float kinds (0 is quantized)
 
 
 def cache_dir() -> Path:
@@ -87,8 +92,8 @@ def library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         logger.warning("the native quantized-KV kernel could not be built (%s); using the eager path", exc)
         return None
-    fn = lib.kvb_qattn_decode
-    fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
+    for fn, argtypes in ((lib.kvb_qattn_decode, _QUANT_ARGTYPES), (lib.kvb_fattn_decode, _FLOAT_ARGTYPES)):
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
     return lib
 
 
@@ -96,8 +101,27 @@ def available() -> bool:
     return library() is not None
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t with unit stride along its last dimension and rows D apart (a no-op for the usual layouts)."""
+    return t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous()
+
+
+def _usable(q: torch.Tensor) -> bool:
+    return library() is not None and q.device.type == "cpu" and q.dtype in KINDS
+
+
+def _outputs(q: torch.Tensor, n_kv: int, tokens: int, with_scores: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    n_heads, D = q.shape
+    out = torch.empty(n_heads, D, dtype=q.dtype)  # (H, D)
+    return out, torch.empty(n_kv, n_heads // n_kv, tokens, dtype=torch.float32) if with_scores else None
+
+
+def _threads(threads: int | None) -> int:
+    return torch.get_num_threads() if threads is None else threads
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
@@ -107,28 +131,50 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, k_
                      ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """One query per query head over one layer of a quantized pool and a residual window.
 
-    q (n_heads, D) any float dtype; k/v (n_kv, slots, D') uint8 and their scales/zeros as BlockPool stores one layer
-    (contiguous); table (nblocks,) int64 block ids in sequence order; res_k/res_v (n_kv, rest, D) float. Returns
-    (out (n_heads, D) fp32, raw scaled logits (n_kv, n_heads // n_kv, S) fp32 or None), or None when the kernel is
-    unavailable or the shapes are past its tile sizes (use the eager path then). Long sequences are split among
-    `threads` threads (default: PyTorch's intra-op thread count), each taking at least 32 blocks."""
-    lib = library()
-    if lib is None or q.device.type != "cpu":
+    q (n_heads, D) fp32/bf16/fp16; k/v (n_kv, slots, D') uint8 and their scales/zeros as BlockPool stores one layer
+    (contiguous); table (nblocks,) int64 block ids in sequence order; res_k/res_v (n_kv, rest, D) float, rows
+    contiguous (a slice of the residual window is fine). Returns (out (n_heads, D) in q's dtype, raw scaled logits
+    (n_kv, n_heads // n_kv, S) fp32 or None), or None when the kernel is unavailable or the shapes are past its tile
+    sizes (use the eager path then). Long sequences are split among `threads` threads (default: PyTorch's intra-op
+    thread count), each taking at least 32 blocks."""
+    if not _usable(q) or res_k.dtype not in KINDS:
         return None
     if table.dtype != torch.int64 or not all(t.is_contiguous() for t in (k, k_scale, k_zero, v, v_scale, v_zero,
                                                                           table)):
         raise ValueError("the native KV kernel needs contiguous pool tensors and an int64 block table")
+    q, res_k, res_v = _rows(q), _rows(res_k), _rows(res_v.to(res_k.dtype))
+    if res_v.stride() != res_k.stride():
+        res_k, res_v = res_k.contiguous(), res_v.contiguous()
     n_kv, slots, _ = k.shape
     n_heads, D = q.shape
-    g = n_heads // n_kv
     nblocks, rest = table.numel(), res_k.shape[1]
-    qs = (q.float() * D ** -0.5).contiguous()
-    rk = res_k.float().contiguous()
-    rv = res_v.float().contiguous()
-    out = torch.empty(n_heads, D, dtype=torch.float32)
-    scores = torch.empty(n_kv, g, nblocks * block + rest, dtype=torch.float32) if with_scores else None
-    rc = lib.kvb_qattn_decode(_ptr(qs), n_kv, g, D, _ptr(k), _ptr(k_scale), _ptr(k_zero), _ptr(v), _ptr(v_scale),
-                              _ptr(v_zero), slots, k_scale.shape[1], block, group, bits, _ptr(table), nblocks,
-                              _ptr(rk), _ptr(rv), rest, _ptr(out), _ptr(scores) if scores is not None else None,
-                              torch.get_num_threads() if threads is None else threads)
+    out, scores = _outputs(q, n_kv, nblocks * block + rest, with_scores)
+    rc = library().kvb_qattn_decode(
+        _ptr(q), KINDS[q.dtype], D ** -0.5, n_kv, n_heads // n_kv, D, _ptr(k), _ptr(k_scale), _ptr(k_zero), _ptr(v),
+        _ptr(v_scale), _ptr(v_zero), slots, k_scale.shape[1], block, group, bits, _ptr(table), nblocks, _ptr(res_k),
+        _ptr(res_v), rest, res_k.stride(0) // D if n_kv > 1 else rest, KINDS[res_k.dtype], _ptr(out), _ptr(scores),
+        _threads(threads))
+    return None if rc != 0 else (out, scores)
+
+
+def decode_attention_float(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block: int, table: torch.Tensor,
+                           held: int, with_scores: bool = False, threads: int | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """One query per query head over one layer of a float pool, its blocks read in place.
+
+    q (n_heads, D) fp32/bf16/fp16; k/v (n_kv, slots, D) fp32/bf16/fp16 as BlockPool stores one layer (contiguous);
+    table (nblocks,) int64 block ids in sequence order, holding `held` tokens (the last block may be partial).
+    Returns (out (n_heads, D) in q's dtype, raw scaled logits (n_kv, n_heads // n_kv, held) fp32 or None), or None
+    when the kernel is unavailable or the shapes are past its tile sizes."""
+    if not _usable(q) or k.dtype not in KINDS:
+        return None
+    if table.dtype != torch.int64 or k.dtype != v.dtype or not all(t.is_contiguous() for t in (k, v, table)):
+        raise ValueError("the native KV kernel needs contiguous pool tensors of one dtype and an int64 block table")
+    q = _rows(q)
+    n_kv, slots, _ = k.shape
+    n_heads, D = q.shape
+    out, scores = _outputs(q, n_kv, held, with_scores)
+    rc = library().kvb_fattn_decode(
+        _ptr(q), KINDS[q.dtype], D ** -0.5, n_kv, n_heads // n_kv, D, KINDS[k.dtype], _ptr(k), _ptr(v), slots, block,
+        _ptr(table), table.numel(), held, _ptr(out), _ptr(scores), _threads(threads))
     return None if rc != 0 else (out, scores)

@@ -138,10 +138,10 @@ class PagedCache(KVCache):
         self._contiguous_table = self._contiguous()
         new_slots = None
         B = self.block
-        if self.spec.quantized:  # the blocks the step's whole blocks of tokens are in, for the native decode kernel
-            self._step_blocks = torch.tensor(self.table[: (start + T) // B], dtype=torch.long,
-                                             device=self.positions.device)
-        else:
+        # the blocks the native decode kernel walks: a quantized cache's whole blocks, a float cache's every block
+        held = (start + T) // B if self.spec.quantized else -(-(start + T) // B)
+        self._step_blocks = torch.tensor(self.table[:held], dtype=torch.long, device=self.positions.device)
+        if not self.spec.quantized:
             new_slots = torch.tensor([self.table[i // B] * B + i % B for i in range(start, start + T)],
                                      dtype=torch.long, device=self.positions.device)
         self._step = (start, T, mask, new_slots, new_blocks)
@@ -180,6 +180,8 @@ class PagedCache(KVCache):
         else:
             self.pool.k[layer].index_copy_(1, new_slots, k[0].to(self.pool.k.dtype))
             self.pool.v[layer].index_copy_(1, new_slots, v[0].to(self.pool.v.dtype))
+            if T == 1 and mask is None and (out := self._decode_native(layer, q, end)) is not None:
+                return out
             keys, values = self._read_float(layer, end)
         keys, values = keys.unsqueeze(0), values.unsqueeze(0)  # (1, n_kv, S, D)
         if self.policy is not None and self.policy.needs_attention:
@@ -189,20 +191,27 @@ class PagedCache(KVCache):
         return attention(q, keys, values, mask)
 
     def _decode_native(self, layer: int, q: torch.Tensor, count: int) -> torch.Tensor | None:
-        """A single-query step over quantized blocks with the native kernel (None: use the eager path)."""
+        """A single-query step with the native kernel, reading the blocks in place (None: use the eager path)."""
         pool, spec = self.pool, self.spec
         observe = self.policy is not None and self.policy.needs_attention
-        rest = count - self._step_blocks.numel() * self.block
-        done = native.decode_attention(
-            q[0, :, 0], pool.k[layer], pool.k_scale[layer], pool.k_zero[layer], pool.v[layer], pool.v_scale[layer],
-            pool.v_zero[layer], block=self.block, group=spec.group, bits=spec.bits, table=self._step_blocks,
-            res_k=self.res_k[layer, :, :rest], res_v=self.res_v[layer, :, :rest], with_scores=observe)
+        if pool.device.type != "cpu":
+            return None
+        if spec.quantized:
+            rest = count - self._step_blocks.numel() * self.block
+            done = native.decode_attention(
+                q[0, :, 0], pool.k[layer], pool.k_scale[layer], pool.k_zero[layer], pool.v[layer],
+                pool.v_scale[layer], pool.v_zero[layer], block=self.block, group=spec.group, bits=spec.bits,
+                table=self._step_blocks, res_k=self.res_k[layer, :, :rest], res_v=self.res_v[layer, :, :rest],
+                with_scores=observe)
+        else:
+            done = native.decode_attention_float(q[0, :, 0], pool.k[layer], pool.v[layer], block=self.block,
+                                                 table=self._step_blocks, held=count, with_scores=observe)
         if done is None:
             return None
         out, logits = done
         if observe:
             self._observe_logits(layer, logits)
-        return out.to(q.dtype).view(1, -1, 1, q.shape[-1])
+        return out.view(1, -1, 1, q.shape[-1])
 
     def end(self) -> None:
         start, T, _, _, _ = self._step

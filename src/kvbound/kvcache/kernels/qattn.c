@@ -1,18 +1,24 @@
-/* Decode attention straight from quantized (KIVI int8/int4) paged KV: one query per query head, every held token.
+/* Decode attention straight from paged KV: one query per query head, every held token, blocks read in place
+ * through the sequence's block table. Two storage families share one online-softmax core:
  *
- * The eager path dequantizes a layer's whole cache into a float scratch on every step, then runs SDPA: three
- * passes over S x D floats for two reads of S x D bytes. Here each block of B tokens is dequantized into a tile
- * that stays in L1 and consumed at once with an online softmax (flash-decoding order), so the codes are read once.
+ *   quantized (KIVI int8/int4): each block of B tokens is dequantized into a tile that stays in L1 and consumed at
+ *     once, so the codes are read once (the eager path dequantized the whole layer into a scratch, then ran SDPA).
+ *   float (fp32 / bf16 / fp16): fp32 blocks are read where they lie; bf16/fp16 blocks are widened into the L1
+ *     tile. No gather copy and no per-step upcast of the layer: every KV byte is read once per step.
+ *
+ * In both, the g query heads of a KV head attend to the same tile while it is in L1 (GQA: one read per KV head).
  *
  * Layouts (one layer, as kvbound's BlockPool stores it; W = D * bits / 8 bytes a row):
  *   kc, vc      (n_kv, slots, W)       uint8 codes; int4 packs element 2i in the low nibble
  *   ks, kz      (n_kv, num_blocks, D)  fp16 key scale/zero, per channel over a block's tokens
  *   vs, vz      (n_kv, slots, D / G)   fp16 value scale/zero, per token and group of G channels
+ *   kf, vf      (n_kv, slots, D)       float rows (fp32, bf16 or fp16)
  *   table       (nblocks,)             the sequence's blocks in order
- *   rk, rv      (n_kv, rest, D)        fp32 residual window (the newest, partial block), after the blocks
- *   q           (n_kv, g, D)           fp32, already scaled by 1/sqrt(D); query heads grouped by KV head
- *   out         (n_kv, g, D)           fp32
- *   scores      (n_kv, g, nblocks * B + rest) or NULL: the raw scaled logits, in sequence order
+ *   held        tokens in those blocks (float: the last block may be partial; quantized: nblocks * B)
+ *   rk, rv      (n_kv, rest, D)        fp32 residual window (quantized only: the newest, partial block)
+ *   q           (n_kv, g, D)           query heads grouped by KV head, in the float kind q_kind
+ *   out         (n_kv, g, D)           written in q_kind
+ *   scores      (n_kv, g, held + rest) or NULL: the raw scaled logits, in sequence order
  *   threads     how many threads may share the blocks (long sequences only)
  * Returns 0, or -1 when a dimension is past the tile sizes below (the caller falls back to the eager path).
  */
@@ -53,6 +59,78 @@ static inline float h2f(uint16_t h) {
     return f;
 }
 #endif
+
+enum { KIND_QUANT = 0, KIND_F32 = 1, KIND_BF16 = 2, KIND_F16 = 3 };
+
+static inline float bf2f(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t f2bf(float f) { /* round to nearest even, as torch does (NaN stays NaN) */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+#ifdef __F16C__
+static inline uint16_t f2h(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
+#else
+static inline uint16_t f2h(float f) { /* round to nearest even; overflow to inf; no subnormal outputs kept */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    const uint16_t sign = (uint16_t)((bits >> 16) & 0x8000u);
+    const uint32_t a = bits & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00u;
+    if (a >= 0x477ff000u) return sign | 0x7c00u;
+    if (a < 0x38800000u) { /* subnormal half: scale and round */
+        float m;
+        uint32_t ab = a;
+        memcpy(&m, &ab, sizeof m);
+        return sign | (uint16_t)(m * 16777216.f + 0.5f);
+    }
+    const uint32_t r = a + 0xfffu + ((a >> 13) & 1u) - (112u << 23);
+    return sign | (uint16_t)(r >> 13);
+}
+#endif
+
+/* n floats of kind `kind` (F32 / BF16 / F16) widened to fp32 */
+static inline void widen(const void *src, int kind, int64_t n, float *restrict dst) {
+    if (kind == KIND_F32) {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+        return;
+    }
+    const uint16_t *restrict s = src;
+    int64_t i = 0;
+#if defined(__AVX2__)
+    if (kind == KIND_BF16)
+        for (; i + 8 <= n; i += 8) {
+            const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + i)));
+            _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+        }
+#endif
+#ifdef __F16C__
+    if (kind == KIND_F16)
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+#endif
+    if (kind == KIND_BF16)
+        for (; i < n; i++) dst[i] = bf2f(s[i]);
+    else
+        for (; i < n; i++) dst[i] = h2f(s[i]);
+}
+
+/* n fp32 values narrowed to kind `kind` */
+static inline void narrow(const float *restrict src, int kind, int64_t n, void *dst) {
+    if (kind == KIND_F32) {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+        return;
+    }
+    uint16_t *d = dst;
+    for (int64_t i = 0; i < n; i++) d[i] = kind == KIND_BF16 ? f2bf(src[i]) : f2h(src[i]);
+}
 
 /* exp(x) for x <= 0 in a form the compiler vectorizes (libm's expf is a scalar call): 2^(x log2 e) split into an
  * integer power, set in the exponent bits, and 2^f for f in [-0.5, 0.5] by a degree-6 polynomial (rel. error ~2e-7).
@@ -118,6 +196,33 @@ static inline __attribute__((always_inline)) void dot8(const float *restrict q, 
     }
 }
 
+/* a[0:D] += sum_t p[t] * v[t, 0:D]. With AVX2 a 64-wide slice of the accumulator stays in 8 registers for the
+ * whole tile instead of being loaded and stored once per token. */
+static inline __attribute__((always_inline)) void accumulate(float *restrict a, const float *restrict p,
+                                                             const float *restrict vt, int n, int D) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (D % 64 == 0) {
+        for (int d0 = 0; d0 < D; d0 += 64) {
+            __m256 r[8];
+            for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(a + d0 + 8 * i);
+            for (int t = 0; t < n; t++) {
+                const __m256 pt = _mm256_set1_ps(p[t]);
+                const float *vr = vt + (int64_t)t * D + d0;
+                for (int i = 0; i < 8; i++) r[i] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vr + 8 * i), r[i]);
+            }
+            for (int i = 0; i < 8; i++) _mm256_storeu_ps(a + d0 + 8 * i, r[i]);
+        }
+        return;
+    }
+#endif
+    for (int t = 0; t < n; t++) {
+        const float *vr = vt + (int64_t)t * D;
+        const float pt = p[t];
+#pragma omp simd
+        for (int d = 0; d < D; d++) a[d] += pt * vr[d];
+    }
+}
+
 /* Online-softmax update of g query rows with a tile of n keys/values (fp32, row-major n x D). */
 static inline __attribute__((always_inline)) void attend_tile(
         const float *restrict q, int g, int D, const float *restrict kt, const float *restrict vt, int n,
@@ -150,32 +255,46 @@ static inline __attribute__((always_inline)) void attend_tile(
         m[j] = mnew;
 #pragma omp simd
         for (int d = 0; d < D; d++) a[d] *= corr;
-        for (int t = 0; t < n; t++) {
-            const float *vr = vt + (int64_t)t * D;
-            float pt = p[t];
-#pragma omp simd
-            for (int d = 0; d < D; d++) a[d] += pt * vr[d];
-        }
+        accumulate(a, p, vt, n, D);
     }
 }
 
 /* One share of the work: blocks [b0, b1) of the sequence (and the residual window when with_rest) for every head,
  * left as online-softmax state (m, l, unnormalized acc) per query row for the merge. */
 struct share {
-    const float *q;
-    int n_kv, g, D, B, G, bits;
-    const uint8_t *kc, *vc;
+    const float *q; /* fp32, already scaled by the softmax scale */
+    int n_kv, g, D, B, G, bits, kind;
+    const uint8_t *kc, *vc; /* quantized codes, or the float pool's rows (as bytes) */
     const uint16_t *ks, *kz, *vs, *vz;
-    int64_t slots, num_blocks, S, b0, b1, rest;
+    int64_t slots, num_blocks, S, held, b0, b1, rest, res_stride;
     const int64_t *table;
-    const float *rk, *rv;
-    int with_rest;
+    const void *rk, *rv;
+    int res_kind, with_rest;
     float *m, *l, *acc, *scores; /* m, l: (n_kv * g); acc: (n_kv * g * D) */
-    float *tiles;                /* 2 * B * D: one block's keys and values, dequantized (on the heap, not the stack:
+    float *tiles;                /* 2 * B * D: one block's keys and values as fp32 (on the heap, not the stack:
                                   * the caller's thread may have a small one) */
 };
 
-static inline __attribute__((always_inline)) void run_share(const struct share *w, const int D, const int G,
+static inline void start_head(const struct share *w, int h, float **m, float **l, float **acc, float **sc) {
+    const int g = w->g, D = w->D;
+    *m = w->m + h * g, *l = w->l + h * g, *acc = w->acc + (int64_t)h * g * D;
+    *sc = w->scores ? w->scores + (int64_t)h * g * w->S : NULL;
+    for (int j = 0; j < g; j++) { (*m)[j] = -INFINITY; (*l)[j] = 0.f; }
+    memset(*acc, 0, sizeof(float) * (size_t)g * D);
+}
+
+/* the residual window (after the blocks, in sequence order), widened into the tiles */
+static inline void attend_rest(const struct share *w, int h, const int D, float *m, float *l, float *acc, float *sc) {
+    if (!w->with_rest || w->rest <= 0) return;
+    const int64_t elem = w->res_kind == KIND_F32 ? 4 : 2, off = (int64_t)h * w->res_stride * D * elem;
+    float *kt = w->tiles, *vt = w->tiles + (int64_t)w->B * D;
+    widen((const uint8_t *)w->rk + off, w->res_kind, w->rest * D, kt);
+    widen((const uint8_t *)w->rv + off, w->res_kind, w->rest * D, vt);
+    attend_tile(w->q + (int64_t)h * w->g * D, w->g, D, kt, vt, (int)w->rest, m, l, acc, sc ? sc + w->held : NULL,
+                w->S);
+}
+
+static inline __attribute__((always_inline)) void run_quant(const struct share *w, const int D, const int G,
                                                               const int bits) {
     /* the share's fields as locals: stores into the tiles could otherwise alias *w and force reloads */
     const int W = D * bits / 8, ngroups = D / G, g = w->g, B = w->B;
@@ -186,10 +305,8 @@ static inline __attribute__((always_inline)) void run_share(const struct share *
     float *restrict kt = w->tiles, *restrict vt = w->tiles + (int64_t)B * D, scale[MAX_D], zero[MAX_D];
     for (int h = 0; h < w->n_kv; h++) {
         const float *qh = w->q + (int64_t)h * g * D;
-        float *m = w->m + h * g, *l = w->l + h * g, *acc = w->acc + (int64_t)h * g * D;
-        float *sc = w->scores ? w->scores + (int64_t)h * g * w->S : NULL;
-        for (int j = 0; j < g; j++) { m[j] = -INFINITY; l[j] = 0.f; }
-        memset(acc, 0, sizeof(float) * (size_t)g * D);
+        float *m, *l, *acc, *sc;
+        start_head(w, h, &m, &l, &acc, &sc);
         for (int64_t bi = w->b0; bi < w->b1; bi++) {
             const int64_t blk = table[bi], row0 = h * slots + blk * B;
             const uint16_t *ksb = ks + (h * num_blocks + blk) * D, *kzb = kz + (h * num_blocks + blk) * D;
@@ -210,20 +327,48 @@ static inline __attribute__((always_inline)) void run_share(const struct share *
             }
             attend_tile(qh, g, D, kt, vt, B, m, l, acc, sc ? sc + bi * B : NULL, w->S);
         }
-        if (w->with_rest && w->rest > 0)
-            attend_tile(qh, g, D, w->rk + h * w->rest * D, w->rv + h * w->rest * D, (int)w->rest, m, l, acc,
-                        sc ? sc + (w->S - w->rest) : NULL, w->S);
+        attend_rest(w, h, D, m, l, acc, sc);
+    }
+}
+
+static inline __attribute__((always_inline)) void run_float(const struct share *w, const int D) {
+    const int g = w->g, B = w->B, kind = w->kind;
+    const int64_t elem = kind == KIND_F32 ? 4 : 2, slots = w->slots, held = w->held;
+    const int64_t *restrict table = w->table;
+    float *restrict kt = w->tiles, *restrict vt = w->tiles + (int64_t)B * D;
+    for (int h = 0; h < w->n_kv; h++) {
+        const float *qh = w->q + (int64_t)h * g * D;
+        float *m, *l, *acc, *sc;
+        start_head(w, h, &m, &l, &acc, &sc);
+        for (int64_t bi = w->b0; bi < w->b1; bi++) {
+            const int64_t row0 = h * slots + table[bi] * B, left = held - bi * B;
+            const int n = left < B ? (int)left : B;
+            const uint8_t *kb = w->kc + row0 * D * elem, *vb = w->vc + row0 * D * elem;
+            if (kind == KIND_F32) { /* fp32 blocks are read where they lie */
+                attend_tile(qh, g, D, (const float *)kb, (const float *)vb, n, m, l, acc,
+                            sc ? sc + bi * B : NULL, w->S);
+                continue;
+            }
+            widen(kb, kind, (int64_t)n * D, kt);
+            widen(vb, kind, (int64_t)n * D, vt);
+            attend_tile(qh, g, D, kt, vt, n, m, l, acc, sc ? sc + bi * B : NULL, w->S);
+        }
+        attend_rest(w, h, D, m, l, acc, sc);
     }
 }
 
 /* Specialized for the common head sizes, group and bit widths, so the inner loops have constant trip counts. */
 static void *run(void *arg) {
     const struct share *w = arg;
-    if (w->D == 64 && w->G == 32 && w->bits == 8) run_share(w, 64, 32, 8);
-    else if (w->D == 64 && w->G == 32 && w->bits == 4) run_share(w, 64, 32, 4);
-    else if (w->D == 128 && w->G == 32 && w->bits == 8) run_share(w, 128, 32, 8);
-    else if (w->D == 128 && w->G == 32 && w->bits == 4) run_share(w, 128, 32, 4);
-    else run_share(w, w->D, w->G, w->bits);
+    if (w->kind != KIND_QUANT) {
+        if (w->D == 64) run_float(w, 64);
+        else if (w->D == 128) run_float(w, 128);
+        else run_float(w, w->D);
+    } else if (w->D == 64 && w->G == 32 && w->bits == 8) run_quant(w, 64, 32, 8);
+    else if (w->D == 64 && w->G == 32 && w->bits == 4) run_quant(w, 64, 32, 4);
+    else if (w->D == 128 && w->G == 32 && w->bits == 8) run_quant(w, 128, 32, 8);
+    else if (w->D == 128 && w->G == 32 && w->bits == 4) run_quant(w, 128, 32, 4);
+    else run_quant(w, w->D, w->G, w->bits);
     return NULL;
 }
 
@@ -232,27 +377,38 @@ static void *run(void *arg) {
 #define MAX_THREADS 16
 #define MIN_SHARE 32
 
-int kvb_qattn_decode(const float *q, int n_kv, int g, int D, const uint8_t *kc, const uint16_t *ks,
-                     const uint16_t *kz, const uint8_t *vc, const uint16_t *vs, const uint16_t *vz, int64_t slots,
-                     int64_t num_blocks, int B, int G, int bits, const int64_t *table, int64_t nblocks,
-                     const float *rk, const float *rv, int64_t rest, float *out, float *scores, int threads) {
-    if (D > MAX_D || g > MAX_G || B > MAX_B || rest > MAX_B || G < 1 || D % G || (bits != 8 && bits != 4))
+static int launch(struct share proto, const void *q, int q_kind, float scale, int64_t nblocks, void *out,
+                  float *scores, int threads) {
+    const int n_kv = proto.n_kv, g = proto.g, D = proto.D, B = proto.B;
+    if (D > MAX_D || g > MAX_G || B > MAX_B || proto.rest > MAX_B || n_kv < 1 || g < 1 || D < 1 || B < 1)
         return -1;
+    if (q_kind != KIND_F32 && q_kind != KIND_BF16 && q_kind != KIND_F16) return -1;
     int n = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
     if (nblocks / MIN_SHARE < n) n = nblocks / MIN_SHARE > 1 ? (int)(nblocks / MIN_SHARE) : 1;
-    /* per share, 64-byte aligned: the two tiles first, then m, l and acc */
+    /* per share, 64-byte aligned: the two tiles first, then m, l and acc; after the shares, the scaled fp32 q */
     const size_t rows = (size_t)n_kv * g, tiles = 2 * (size_t)B * D;
     const size_t each = (tiles + rows * (D + 2) + 15) / 16 * 16;
-    float *state = aligned_alloc(64, sizeof(float) * (size_t)n * each);
+    float *state = aligned_alloc(64, sizeof(float) * ((size_t)n * each + (rows * D + 15) / 16 * 16));
     if (!state) return -1;
+    float *qs = state + (size_t)n * each;
+    widen(q, q_kind, (int64_t)rows * D, qs);
+    for (size_t i = 0; i < rows * D; i++) qs[i] *= scale;
+    proto.q = qs;
+    proto.S = proto.held + proto.rest;
+    proto.scores = scores;
     struct share shares[MAX_THREADS];
     pthread_t tids[MAX_THREADS];
     int started[MAX_THREADS] = {0};
     for (int i = 0; i < n; i++) {
         float *base = state + (size_t)i * each;
-        shares[i] = (struct share){q, n_kv, g, D, B, G, bits, kc, vc, ks, kz, vs, vz, slots, num_blocks,
-                                   nblocks * B + rest, nblocks * i / n, nblocks * (i + 1) / n, rest, table, rk, rv,
-                                   i == 0, base + tiles, base + tiles + rows, base + tiles + 2 * rows, scores, base};
+        shares[i] = proto;
+        shares[i].b0 = nblocks * i / n;
+        shares[i].b1 = nblocks * (i + 1) / n;
+        shares[i].with_rest = i == 0;
+        shares[i].tiles = base;
+        shares[i].m = base + tiles;
+        shares[i].l = base + tiles + rows;
+        shares[i].acc = base + tiles + 2 * rows;
         if (i > 0) started[i] = pthread_create(&tids[i], NULL, run, &shares[i]) == 0;
     }
     run(&shares[0]);
@@ -260,10 +416,11 @@ int kvb_qattn_decode(const float *q, int n_kv, int g, int D, const uint8_t *kc, 
         if (started[i]) pthread_join(tids[i], NULL);
         else run(&shares[i]); /* no thread to be had: do its share here */
     }
+    float o[MAX_D];
+    const int64_t out_elem = q_kind == KIND_F32 ? 4 : 2;
     for (size_t r = 0; r < rows; r++) { /* merge: rescale each share to the common max */
         float mx = -INFINITY, lsum = 0.f;
         for (int i = 0; i < n; i++) if (shares[i].m[r] > mx) mx = shares[i].m[r];
-        float *o = out + r * D;
         for (int d = 0; d < D; d++) o[d] = 0.f;
         for (int i = 0; i < n; i++) {
             if (shares[i].m[r] == -INFINITY) continue;
@@ -273,7 +430,40 @@ int kvb_qattn_decode(const float *q, int n_kv, int g, int D, const uint8_t *kc, 
         }
         const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
         for (int d = 0; d < D; d++) o[d] *= inv;
+        narrow(o, q_kind, D, (uint8_t *)out + r * D * out_elem);
     }
     free(state);
     return 0;
+}
+
+/* Quantized (int8/int4) blocks plus a residual window of kind res_kind whose rows for head h start at
+ * h * res_stride rows. */
+int kvb_qattn_decode(const void *q, int q_kind, float scale, int n_kv, int g, int D, const uint8_t *kc,
+                     const uint16_t *ks, const uint16_t *kz, const uint8_t *vc, const uint16_t *vs, const uint16_t *vz,
+                     int64_t slots, int64_t num_blocks, int B, int G, int bits, const int64_t *table, int64_t nblocks,
+                     const void *rk, const void *rv, int64_t rest, int64_t res_stride, int res_kind, void *out,
+                     float *scores, int threads) {
+    if (G < 1 || D % G || (bits != 8 && bits != 4) || rest > res_stride ||
+        (res_kind != KIND_F32 && res_kind != KIND_BF16 && res_kind != KIND_F16))
+        return -1;
+    struct share w = {0};
+    w.n_kv = n_kv, w.g = g, w.D = D, w.B = B, w.G = G, w.bits = bits, w.kind = KIND_QUANT;
+    w.kc = kc, w.vc = vc, w.ks = ks, w.kz = kz, w.vs = vs, w.vz = vz;
+    w.slots = slots, w.num_blocks = num_blocks, w.held = nblocks * B, w.rest = rest, w.res_stride = res_stride;
+    w.table = table, w.rk = rk, w.rv = rv, w.res_kind = res_kind;
+    return launch(w, q, q_kind, scale, nblocks, out, scores, threads);
+}
+
+/* Float (fp32/bf16/fp16, kv_kind) blocks holding `held` tokens: the last block may be partial. */
+int kvb_fattn_decode(const void *q, int q_kind, float scale, int n_kv, int g, int D, int kv_kind, const void *kf,
+                     const void *vf, int64_t slots, int B, const int64_t *table, int64_t nblocks, int64_t held,
+                     void *out, float *scores, int threads) {
+    if ((kv_kind != KIND_F32 && kv_kind != KIND_BF16 && kv_kind != KIND_F16) || held > nblocks * B ||
+        held <= (nblocks - 1) * B)
+        return -1;
+    struct share w = {0};
+    w.n_kv = n_kv, w.g = g, w.D = D, w.B = B, w.G = 1, w.bits = 0, w.kind = kv_kind;
+    w.kc = kf, w.vc = vf, w.slots = slots, w.held = held, w.rest = 0, w.res_kind = KIND_F32;
+    w.table = table;
+    return launch(w, q, q_kind, scale, nblocks, out, scores, threads);
 }
