@@ -105,6 +105,13 @@ static inline void widen(const void *src, int kind, int64_t n, float *restrict d
     }
     const uint16_t *restrict s = src;
     int64_t i = 0;
+#if defined(__AVX512F__)
+    if (kind == KIND_BF16)
+        for (; i + 16 <= n; i += 16) {
+            const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(s + i)));
+            _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+        }
+#endif
 #if defined(__AVX2__)
     if (kind == KIND_BF16)
         for (; i + 8 <= n; i += 8) {
@@ -173,6 +180,23 @@ static inline __attribute__((always_inline)) void unpack_row(const uint8_t *rest
  * tree of horizontal adds instead of one horizontal sum per row, which cost more than the products themselves. */
 static inline __attribute__((always_inline)) void dot8(const float *restrict q, const float *restrict k, int D,
                                                        float *restrict out) {
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+    if (D % 16 == 0) { /* half the instructions of the AVX2 loop; the 512-bit sums fold into the same tree */
+        __m512 a[8];
+        for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_ps();
+        for (int d = 0; d < D; d += 16) {
+            const __m512 qv = _mm512_loadu_ps(q + d);
+            for (int i = 0; i < 8; i++) a[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k + (int64_t)i * D + d), a[i]);
+        }
+        __m256 b[8];
+        for (int i = 0; i < 8; i++) b[i] = _mm256_add_ps(_mm512_castps512_ps256(a[i]), _mm512_extractf32x8_ps(a[i], 1));
+        const __m256 h0123 = _mm256_hadd_ps(_mm256_hadd_ps(b[0], b[1]), _mm256_hadd_ps(b[2], b[3]));
+        const __m256 h4567 = _mm256_hadd_ps(_mm256_hadd_ps(b[4], b[5]), _mm256_hadd_ps(b[6], b[7]));
+        _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20),
+                                            _mm256_permute2f128_ps(h0123, h4567, 0x31)));
+        return;
+    }
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
     if (D % 8 == 0) {
         __m256 a[8];
@@ -200,6 +224,21 @@ static inline __attribute__((always_inline)) void dot8(const float *restrict q, 
  * whole tile instead of being loaded and stored once per token. */
 static inline __attribute__((always_inline)) void accumulate(float *restrict a, const float *restrict p,
                                                              const float *restrict vt, int n, int D) {
+#if defined(__AVX512F__)
+    if (D % 64 == 0) {
+        for (int d0 = 0; d0 < D; d0 += 64) {
+            __m512 r[4];
+            for (int i = 0; i < 4; i++) r[i] = _mm512_loadu_ps(a + d0 + 16 * i);
+            for (int t = 0; t < n; t++) {
+                const __m512 pt = _mm512_set1_ps(p[t]);
+                const float *vr = vt + (int64_t)t * D + d0;
+                for (int i = 0; i < 4; i++) r[i] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vr + 16 * i), r[i]);
+            }
+            for (int i = 0; i < 4; i++) _mm512_storeu_ps(a + d0 + 16 * i, r[i]);
+        }
+        return;
+    }
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
     if (D % 64 == 0) {
         for (int d0 = 0; d0 < D; d0 += 64) {
