@@ -64,10 +64,11 @@ def cpu_model() -> str:
 
 
 def cpu_flags() -> list[str]:
+    """The CPU's SIMD-related feature flags (x86 `flags`, Arm `Features`) from /proc/cpuinfo."""
+    wanted = {"amx_bf16", *GGML_FEATURES}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "fma", "f16c")
+            if line.startswith(("flags", "Features")):
                 return [f for f in line.split(":", 1)[1].split() if f in wanted]
     except OSError:
         pass
@@ -109,7 +110,53 @@ def machine_info(threads: int = THREADS) -> dict[str, Any]:
     torch = sys.modules.get("torch")
     if torch is not None:
         info["torch_threads"] = torch.get_num_threads()
+        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     return info
+
+
+# -- peers built for this CPU ------------------------------------------------------------------------------------
+# CPU feature flags (/proc/cpuinfo) and the name ggml's llama_print_system_info() gives each when it was compiled in.
+GGML_FEATURES = {"pni": "SSE3", "ssse3": "SSSE3", "avx": "AVX", "avx2": "AVX2", "f16c": "F16C", "fma": "FMA",
+                 "bmi2": "BMI2", "avx512f": "AVX512", "avx512vbmi": "AVX512_VBMI", "avx512_vnni": "AVX512_VNNI",
+                 "avx512_bf16": "AVX512_BF16", "avx_vnni": "AVX_VNNI", "amx_int8": "AMX_INT8",
+                 "asimd": "NEON", "asimddp": "DOTPROD", "i8mm": "MATMUL_INT8", "sve": "SVE"}
+
+
+def ggml_features(system_info: str) -> set[str]:
+    """The features a ggml build reports as on ("AVX2 = 1 | ...")."""
+    on = set()
+    for part in system_info.replace("\n", "|").split("|"):
+        name, _, value = part.rpartition("=")
+        name = name.split(":")[-1].strip()
+        if name and value.strip() not in ("", "0"):
+            on.add(name)
+    return on
+
+
+def missing_simd(system_info: str, flags: list[str] | None = None) -> list[str]:
+    """SIMD levels this CPU has and the peer's build lacks: a peer built without them (a generic wheel, no
+    GGML_NATIVE) runs several times slower than its users get, and its numbers would flatter us."""
+    have = set(cpu_flags() if flags is None else flags)
+    built = ggml_features(system_info)
+    return sorted(name for flag, name in GGML_FEATURES.items() if flag in have and name not in built)
+
+
+def llamacpp_build(python: Path | None = None) -> tuple[str | None, str]:
+    """(llama_print_system_info() of the llama.cpp peer venv, "") or (None, why it cannot be used). A build that
+    lacks a SIMD level of this CPU is refused: rebuild it with benchmarks/peers/setup.sh llamacpp."""
+    python = python or venv_python("llamacpp")
+    if not Path(python).is_file():
+        return None, f"unavailable: no venv at {Path(python).parent.parent} (bash benchmarks/peers/setup.sh llamacpp)"
+    probe = subprocess.run([str(python), "-c", "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"],
+                           capture_output=True, text=True, timeout=120, check=False)
+    if probe.returncode != 0:
+        return None, "unavailable: llama_cpp does not import in its venv"
+    info = probe.stdout.strip()
+    missing = missing_simd(info)
+    if missing:
+        return None, (f"refused: the llama.cpp build lacks {', '.join(missing)}, which this CPU has (its system info: "
+                      f"{info}); rebuild it for this CPU with `bash benchmarks/peers/setup.sh llamacpp`")
+    return info, ""
 
 
 # -- memory ----------------------------------------------------------------------------------------------------

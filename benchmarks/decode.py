@@ -3,10 +3,13 @@ computing in bf16) with KV bf16/int8/int4, and with dense fp32 weights and KV as
 the same GGUF (dequantized to fp32), DynamicCache and StaticCache (and QuantizedCache where its backend is
 installed), and llama-cpp-python (same GGUF, f16 and q8_0 KV, its own process per run).
 
-Every system runs in this one process on one thread, interleaved per context (A, B, C, A, B, C, ...); the
+Every system runs on the same thread count (1, then 2), interleaved per context (A, B, C, A, B, C, ...); the
 reported time is the best of the repeats, the figure least disturbed by other processes on a shared machine.
+llama.cpp is refused unless its build has every SIMD level of this CPU (benchmarks/peers/setup.sh builds it with
+GGML_NATIVE=ON); its llama_print_system_info() and torch's CPU capability go into the result.
 
-    python -m benchmarks.decode [--quick] [--contexts 512 2048 8192] [--tokens 32] [--repeats 2] [--no-fp32]
+    python -m benchmarks.decode [--quick] [--contexts 512 2048 8192] [--threads 1 2] [--tokens 32] [--repeats 2]
+        [--no-fp32] [--no-transformers]
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ SUITE = "decode"
 KV_DTYPES = ("bf16", "int8", "int4")  # of the default engine (bf16 compute: its KV is bf16 unless quantized)
 BASELINE = "transformers DynamicCache"
 DEFAULT = "kvbound KV bf16"  # default weights, default KV: what `kvbound.load()` runs
+PEER = "llama.cpp KV f16"
 FP32 = "kvbound fp32 weights, KV fp32"
 
 
@@ -99,15 +103,13 @@ class LlamaCppSystem:
     def __init__(self, model_path, kv: str):
         self.model_path, self.kv = model_path, kv
         self.name = f"llama.cpp KV {kv}"
+        self.threads = common.THREADS
         self.last: dict[str, Any] = {}
 
     @staticmethod
     def available() -> tuple[bool, str]:
-        python = common.venv_python("llamacpp")
-        if not python.is_file():
-            return False, f"unavailable: no venv at {python.parent.parent} (see benchmarks/peers/setup.sh)"
-        probe = common.run_python(python, ["-c", "import llama_cpp"], capture=True)
-        return (True, "") if probe.returncode == 0 else (False, "unavailable: llama_cpp does not import in its venv")
+        info, why = common.llamacpp_build()
+        return (True, "") if info else (False, why)
 
     def run(self, ids: list[int], decode_tokens: int) -> Run:
         import json
@@ -118,7 +120,8 @@ class LlamaCppSystem:
             ids_file.write_text(json.dumps(ids))
             proc = common.run_python(common.venv_python("llamacpp"), [
                 str(self.script), "--ids", str(ids_file), "--model", str(self.model_path), "--kv", self.kv,
-                "--tokens", str(decode_tokens), "--out", str(out)])
+                "--tokens", str(decode_tokens), "--threads", str(self.threads), "--out", str(out)],
+                threads=self.threads)
             if proc.returncode != 0 or not out.is_file():
                 raise RuntimeError(f"{self.script.name} --kv {self.kv} exited with status {proc.returncode}")
             self.last = json.loads(out.read_text())
@@ -169,24 +172,27 @@ def quantized_cache_backend() -> tuple[str | None, str]:
 
 
 def build_systems(llm, hf, model_path, kv_dtypes=KV_DTYPES, peers: bool = True,
-                  llm_fp32=None) -> tuple[list, dict[str, str]]:
-    import transformers
-
+                  llm_fp32=None, quantized_cache: bool = True) -> tuple[list, dict[str, str]]:
     systems: list = [KvboundSystem(llm, d) for d in kv_dtypes]
     if llm_fp32 is not None:  # dense fp32 weights and KV: the same numbers transformers computes
         systems.append(KvboundSystem(llm_fp32, "fp32", name=FP32))
-    config = hf.config
-    systems.append(TransformersSystem(hf, "DynamicCache", lambda n: transformers.DynamicCache(config=config)))
-    systems.append(TransformersSystem(hf, "StaticCache",
-                                      lambda n: transformers.StaticCache(config=config, max_cache_len=n)))
     unavailable = {}
-    backend, why = quantized_cache_backend()
-    if backend is None:
-        unavailable["transformers QuantizedCache"] = why
-    else:
-        systems.append(TransformersSystem(
-            hf, f"QuantizedCache({backend}, int4)",
-            lambda n: transformers.QuantizedCache(backend=backend, config=config, nbits=4)))
+    if hf is not None:
+        import transformers
+
+        config = hf.config
+        systems.append(TransformersSystem(hf, "DynamicCache", lambda n: transformers.DynamicCache(config=config)))
+        systems.append(TransformersSystem(hf, "StaticCache",
+                                          lambda n: transformers.StaticCache(config=config, max_cache_len=n)))
+        backend, why = quantized_cache_backend()
+        if not quantized_cache:
+            unavailable["transformers QuantizedCache"] = "not run (--no-quantized-cache)"
+        elif backend is None:
+            unavailable["transformers QuantizedCache"] = why
+        else:
+            systems.append(TransformersSystem(
+                hf, f"QuantizedCache({backend}, int4)",
+                lambda n: transformers.QuantizedCache(backend=backend, config=config, nbits=4)))
     if peers:
         ok, why = LlamaCppSystem.available()
         if ok:
@@ -205,65 +211,80 @@ def prompt_ids(llm, count: int) -> list[int]:
 
 
 def measure(contexts: list[int], decode_tokens: int, repeats: int, kv_dtypes=KV_DTYPES,
-            peers: bool = True, fp32: bool = True) -> dict[str, Any]:
-    common.pin_threads()
+            peers: bool = True, fp32: bool = True, threads: list[int] | None = None, hf_peer: bool = True,
+            quantized_cache: bool = True) -> dict[str, Any]:
+    threads = threads or [common.THREADS]
+    common.pin_threads(max(threads))
     import torch
 
-    torch.set_num_threads(common.THREADS)
     import kvbound
-    import transformers  # noqa: F401  (its version goes into the machine facts)
     from kvbound.kvcache import native
     from kvbound.loading import resolve_model
 
     path = resolve_model()
     llm = kvbound.load(path, device="cpu")
-    hf = load_transformers(path)
+    hf = load_transformers(path) if hf_peer else None
     llm_fp32 = kvbound.load(path, weights="fp32", dtype="fp32", device="cpu") if fp32 else None
     max_context = llm.config.max_context
-    systems, unavailable = build_systems(llm, hf, path, kv_dtypes, peers, llm_fp32)
+    systems, unavailable = build_systems(llm, hf, path, kv_dtypes, peers, llm_fp32, quantized_cache)
+    baseline = BASELINE if hf is not None else DEFAULT
     all_ids = prompt_ids(llm, max(contexts))
-
-    for system in systems:  # warm-up: first-call allocations, kernel selection (llama.cpp warms up per process)
-        if not isinstance(system, LlamaCppSystem):
-            system.run(all_ids[:64], 4)
+    llamacpp_info = next((common.llamacpp_build()[0] for s in systems if isinstance(s, LlamaCppSystem)), None)
 
     rows: list[dict[str, Any]] = []
-    total = len(contexts) * repeats * len(systems)
+    total = len(threads) * len(contexts) * repeats * len(systems)
     with common.progress(total, "decode") as advance:
-        for context in contexts:
-            prefill = min(context, max_context - decode_tokens - 1)
-            ids = all_ids[:prefill]
-            best: dict[str, dict[str, Any]] = {}
-            for rep in range(repeats):
-                order = systems if rep % 2 == 0 else systems[::-1]  # A,B,C then C,B,A: no system always first
-                for system in order:
-                    run = system.run(ids, decode_tokens)
-                    entry = best.setdefault(system.name, {
-                        "system": system.name, "context": context, "prefill_tokens": prefill,
-                        "decode_tokens": decode_tokens, "prefill_s": [], "decode_s": [],
-                        "kv_bytes": run.kv_bytes, "tokens": run.tokens})
-                    entry["prefill_s"].append(run.prefill_s)
-                    entry["decode_s"].append(run.decode_s)
-                    if isinstance(system, LlamaCppSystem):
-                        entry["peak_rss_bytes"] = max(entry.get("peak_rss_bytes", 0), system.last["peak_rss_bytes"])
-                    advance(note=f"{context} {system.name}: {decode_tokens / run.decode_s:.1f} tok/s")
-            reference = best[BASELINE]
-            for entry in best.values():
-                entry["prefill_tok_s"] = prefill / min(entry["prefill_s"])
-                entry["decode_tok_s"] = decode_tokens / min(entry["decode_s"])
-                entry["prefill_vs_baseline"] = min(reference["prefill_s"]) / min(entry["prefill_s"])
-                entry["decode_vs_baseline"] = min(reference["decode_s"]) / min(entry["decode_s"])
-                entry["greedy_tokens_equal_to_baseline"] = _common_prefix(entry["tokens"], reference["tokens"])
-                rows.append(entry)
+        for n_threads in threads:
+            torch.set_num_threads(n_threads)
+            for system in systems:  # warm-up: first-call allocations, kernel selection (llama.cpp: per process)
+                if isinstance(system, LlamaCppSystem):
+                    system.threads = n_threads
+                else:
+                    system.run(all_ids[:64], 4)
+            for context in contexts:
+                prefill = min(context, max_context - decode_tokens - 1)
+                ids = all_ids[:prefill]
+                best: dict[str, dict[str, Any]] = {}
+                for rep in range(repeats):
+                    order = systems if rep % 2 == 0 else systems[::-1]  # A,B,C then C,B,A: no system always first
+                    for system in order:
+                        run = system.run(ids, decode_tokens)
+                        entry = best.setdefault(system.name, {
+                            "system": system.name, "threads": n_threads, "context": context,
+                            "prefill_tokens": prefill, "decode_tokens": decode_tokens, "prefill_s": [],
+                            "decode_s": [], "kv_bytes": run.kv_bytes, "tokens": run.tokens})
+                        entry["prefill_s"].append(run.prefill_s)
+                        entry["decode_s"].append(run.decode_s)
+                        if isinstance(system, LlamaCppSystem):
+                            entry["peak_rss_bytes"] = max(entry.get("peak_rss_bytes", 0),
+                                                          system.last["peak_rss_bytes"])
+                            entry["system_info"] = system.last.get("system_info")
+                        advance(note=f"{n_threads} thr {context} {system.name}: "
+                                     f"{decode_tokens / run.decode_s:.1f} tok/s")
+                reference, peer = best[baseline], best.get(PEER)
+                for entry in best.values():
+                    entry["prefill_tok_s"] = prefill / min(entry["prefill_s"])
+                    entry["decode_tok_s"] = decode_tokens / min(entry["decode_s"])
+                    entry["prefill_vs_baseline"] = min(reference["prefill_s"]) / min(entry["prefill_s"])
+                    entry["decode_vs_baseline"] = min(reference["decode_s"]) / min(entry["decode_s"])
+                    if peer is not None:
+                        entry["prefill_vs_llamacpp"] = min(peer["prefill_s"]) / min(entry["prefill_s"])
+                        entry["decode_vs_llamacpp"] = min(peer["decode_s"]) / min(entry["decode_s"])
+                    entry["greedy_tokens_equal_to_baseline"] = _common_prefix(entry["tokens"], reference["tokens"])
+                    rows.append(entry)
     return {
-        "config": {"contexts": contexts, "decode_tokens": decode_tokens, "repeats": repeats,
+        "config": {"contexts": contexts, "threads": threads, "decode_tokens": decode_tokens, "repeats": repeats,
                    "model": str(path), "kvbound_weights": llm.plan.mode, "kvbound_storage": llm.plan.counts(),
                    "kvbound_compute_dtype": llm.dtype_name, "transformers_dtype": "float32",
+                   "transformers_attention": hf.config._attn_implementation if hf is not None else None,
                    "kvbound_prefill_chunk": llm.runner.chunk, "transformers_prefill": "one forward pass",
-                   "kvbound_int_kv_decode": "native C kernel" if native.available() else "eager (dequantize + SDPA)",
-                   "llamacpp": "own process per run, n_batch 512, flash attention on, use_extra_bufts off",
+                   "kvbound_kv_decode": "native C kernel" if native.available() else "eager (SDPA)",
+                   "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                   "llamacpp": "own process per run, built for this CPU (GGML_NATIVE=ON), n_batch 512, flash "
+                               "attention on, extra CPU buffers (repacking) on",
+                   "llamacpp_system_info": llamacpp_info,
                    "in_process_peak_rss_bytes": common.peak_rss_bytes(),
-                   "baseline": BASELINE, "timing": "best of repeats, systems interleaved per context"},
+                   "baseline": baseline, "timing": "best of repeats, systems interleaved per context"},
         "rows": rows,
         "unavailable": unavailable,
     }
@@ -280,13 +301,19 @@ def _common_prefix(a: list[int], b: list[int]) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     rows = []
+    def x(r: dict[str, Any], key: str) -> str:
+        return f"{r[key]:.2f}x" if key in r else "—"
+
+    base = "HF Dynamic" if result["config"].get("baseline", BASELINE) == BASELINE else "kvbound default"
     for r in result["rows"]:
-        rows.append([r["system"], r["context"], round(r["prefill_tok_s"], 1), f"{r['prefill_vs_baseline']:.2f}x",
-                     round(r["decode_tok_s"], 2), f"{r['decode_vs_baseline']:.2f}x", common.mib(r["kv_bytes"]),
-                     common.mib(r.get("peak_rss_bytes")), r["greedy_tokens_equal_to_baseline"]])
+        rows.append([r.get("threads", 1), r["system"], r["context"], round(r["prefill_tok_s"], 1),
+                     x(r, "prefill_vs_llamacpp"), round(r["decode_tok_s"], 2), x(r, "decode_vs_llamacpp"),
+                     x(r, "decode_vs_baseline"), common.mib(r["kv_bytes"]), common.mib(r.get("peak_rss_bytes")),
+                     r["greedy_tokens_equal_to_baseline"]])
     table = common.markdown_table(
-        ["system", "context", "prefill tok/s", "prefill vs HF Dynamic", "decode tok/s", "decode vs HF Dynamic",
-         "KV MiB", "own process peak RSS MiB", "greedy tokens = HF Dynamic"], rows)
+        ["threads", "system", "context", "prefill tok/s", "prefill vs llama.cpp f16", "decode tok/s",
+         "decode vs llama.cpp f16", f"decode vs {base}", "KV MiB", "own process peak RSS MiB",
+         f"greedy tokens = {base}"], rows)
     notes = [f"- {name}: {why}" for name, why in result.get("unavailable", {}).items()]
     cfg_rss = result["config"].get("in_process_peak_rss_bytes")
     if cfg_rss:
@@ -300,7 +327,11 @@ def markdown(result: dict[str, Any]) -> str:
     head = (f"{weights}{cfg['decode_tokens']} greedy tokens after a prefill of the context (capped at the model's "
             f"8192 minus the decoded tokens); kvbound prefills in chunks of {cfg['kvbound_prefill_chunk']}, "
             f"transformers in {cfg['transformers_prefill']}; {cfg['timing']}."
-            + (f" int8/int4 KV decode: {cfg['kvbound_int_kv_decode']}." if "kvbound_int_kv_decode" in cfg else ""))
+            + (f" int8/int4 KV decode: {cfg['kvbound_int_kv_decode']}." if "kvbound_int_kv_decode" in cfg else "")
+            + (f" KV decode: {cfg['kvbound_kv_decode']}; torch CPU capability {cfg['torch_cpu_capability']}."
+               if "kvbound_kv_decode" in cfg else "")
+            + (f" llama.cpp: {cfg['llamacpp']}; its system info: `{cfg['llamacpp_system_info']}`."
+               if cfg.get("llamacpp_system_info") else ""))
     return "\n".join([head, "", table, *([""] + notes if notes else [])])
 
 
@@ -310,17 +341,22 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
     if plt is None:
         return None
     fig, (ax_rate, ax_kv) = plt.subplots(1, 2, figsize=(12, 4.5))
+    thread_counts = sorted({r.get("threads", 1) for r in result["rows"]})
     for name in dict.fromkeys(r["system"] for r in result["rows"]):
-        rows = sorted((r for r in result["rows"] if r["system"] == name), key=lambda r: r["context"])
-        x = [r["context"] for r in rows]
         style = "-" if name.startswith("kvbound") else "--"
-        ax_rate.plot(x, [r["decode_tok_s"] for r in rows], style, marker="o", label=name)
-        ax_kv.plot(x, [r["kv_bytes"] / 2**20 for r in rows], style, marker="o", label=name)
+        for n in thread_counts:
+            rows = sorted((r for r in result["rows"] if r["system"] == name and r.get("threads", 1) == n),
+                          key=lambda r: r["context"])
+            x = [r["context"] for r in rows]
+            label = f"{name}, {n} thread{'s' * (n > 1)}" if len(thread_counts) > 1 else name
+            ax_rate.plot(x, [r["decode_tok_s"] for r in rows], style, marker="o" if n == 1 else "s", label=label)
+            if n == thread_counts[0]:
+                ax_kv.plot(x, [r["kv_bytes"] / 2**20 for r in rows], style, marker="o", label=name)
     for ax in (ax_rate, ax_kv):
         ax.set_xscale("log", base=2)
         ax.set_xticks(result["config"]["contexts"], [str(c) for c in result["config"]["contexts"]])
         ax.grid(alpha=0.3)
-    ax_rate.set(xlabel="tokens of context", ylabel="decode tokens/s (one thread)", title="decode speed")
+    ax_rate.set(xlabel="tokens of context", ylabel="decode tokens/s", title="decode speed")
     ax_kv.set(xlabel="tokens of context", ylabel="KV cache (MiB)", title="KV cache size")
     ax_rate.legend(fontsize=7)
     fig.tight_layout()
@@ -337,11 +373,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--no-peers", action="store_true", help="skip llama.cpp (its venv)")
     parser.add_argument("--no-fp32", action="store_true", help="skip kvbound with dense fp32 weights and KV")
+    parser.add_argument("--no-transformers", action="store_true", help="skip transformers (DynamicCache is then "
+                        "replaced as the baseline by kvbound's default)")
+    parser.add_argument("--no-quantized-cache", action="store_true", help="skip transformers' QuantizedCache")
+    parser.add_argument("--threads", type=int, nargs="+", help="thread counts, each a pass over every system "
+                        "(default: 1 and 2; --quick: 1)")
+    parser.add_argument("--kv", nargs="+", choices=KV_DTYPES, help=f"kvbound's KV types (default: {KV_DTYPES})")
     args = parser.parse_args(argv)
     contexts = args.contexts or ([512, 2048] if args.quick else [512, 2048, 8192])
     tokens = args.tokens or (16 if args.quick else 32)
     repeats = args.repeats or (2 if args.quick else 3)
-    result = measure(contexts, tokens, repeats, peers=not args.no_peers, fp32=not args.no_fp32)
+    threads = args.threads or ([1] if args.quick else [1, 2])
+    result = measure(contexts, tokens, repeats, tuple(args.kv or KV_DTYPES), peers=not args.no_peers,
+                     fp32=not args.no_fp32, threads=threads, hf_peer=not args.no_transformers,
+                     quantized_cache=not args.no_quantized_cache)
     png = plot(result, common.RESULTS / "decode.png")
     result["plot"] = str(png.relative_to(common.ROOT)) if png else None
     return common.finish(SUITE, result, args.quick, markdown)

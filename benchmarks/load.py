@@ -120,7 +120,8 @@ def llamacpp_available() -> tuple[bool, str]:
     if probe.returncode != 0:
         return False, ("llama_cpp.server does not import in its venv (pip install 'llama-cpp-python[server]'): "
                        + probe.stderr.strip().splitlines()[-1][:200])
-    return True, ""
+    info, why = common.llamacpp_build(python)
+    return (True, "") if info else (False, why)
 
 
 def start(server: Server, log_file) -> subprocess.Popen:
@@ -666,7 +667,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{cfg['policy']}`, clients keep a session by id and send only the new message. llama.cpp: "
             f"`--n_ctx {cfg['llamacpp_n_ctx']}` (one context, "
             f"{common.mib(cfg.get('llamacpp_kv_bytes')) or '?'} MiB of f16 KV; `--logits_all false`, flash "
-            f"attention on, CPU extra buffers off as in the decode suite), clients resend the whole history. "
+            f"attention on, CPU extra buffers on as in the decode suite), clients resend the whole history. "
             f"TTFT counts from the first attempt (429 waits included); tok/s is all replies' tokens over the "
             f"wall time of the whole load.")
     notes = []

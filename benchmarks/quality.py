@@ -134,7 +134,7 @@ def kv_quant_runs(tokens: int, peers: bool, advance) -> dict[str, Any]:
     result: dict[str, Any] = {
         "kvbound_weights": llm.plan.mode, "kvbound_storage": llm.plan.counts(), "kvbound_compute_dtype": llm.dtype_name,
         "llamacpp_setup": "in its own process per KV type (n_ctx = the ids, n_batch 512, logits of every position, "
-                          "flash attention on, use_extra_bufts off)",
+                          "flash attention on, use_extra_bufts on)",
         "kvbound": kvbound_rows, "llamacpp_rows": [], "unavailable": {}}
     if not peers:
         result["unavailable"]["llama.cpp"] = "skipped (--no-peers)"

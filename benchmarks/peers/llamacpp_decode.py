@@ -2,10 +2,12 @@
 Started by benchmarks/decode.py once per context and KV type, interleaved with the in-process systems, so each
 run is its own process and its peak RSS is its own.
 
-Prefill the given token ids (batches of 512), then decode greedily (argmax of the last logits), one thread.
+Prefill the given token ids (batches of 512), then decode greedily (argmax of the last logits), on --threads
+threads. llama.cpp runs as its users get it at its fastest: built for this CPU (benchmarks/peers/setup.sh), flash
+attention on, extra CPU weight buffers (repacking) on; its llama_print_system_info() goes into the result.
 
     benchmarks/.venvs/llamacpp/bin/python benchmarks/peers/llamacpp_decode.py --ids IDS.json --model M.gguf \
-        --kv f16 --tokens 32 --out OUT.json
+        --kv f16 --tokens 32 --threads 1 --out OUT.json
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
 def no_extra_buffers() -> None:
-    """Turn off llama.cpp's extra CPU weight buffers (weight repacking), which crash with quantized weights on some
-    CPUs. llama-cpp-python has no keyword for `use_extra_bufts`, so the default model params that `Llama()` reads
+    """Turn off llama.cpp's extra CPU weight buffers (weight repacking; on by default), which crash with quantized
+    weights on some CPUs. llama-cpp-python has no keyword for `use_extra_bufts`, so the default model params that `Llama()` reads
     (from the low-level module) are wrapped here, in this benchmark process only."""
     import llama_cpp.llama_cpp as low
 
@@ -57,21 +59,23 @@ def peer_arguments(ids_help: str) -> argparse.ArgumentParser:
     parser.add_argument("--ids", type=Path, required=True, help=ids_help)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--kv", choices=list(KV_TYPES), default="f16")
-    parser.add_argument("--extra-bufts", action="store_true", help="keep llama.cpp's weight repacking buffers")
+    parser.add_argument("--no-extra-bufts", dest="extra_bufts", action="store_false",
+                        help="turn llama.cpp's weight repacking buffers off (on by default, as its users get them)")
+    parser.add_argument("--threads", type=int, default=common.THREADS)
     parser.add_argument("--out", type=Path, required=True)
     return parser
 
 
 def open_model(args: argparse.Namespace, n_ctx: int, logits_all: bool):
-    """llama_cpp.Llama on args.model, KV stored as args.kv, batches of BATCH, the benchmark's thread count, flash
-    attention on (llama.cpp refuses a quantized V cache without it), weight repacking off unless args.extra_bufts."""
+    """llama_cpp.Llama on args.model, KV stored as args.kv, batches of BATCH, args.threads threads, flash attention
+    on (llama.cpp refuses a quantized V cache without it), weight repacking on unless --no-extra-bufts."""
     import llama_cpp
 
     if not args.extra_bufts:
         no_extra_buffers()
     kv = KV_TYPES[args.kv]
     return llama_cpp.Llama(model_path=str(args.model), n_ctx=n_ctx, n_batch=BATCH, n_ubatch=BATCH,
-                           n_threads=common.THREADS, n_threads_batch=common.THREADS, type_k=kv, type_v=kv,
+                           n_threads=args.threads, n_threads_batch=args.threads, type_k=kv, type_v=kv,
                            flash_attn=True, logits_all=logits_all, verbose=False)
 
 
@@ -80,7 +84,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32)
     args = parser.parse_args()
 
-    common.pin_threads()
+    common.pin_threads(args.threads)
     import numpy as np
     import llama_cpp
 
@@ -108,10 +112,11 @@ def main() -> int:
     args.out.write_text(json.dumps({
         "system": f"llama.cpp KV {args.kv}", "prefill_s": t1 - t0, "decode_s": t2 - t1, "decoded": args.tokens,
         "tokens": tokens, "n_ctx": llm.n_ctx(), "flash_attn": True, "extra_bufts": args.extra_bufts,
+        "threads": args.threads, "system_info": llama_cpp.llama_print_system_info().decode(),
         "kv_bytes": kv_bytes(llm, args.kv),
         "rss_start_bytes": rss_start, "rss_loaded_bytes": rss_loaded,
         "rss_end_bytes": common.rss_bytes(), "peak_rss_bytes": common.peak_rss_bytes(),
-        "llama_cpp_version": llama_cpp.__version__, "machine": common.machine_info()}))
+        "llama_cpp_version": llama_cpp.__version__, "machine": common.machine_info(args.threads)}))
     return 0
 
 

@@ -40,7 +40,7 @@ def mean_nll(scores, ids: list[int]) -> float:
 def main() -> int:
     args = peer_arguments("JSON list of the token ids to score").parse_args()
 
-    common.pin_threads()
+    common.pin_threads(args.threads)
     import llama_cpp
 
     ids = json.loads(args.ids.read_text())
@@ -54,9 +54,10 @@ def main() -> int:
     args.out.write_text(json.dumps({
         "system": f"llama.cpp KV {args.kv}", "kv_dtype": args.kv, "ppl": math.exp(nll), "nll": nll,
         "scored_tokens": len(ids) - 1, "n_ctx": llm.n_ctx(), "batch": BATCH, "flash_attn": True,
-        "extra_bufts": args.extra_bufts, "kv_bytes": kv_bytes(llm, args.kv), "elapsed_s": elapsed,
+        "extra_bufts": args.extra_bufts, "system_info": llama_cpp.llama_print_system_info().decode(),
+        "kv_bytes": kv_bytes(llm, args.kv), "elapsed_s": elapsed,
         "peak_rss_bytes": common.peak_rss_bytes(), "llama_cpp_version": llama_cpp.__version__,
-        "machine": common.machine_info()}))
+        "machine": common.machine_info(args.threads)}))
     return 0
 
 

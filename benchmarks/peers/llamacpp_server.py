@@ -2,9 +2,9 @@
 benchmarks/.venvs/llamacpp (installed with its `[server]` extra by benchmarks/peers/setup.sh). Started by
 benchmarks/load.py, which drives it with the same clients as `kvbound serve`.
 
-Its command line is `python -m llama_cpp.server`'s, unchanged; the only difference is that llama.cpp's extra CPU
-weight buffers are turned off first, as benchmarks/peers/llamacpp_decode.py does (they crash with quantized
-weights on some CPUs, and the server has no flag for them).
+Its command line is `python -m llama_cpp.server`'s, unchanged, plus `--no-extra-bufts`, which turns llama.cpp's
+extra CPU weight buffers (weight repacking) off first, as benchmarks/peers/llamacpp_decode.py can: they are on by
+default, as llama.cpp's users get them, and crash with quantized weights on some CPUs (not on this project's).
 
     benchmarks/.venvs/llamacpp/bin/python benchmarks/peers/llamacpp_server.py --model M.gguf --n_ctx 2048 \
         --n_threads 1 --n_threads_batch 1 --host 127.0.0.1 --port 8001
@@ -20,7 +20,9 @@ from llamacpp_decode import no_extra_buffers  # noqa: E402
 
 
 def main() -> int:
-    no_extra_buffers()
+    if "--no-extra-bufts" in sys.argv:
+        sys.argv.remove("--no-extra-bufts")
+        no_extra_buffers()
     from llama_cpp.server.__main__ import main as serve
 
     serve()
