@@ -7,9 +7,25 @@ and which tokens are still held; the model hands it rotated q/k and v per KV hea
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """What a native single-token step needs from the cache (models/native_step.py): the pool's K/V tensors
+    (layers, n_kv, slots, D), the new token's slot, the sequence's blocks in order and the tokens they hold (the new
+    one included), and whether the policy wants each layer's attention (then `observe` is called per layer)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    block: int
+    slot: int
+    table: torch.Tensor  # (nblocks,) int64
+    held: int
+    observe: bool
 
 
 class KVCache(ABC):
@@ -42,6 +58,13 @@ class KVCache(ABC):
     @abstractmethod
     def nbytes(self) -> int:
         """Bytes of the tensors this cache holds (reserved, not just used)."""
+
+    def decode_plan(self) -> DecodePlan | None:
+        """For the begun single-token step, where a native step writes and reads; None: run the eager step."""
+        return None
+
+    def observe(self, layer: int, logits: torch.Tensor) -> None:
+        """Attention logits (n_kv, queries, S) a native step computed for `layer`, for the eviction policy."""
 
 
 def causal_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None = None

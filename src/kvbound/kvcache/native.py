@@ -29,7 +29,8 @@ import torch
 
 logger = logging.getLogger("kvbound")
 
-SOURCE = Path(__file__).with_name("kernels") / "qattn.c"
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = ("qattn.c", "step.c")  # decode attention; the whole single-token decode step (models/native_step.py)
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c11", "-ffp-contract=fast", "-pthread", "-shared", "-fPIC")
 _Q = [ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int]  # q, kind, scale, n_kv, g, D
 _QUANT_ARGTYPES = [*_Q, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # kc, ks, kz
@@ -41,6 +42,9 @@ _QUANT_ARGTYPES = [*_Q, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # kc
 _FLOAT_ARGTYPES = [*_Q, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,  # kv kind, kf, vf
                    ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # slots, B, table,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]  # nblocks, held; out, scores, threads
+_STEP_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # model, x, cos, sin
+                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # slot, table, nblocks, held
+                  ctypes.c_void_p, ctypes.c_int]  # scores, threads
 KINDS = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}  # the kernel's float kinds (0 is quantized)
 
 
@@ -62,7 +66,7 @@ def _cpu_signature() -> str:
 
 
 def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
+    source = b"".join((KERNELS / name).read_bytes() for name in (*SOURCES, "kvb.h"))
     key = hashlib.sha256(source + " ".join((compiler, *FLAGS, _cpu_signature())).encode()).hexdigest()[:16]
     target = cache_dir() / f"qattn-{key}.so"
     if target.exists():
@@ -70,8 +74,8 @@ def _build(compiler: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out), "-lm"],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([compiler, *FLAGS, f"-I{KERNELS}", *(str(KERNELS / n) for n in SOURCES), "-o", str(out),
+                               "-lm"], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-500:]}")
         os.replace(out, target)  # atomic: a racing process either sees no file or a whole one
@@ -92,7 +96,8 @@ def library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         logger.warning("the native quantized-KV kernel could not be built (%s); using the eager path", exc)
         return None
-    for fn, argtypes in ((lib.kvb_qattn_decode, _QUANT_ARGTYPES), (lib.kvb_fattn_decode, _FLOAT_ARGTYPES)):
+    for fn, argtypes in ((lib.kvb_qattn_decode, _QUANT_ARGTYPES), (lib.kvb_fattn_decode, _FLOAT_ARGTYPES),
+                         (lib.kvb_decode_step, _STEP_ARGTYPES)):
         fn.argtypes, fn.restype = argtypes, ctypes.c_int
     return lib
 

@@ -17,7 +17,7 @@ import torch
 
 from kvbound.errors import KVBudgetExceeded, SnapshotError
 from kvbound.kvcache import native, quant
-from kvbound.kvcache.base import KVCache, attention, step_mask
+from kvbound.kvcache.base import DecodePlan, KVCache, attention, step_mask
 from kvbound.kvcache.pool import PER_BLOCK, STORAGE, BlockPool
 from kvbound.kvcache.spec import FLOAT_DTYPES, format_bytes
 from kvbound.models.layers import apply_rope, rope_cos_sin
@@ -212,6 +212,20 @@ class PagedCache(KVCache):
         if observe:
             self._observe_logits(layer, logits)
         return out.view(1, -1, 1, q.shape[-1])
+
+    def decode_plan(self) -> DecodePlan | None:
+        """The begun step as a native whole-model step sees it, when it is one token over float blocks on the CPU
+        with nothing masked; None otherwise (quantized blocks are written through the residual window)."""
+        if self._step is None or self.spec.quantized or self.pool.device.type != "cpu":
+            return None
+        start, T, mask, new_slots, _ = self._step
+        if T != 1 or mask is not None:
+            return None
+        return DecodePlan(self.pool.k, self.pool.v, self.block, int(new_slots[0]), self._step_blocks, start + 1,
+                          self.policy is not None and self.policy.needs_attention)
+
+    def observe(self, layer: int, logits: torch.Tensor) -> None:
+        self._observe_logits(layer, logits)
 
     def end(self) -> None:
         start, T, _, _, _ = self._step

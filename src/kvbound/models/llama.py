@@ -16,6 +16,7 @@ from kvbound.models.weights import COMPUTE_DTYPES, WeightsPlan, materialize, mat
 
 if TYPE_CHECKING:
     from kvbound.models.compiled import CompiledBlocks
+    from kvbound.models.native_step import NativeStep
 
 # attend(layer, q, k, v) → attention output: q (B, H, T, D), k and v (B, n_kv, T, D) → (B, H, T, D). A single
 # sequence passes its cache's `attend`; a decode batch passes one that sends each row to its own cache.
@@ -86,6 +87,8 @@ class LlamaModel(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling),
                              persistent=False)
         self.compiled: CompiledBlocks | None = None  # a compiled single-sequence decode step (compile_decode)
+        self.native_decode = True  # single-token steps through models/native_step.py where it covers the model
+        self._native: NativeStep | None | bool = False  # built on the first decode step (False: not yet)
 
     @classmethod
     def from_tensors(cls, config: ModelConfig, tensors: Iterable[tuple[str, object]],
@@ -148,13 +151,31 @@ class LlamaModel(nn.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # (T, D)
         step = self.compiled if self.compiled is not None and input_ids.shape[1] == 1 else None
         try:
-            for block in self.layers:
-                x = block(x, cos, sin, cache.attend) if step is None else step(block, x, cos, sin, cache.attend)
+            done = self._native_step(x, cos, sin, cache) if input_ids.shape[1] == 1 and step is None else None
+            if done is not None:
+                x, scores = done
+                for layer in range(len(self.layers) if scores is not None else 0):
+                    cache.observe(layer, scores[layer])
+            else:
+                for block in self.layers:
+                    x = block(x, cos, sin, cache.attend) if step is None else step(block, x, cos, sin, cache.attend)
         except BaseException:
             cache.rollback(0)
             raise
         cache.end()
         return self._logits(x if all_logits else x[:, -1:])
+
+    def _native_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
+                     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The whole single-token step in one native call, when the model and the cache's step are covered."""
+        if not self.native_decode:
+            return None
+        if self._native is False:
+            from kvbound.models.native_step import NativeStep
+
+            self._native = NativeStep.build(self)
+        plan = cache.decode_plan() if self._native is not None else None
+        return self._native(x, cos, sin, plan) if plan is not None else None
 
     @torch.inference_mode()
     def forward_batch(self, token_ids: torch.Tensor, caches: Sequence[KVCache]) -> torch.Tensor:

@@ -28,6 +28,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kvb.h"
+
 #define MAX_D 256
 #define MAX_G 32
 #define MAX_B 128
@@ -59,22 +61,6 @@ static inline float h2f(uint16_t h) {
     return f;
 }
 #endif
-
-enum { KIND_QUANT = 0, KIND_F32 = 1, KIND_BF16 = 2, KIND_F16 = 3 };
-
-static inline float bf2f(uint16_t h) {
-    const uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t f2bf(float f) { /* round to nearest even, as torch does (NaN stays NaN) */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
 
 #ifdef __F16C__
 static inline uint16_t f2h(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }

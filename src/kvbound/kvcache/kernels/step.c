@@ -1,0 +1,273 @@
+/* One single-token decode step through every layer of a Llama-family model, in one call.
+ *
+ * Eager PyTorch runs a decode step of the default model as ~3,000 small operators; for a 135M model each costs more
+ * to dispatch than to compute, so the step took twice what its weight bytes take to read. Here a layer is one
+ * pass: RMSNorm, the fused q/k/v matrix, RoPE, the new token's K/V written into its pool slot, attention over the
+ * sequence's blocks (qattn.c), the output matrix and residual, RMSNorm, the fused gate/up matrix, SwiGLU, the down
+ * matrix and residual. Values are rounded to bfloat16 where the eager path rounds them (after each operator), so
+ * the two paths agree to accumulation order.
+ *
+ * Matrices are int4 in PyTorch's CPU packing (`_convert_weight_to_int4pack_for_cpu`, kvbound's Int4Linear): per
+ * block of 64 output rows, for each input k, 32 bytes whose low nibbles are rows 0..31 and high nibbles rows 32..63;
+ * per group of 32 inputs a bf16 (scale, zero) pair per row, w = (q - 8) * scale + zero. Activations and norms are
+ * bfloat16; KV is fp32/bf16/fp16 (kind).
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvb.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+typedef struct {
+    const uint8_t *packed;  /* (padded / 64, k, 32) */
+    const uint16_t *sz;     /* (k / 32, padded, 2) bf16 */
+    const uint16_t *bias;   /* (n,) bf16 or NULL */
+    int64_t n, k, padded;
+} kvb_int4;
+
+typedef struct {
+    const uint16_t *in_norm, *post_norm; /* (hidden,) bf16 */
+    kvb_int4 qkv, o, gate_up, down;
+} kvb_layer;
+
+typedef struct {
+    int n_layers, hidden, n_heads, n_kv, head_dim, inter;
+    float eps;
+    const kvb_layer *layers;
+    void *k_pool, *v_pool; /* (n_layers, n_kv, slots, head_dim) of kv_kind */
+    int kv_kind, block;
+    int64_t slots;
+} kvb_model;
+
+static inline float round_bf16(float f) { return bf2f(f2bf(f)); }
+
+/* y[r] (r in the blocks' rows) = sum_k w[r, k] x[k], fp32; xsum[g] = sum of x over group g. */
+static void int4_rows(const kvb_int4 *w, const float *restrict x, const float *restrict xsum, float *restrict y,
+                      int64_t b0, int64_t b1) {
+    const int64_t K = w->k, G = K / 32, N = w->padded;
+    for (int64_t nb = b0; nb < b1; nb++) {
+        const uint8_t *blk = w->packed + nb * K * 32;
+#if defined(__AVX512F__)
+        __m512 o[4];
+        for (int i = 0; i < 4; i++) o[i] = _mm512_setzero_ps();
+        const __m512i low = _mm512_set1_epi32(15);
+        for (int64_t g = 0; g < G; g++) {
+            __m512 a[4];
+            for (int i = 0; i < 4; i++) a[i] = _mm512_setzero_ps();
+            const uint8_t *row = blk + g * 32 * 32;
+            for (int kk = 0; kk < 32; kk++) {
+                const __m512 xk = _mm512_set1_ps(x[g * 32 + kk]);
+                const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + kk * 32)));
+                const __m512i i1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + kk * 32 + 16)));
+                a[0] = _mm512_fmadd_ps(xk, _mm512_cvtepi32_ps(_mm512_and_si512(i0, low)), a[0]);
+                a[1] = _mm512_fmadd_ps(xk, _mm512_cvtepi32_ps(_mm512_and_si512(i1, low)), a[1]);
+                a[2] = _mm512_fmadd_ps(xk, _mm512_cvtepi32_ps(_mm512_srli_epi32(i0, 4)), a[2]);
+                a[3] = _mm512_fmadd_ps(xk, _mm512_cvtepi32_ps(_mm512_srli_epi32(i1, 4)), a[3]);
+            }
+            /* y += scale * (sum q x - 8 sum x) + zero * sum x; a (scale, zero) pair is one 32-bit lane */
+            const __m512 sx = _mm512_set1_ps(xsum[g]), sx8 = _mm512_set1_ps(8.f * xsum[g]);
+            const uint32_t *pairs = (const uint32_t *)(w->sz + (g * N + nb * 64) * 2);
+            for (int i = 0; i < 4; i++) {
+                const __m512i p = _mm512_loadu_si512((const void *)(pairs + 16 * i));
+                const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(p, 16));
+                const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(p, _mm512_set1_epi32((int)0xffff0000u)));
+                o[i] = _mm512_fmadd_ps(scale, _mm512_sub_ps(a[i], sx8), o[i]);
+                o[i] = _mm512_fmadd_ps(zero, sx, o[i]);
+            }
+        }
+        float out[64];
+        for (int i = 0; i < 4; i++) _mm512_storeu_ps(out + 16 * i, o[i]);
+#else
+        float out[64] = {0};
+        for (int64_t g = 0; g < G; g++) {
+            float a[64] = {0};
+            for (int kk = 0; kk < 32; kk++) {
+                const float xk = x[g * 32 + kk];
+                const uint8_t *b = blk + (g * 32 + kk) * 32;
+                for (int r = 0; r < 32; r++) {
+                    a[r] += xk * (float)(b[r] & 15);
+                    a[r + 32] += xk * (float)(b[r] >> 4);
+                }
+            }
+            const uint16_t *sz = w->sz + (g * N + nb * 64) * 2;
+            for (int r = 0; r < 64; r++)
+                out[r] += bf2f(sz[2 * r]) * (a[r] - 8.f * xsum[g]) + bf2f(sz[2 * r + 1]) * xsum[g];
+        }
+#endif
+        const int64_t first = nb * 64, last = first + 64 < w->n ? first + 64 : w->n;
+        for (int64_t r = first; r < last; r++) y[r] = out[r - first];
+    }
+}
+
+/* -- a small pool of worker threads for the matrices (a step runs ~120 of them: thread creation per matrix, as
+ *    the attention kernel does for long sequences, would cost more than the work) -------------------------------- */
+typedef struct {
+    const kvb_int4 *w;
+    const float *x, *xsum;
+    float *y;
+} gemv_job;
+
+#define MAX_WORKERS 15
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake, done;
+    pthread_t tid[MAX_WORKERS];
+    int started, generation, pending, parts;
+    gemv_job job;
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER, .done = PTHREAD_COND_INITIALIZER};
+
+static void gemv_part(const gemv_job *j, int part, int parts) {
+    const int64_t blocks = j->w->padded / 64;
+    int4_rows(j->w, j->x, j->xsum, j->y, blocks * part / parts, blocks * (part + 1) / parts);
+}
+
+static void *worker(void *arg) {
+    const int me = (int)(intptr_t)arg; /* 1.. */
+    int seen = 0;
+    pthread_mutex_lock(&pool.lock);
+    for (;;) {
+        while (pool.generation == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+        seen = pool.generation;
+        if (me >= pool.parts) continue;
+        const gemv_job job = pool.job;
+        const int parts = pool.parts;
+        pthread_mutex_unlock(&pool.lock);
+        gemv_part(&job, me, parts);
+        pthread_mutex_lock(&pool.lock);
+        if (--pool.pending == 0) pthread_cond_signal(&pool.done);
+    }
+    return NULL;
+}
+
+/* y = W x over `threads` threads (the caller is one of them) */
+static void int4_gemv(const kvb_int4 *w, const float *x, const float *xsum, float *y, int threads) {
+    const gemv_job job = {w, x, xsum, y};
+    int parts = threads < 1 ? 1 : threads > MAX_WORKERS + 1 ? MAX_WORKERS + 1 : threads;
+    if (w->padded / 64 < 2 * parts) parts = 1;
+    if (parts > 1) {
+        pthread_mutex_lock(&pool.lock);
+        while (pool.started < parts - 1 &&
+               pthread_create(&pool.tid[pool.started], NULL, worker, (void *)(intptr_t)(pool.started + 1)) == 0)
+            pool.started++;
+        if (pool.started < parts - 1) parts = pool.started + 1;
+        pool.job = job;
+        pool.parts = parts;
+        pool.pending = parts - 1;
+        pool.generation++;
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.lock);
+    }
+    gemv_part(&job, 0, parts);
+    if (parts > 1) {
+        pthread_mutex_lock(&pool.lock);
+        while (pool.pending > 0) pthread_cond_wait(&pool.done, &pool.lock);
+        pthread_mutex_unlock(&pool.lock);
+    }
+}
+
+/* out (bf16-rounded, as float) = W x + bias, with x already bf16-rounded */
+static void matrix(const kvb_int4 *w, const float *x, float *xsum, float *out, int threads) {
+    for (int64_t g = 0; g < w->k / 32; g++) {
+        float s = 0.f;
+        for (int i = 0; i < 32; i++) s += x[g * 32 + i];
+        xsum[g] = s;
+    }
+    int4_gemv(w, x, xsum, out, threads);
+    for (int64_t r = 0; r < w->n; r++) {
+        out[r] = round_bf16(out[r]); /* the int4 kernel's bf16 output */
+        if (w->bias) out[r] = round_bf16(out[r] + bf2f(w->bias[r]));
+    }
+}
+
+static void rms_norm(const float *x, const uint16_t *weight, int n, float eps, float *out) {
+    float ss = 0.f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float rstd = 1.f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = round_bf16(x[i] * rstd * bf2f(weight[i]));
+}
+
+/* rotate-half RoPE on `heads` heads of D, in bf16 steps as apply_rope does: x*cos + rotated*sin */
+static void rope(float *x, int heads, int D, const float *cos, const float *sin) {
+    const int half = D / 2;
+    float tmp[256];
+    for (int h = 0; h < heads; h++) {
+        float *v = x + (int64_t)h * D;
+        for (int d = 0; d < D; d++) {
+            const float rotated = d < half ? -v[d + half] : v[d - half];
+            tmp[d] = round_bf16(round_bf16(v[d] * cos[d]) + round_bf16(rotated * sin[d]));
+        }
+        memcpy(v, tmp, sizeof(float) * (size_t)D);
+    }
+}
+
+static void store(const float *src, int kind, int64_t n, void *dst) {
+    if (kind == KIND_F32) memcpy(dst, src, (size_t)n * sizeof(float));
+    else if (kind == KIND_BF16) for (int64_t i = 0; i < n; i++) ((uint16_t *)dst)[i] = f2bf(src[i]);
+}
+
+/* x (hidden,) bf16: the token's embedding in, the last layer's output out. cos/sin (head_dim,) bf16 of the token's
+ * position. slot: the new token's pool slot; table/nblocks/held: the sequence's blocks and tokens, the new one
+ * included. scores (n_layers, n_kv, g, held) fp32 or NULL: each layer's raw scaled attention logits. Returns 0, or
+ * -1 when a size is past this kernel's buffers (the caller runs the eager step; nothing was written). */
+int kvb_decode_step(const kvb_model *m, uint16_t *x, const uint16_t *cos16, const uint16_t *sin16, int64_t slot,
+                    const int64_t *table, int64_t nblocks, int64_t held, float *scores, int threads) {
+    const int H = m->hidden, D = m->head_dim, nq = m->n_heads * D, nkv = m->n_kv * D, I = m->inter;
+    if (D > 256 || D % 2 || m->n_heads % m->n_kv || m->n_heads / m->n_kv > 32 || m->block > 128 ||
+        (m->kv_kind != KIND_F32 && m->kv_kind != KIND_BF16) || H % 32 || I % 32 || nq % 32)
+        return -1; /* past the attention kernel's tiles, or a layout this step does not write */
+    const int64_t widest = nq + 2 * (int64_t)nkv > 2 * (int64_t)I ? nq + 2 * (int64_t)nkv : 2 * (int64_t)I;
+    float *buf = malloc(sizeof(float) * (size_t)(3 * H + widest + nq + I + 2 * D + widest / 32 + 64));
+    uint16_t *q16 = malloc(sizeof(uint16_t) * (size_t)(2 * nq));
+    if (!buf || !q16) {
+        free(buf);
+        free(q16);
+        return -1;
+    }
+    float *xf = buf, *h = xf + H, *t = h + H, *wide = t + H, *att = wide + widest, *act = att + nq,
+          *cos = act + I, *sin = cos + D, *xsum = sin + D;
+    uint16_t *out16 = q16 + nq;
+    for (int i = 0; i < H; i++) xf[i] = bf2f(x[i]);
+    for (int d = 0; d < D; d++) { cos[d] = bf2f(cos16[d]); sin[d] = bf2f(sin16[d]); }
+    const int64_t elem = m->kv_kind == KIND_F32 ? 4 : 2;
+    const int g = m->n_heads / m->n_kv;
+    int rc = 0;
+    for (int l = 0; l < m->n_layers && rc == 0; l++) {
+        const kvb_layer *L = &m->layers[l];
+        rms_norm(xf, L->in_norm, H, m->eps, h);
+        matrix(&L->qkv, h, xsum, wide, threads);   /* q (n_heads*D) | k (n_kv*D) | v (n_kv*D) */
+        rope(wide, m->n_heads + m->n_kv, D, cos, sin);
+        for (int kv = 0; kv < m->n_kv; kv++) {     /* the new token's K/V into its slot of this layer */
+            const int64_t at = (((int64_t)l * m->n_kv + kv) * m->slots + slot) * D * elem;
+            store(wide + nq + kv * D, m->kv_kind, D, (uint8_t *)m->k_pool + at);
+            store(wide + nq + nkv + kv * D, m->kv_kind, D, (uint8_t *)m->v_pool + at);
+        }
+        for (int i = 0; i < nq; i++) q16[i] = f2bf(wide[i]);
+        const int64_t layer_at = (int64_t)l * m->n_kv * m->slots * D * elem;
+        rc = kvb_fattn_decode(q16, KIND_BF16, 1.f / sqrtf((float)D), m->n_kv, g, D, m->kv_kind,
+                              (uint8_t *)m->k_pool + layer_at, (uint8_t *)m->v_pool + layer_at, m->slots, m->block,
+                              table, nblocks, held, out16,
+                              scores ? scores + (int64_t)l * m->n_kv * g * held : NULL, threads);
+        for (int i = 0; i < nq; i++) att[i] = bf2f(out16[i]);
+        matrix(&L->o, att, xsum, t, threads);
+        for (int i = 0; i < H; i++) xf[i] = round_bf16(xf[i] + t[i]);
+        rms_norm(xf, L->post_norm, H, m->eps, h);
+        matrix(&L->gate_up, h, xsum, wide, threads); /* gate (I) | up (I) */
+        for (int i = 0; i < I; i++) {
+            const float gate = wide[i], silu = round_bf16(gate / (1.f + expf(-gate)));
+            act[i] = round_bf16(silu * wide[I + i]);
+        }
+        matrix(&L->down, act, xsum, t, threads);
+        for (int i = 0; i < H; i++) xf[i] = round_bf16(xf[i] + t[i]);
+    }
+    if (rc == 0)
+        for (int i = 0; i < H; i++) x[i] = f2bf(xf[i]);
+    free(buf);
+    free(q16);
+    return rc;
+}

@@ -1,0 +1,92 @@
+"""The native whole-model decode step (models/native_step.py, kernels/step.c) against the eager step it replaces,
+on tiny random int4 models (bf16 compute): the same logits up to bf16 rounding, the same K/V written into the pool,
+the same attention handed to the policy, on scattered block tables and on one or several threads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvbound
+from kvbound.config import CacheConfig
+from kvbound.kvcache import native
+from kvbound.models.native_step import NativeStep
+from tests.helpers_tiny import random_ids, save_hf_dir, tiny_case_model
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the native kernels are not built")
+
+CASES = ["llama", "qwen2-gqa4", "llama-tied"]  # plain; q/k/v bias with 4 query heads per KV head; tied embedding
+
+
+@pytest.fixture(scope="module", params=CASES)
+def llm(request, tmp_path_factory):
+    path = save_hf_dir(tiny_case_model(request.param), tmp_path_factory.mktemp(request.param))
+    return kvbound.load(path, weights="int4")
+
+
+def run(llm, native_on: bool, kv: str, policy: str, threads: int):
+    """Two sequences sharing one pool, prefilled and decoded in turns (their block tables interleave); every decode
+    step's logits, both pools' K/V rows and the first sequence's policy scores."""
+    llm.model.native_decode = native_on
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        pool = llm.shared_pool("4MiB", dtype=kv, block_size=8)
+        a, b = (llm.new_cache(CacheConfig(tokens=200, dtype=kv, block_size=8, policy=policy), pool=pool)
+                for _ in range(2))
+        ids = random_ids(60, seed=3)
+        for chunk in (ids[:13], ids[13:20], ids[20:41]):
+            llm.runner.prefill(chunk, a)
+            llm.runner.prefill(chunk[::-1], b)
+        logits = []
+        for i in range(19):  # past block boundaries
+            for cache in (a, b):
+                logits.append(llm.runner.decode(ids[41 + i], cache))
+        assert not a._contiguous()
+        held = pool.read_blocks(a.table, a.n)
+        return torch.stack(logits), held["k"].float(), held["v"].float(), a.scores[: a.n].clone()
+    finally:
+        torch.set_num_threads(saved)
+        llm.model.native_decode = True
+
+
+@pytest.mark.parametrize("kv", ["bf16", "fp32"])
+@pytest.mark.parametrize("policy,threads", [("none", 1), ("h2o", 1), ("none", 3)])
+def test_native_step_matches_the_eager_step(llm, kv, policy, threads, monkeypatch):
+    calls = []
+    real = NativeStep.__call__
+    monkeypatch.setattr(NativeStep, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    fast, fast_k, fast_v, fast_scores = run(llm, True, kv, policy, threads)
+    assert len(calls) == 2 * 19  # every decode step of both sequences went native
+    slow, slow_k, slow_v, slow_scores = run(llm, False, kv, policy, threads)
+    assert len(calls) == 2 * 19
+    # bf16 activations: the two paths round at the same points and differ in accumulation order only
+    scale = slow.abs().max()
+    assert (fast - slow).abs().max() / scale < 0.02
+    assert (fast.argmax(-1) == slow.argmax(-1)).float().mean() > 0.9
+    assert torch.allclose(fast_k, slow_k, atol=0.05, rtol=0.02) and torch.allclose(fast_v, slow_v, atol=0.05,
+                                                                                    rtol=0.02)
+    if policy == "h2o":  # the policy saw each layer's attention from the native step too
+        assert fast_scores.abs().sum() > 0
+        assert torch.allclose(fast_scores, slow_scores, atol=0.02, rtol=0.05)
+
+
+def test_uncovered_models_and_caches_take_the_eager_step(llm, monkeypatch):
+    """Quantized KV, dense weights and a multi-token step never reach the native step."""
+    calls = []
+    real = NativeStep.__call__
+    monkeypatch.setattr(NativeStep, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    cache = llm.new_cache(CacheConfig(tokens=64, dtype="int8"))
+    llm.runner.prefill(random_ids(10, seed=1), cache)
+    llm.runner.decode(5, cache)
+    assert calls == []  # int8 KV: decode_plan is None
+    cache = llm.new_cache(CacheConfig(tokens=64))
+    llm.runner.prefill(random_ids(10, seed=1), cache)
+    assert calls == []  # a prefill step
+    llm.runner.decode(5, cache)
+    assert calls == [1]
+
+
+def test_dense_weights_are_not_covered(tmp_path):
+    llm = kvbound.load(save_hf_dir(tiny_case_model("llama"), tmp_path), weights="bf16")
+    assert NativeStep.build(llm.model) is None
