@@ -10,7 +10,8 @@ import torch
 import kvbound
 from kvbound.config import CacheConfig
 from kvbound.kvcache import native
-from kvbound.models.native_step import NativeStep
+from kvbound.models.linear import Int8Linear
+from kvbound.models.native_step import HEAD_INT4, HEAD_INT8, NativeStep
 from tests.helpers_tiny import random_ids, save_hf_dir, tiny_case_model
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the native kernels are not built")
@@ -18,10 +19,20 @@ pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: t
 CASES = ["llama", "qwen2-gqa4", "llama-tied"]  # plain; q/k/v bias with 4 query heads per KV head; tied embedding
 
 
-@pytest.fixture(scope="module", params=CASES)
+@pytest.fixture(scope="module", params=[(case, head) for case in CASES for head in ("int4", "int8")],
+                ids=lambda p: f"{p[0]}-head-{p[1]}")
 def llm(request, tmp_path_factory):
-    path = save_hf_dir(tiny_case_model(request.param), tmp_path_factory.mktemp(request.param))
-    return kvbound.load(path, weights="int4")
+    """An int4 model; its output matrix int4 or int8 (kvbound's default: the GGUF's 8-bit embedding)."""
+    case, head = request.param
+    path = save_hf_dir(tiny_case_model(case), tmp_path_factory.mktemp(case))
+    llm = kvbound.load(path, weights="int4")
+    if head == "int8":
+        model = llm.model
+        name = "embed_tokens" if model.lm_head is None else "lm_head"
+        dense = getattr(model, name).dequantize()
+        setattr(model, name, Int8Linear(dense, None, torch.bfloat16, torch.device("cpu")))
+    assert NativeStep.build(llm.model).desc.head_kind == {"int4": HEAD_INT4, "int8": HEAD_INT8}[head]
+    return llm
 
 
 def run(llm, native_on: bool, kv: str, policy: str, threads: int):

@@ -30,7 +30,7 @@ import torch
 logger = logging.getLogger("kvbound")
 
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = ("qattn.c", "step.c")  # decode attention; the whole single-token decode step (models/native_step.py)
+SOURCES = ("qattn.c", "step.c", "pool.c")  # decode attention; the whole decode step (models/native_step.py); threads
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c11", "-ffp-contract=fast", "-pthread", "-shared", "-fPIC")
 _Q = [ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int]  # q, kind, scale, n_kv, g, D
 _QUANT_ARGTYPES = [*_Q, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # kc, ks, kz
@@ -44,7 +44,7 @@ _FLOAT_ARGTYPES = [*_Q, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,  # kv ki
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]  # nblocks, held; out, scores, threads
 _STEP_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # model, x, cos, sin
                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # slot, table, nblocks, held
-                  ctypes.c_void_p, ctypes.c_int]  # scores, threads
+                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]  # scores, logits, threads
 KINDS = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}  # the kernel's float kinds (0 is quantized)
 
 

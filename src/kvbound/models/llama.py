@@ -150,10 +150,11 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens.rows(input_ids)  # (1, T, hidden)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)  # (T, D)
         step = self.compiled if self.compiled is not None and input_ids.shape[1] == 1 else None
+        logits = None
         try:
             done = self._native_step(x, cos, sin, cache) if input_ids.shape[1] == 1 and step is None else None
             if done is not None:
-                x, scores = done
+                x, scores, logits = done
                 for layer in range(len(self.layers) if scores is not None else 0):
                     cache.observe(layer, scores[layer])
             else:
@@ -163,10 +164,10 @@ class LlamaModel(nn.Module):
             cache.rollback(0)
             raise
         cache.end()
-        return self._logits(x if all_logits else x[:, -1:])
+        return logits if logits is not None else self._logits(x if all_logits else x[:, -1:])
 
     def _native_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
-                     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
         """The whole single-token step in one native call, when the model and the cache's step are covered."""
         if not self.native_decode:
             return None

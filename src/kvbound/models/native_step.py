@@ -17,7 +17,7 @@ import torch
 
 from kvbound.kvcache import native
 from kvbound.kvcache.base import DecodePlan
-from kvbound.models.linear import Int4Linear
+from kvbound.models.linear import Int4Linear, Int8Linear
 
 if TYPE_CHECKING:
     from kvbound.models.llama import LlamaModel
@@ -35,8 +35,13 @@ class _Layer(ctypes.Structure):
 
 class _Model(ctypes.Structure):
     _fields_ = [("n_layers", c_int), ("hidden", c_int), ("n_heads", c_int), ("n_kv", c_int), ("head_dim", c_int),
-                ("inter", c_int), ("eps", c_float), ("layers", POINTER(_Layer)), ("k_pool", c_void_p),
-                ("v_pool", c_void_p), ("kv_kind", c_int), ("block", c_int), ("slots", c_int64)]
+                ("inter", c_int), ("eps", c_float), ("layers", POINTER(_Layer)), ("final_norm", c_void_p),
+                ("head_kind", c_int), ("head_w", c_void_p), ("head_scale", c_void_p), ("head4", _Int4),
+                ("vocab", c_int64), ("k_pool", c_void_p), ("v_pool", c_void_p), ("kv_kind", c_int), ("block", c_int),
+                ("slots", c_int64)]
+
+
+HEAD_NONE, HEAD_INT8, HEAD_INT4 = 0, 1, 2
 
 
 def _int4(m: Int4Linear) -> _Int4:
@@ -69,7 +74,15 @@ class NativeStep:
                    _int4(b.self_attn.qkv_proj), _int4(b.self_attn.o_proj), _int4(b.mlp.gate_up_proj),
                    _int4(b.mlp.down_proj)) for b in model.layers))
         self.desc = _Model(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                           cfg.intermediate_size, cfg.rms_norm_eps, self.layers)
+                           cfg.intermediate_size, cfg.rms_norm_eps, self.layers, model.norm.weight.data_ptr())
+        head = model.embed_tokens if model.lm_head is None else model.lm_head
+        if (isinstance(head, Int8Linear) and head.kernel and head.bias is None and head.scale.dtype == torch.bfloat16
+                and head.weight.is_contiguous()):
+            self.desc.head_kind, self.desc.head_w, self.desc.head_scale = (
+                HEAD_INT8, head.weight.data_ptr(), head.scale.data_ptr())
+        elif isinstance(head, Int4Linear) and not head.cuda and head.bias is None:
+            self.desc.head_kind, self.desc.head4 = HEAD_INT4, _int4(head)
+        self.desc.vocab = cfg.vocab_size
         self.model = model  # the tensors the descriptor points into live as long as the model
 
     @classmethod
@@ -77,10 +90,12 @@ class NativeStep:
         return cls(model) if native.available() and _covered(model) else None
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: DecodePlan
-                 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
         """x (1, 1, hidden) bf16, the token's embedding; cos/sin (1, head_dim) bf16. Returns the last layer's
-        output (1, 1, hidden) and, when the plan asks, each layer's raw attention logits (layers, n_kv, g, held); or
-        None when the step is past the kernel's sizes (run the eager step: the cache's rows it wrote are rewritten)."""
+        output (1, 1, hidden), each layer's raw attention logits (layers, n_kv, g, held) when the plan asks for them,
+        and the logits (1, 1, vocab) fp32 when the model's output matrix is one the step reads (else None: compute
+        them from the output); or None when the step is past the kernel's sizes (run the eager step: the cache
+        rows it wrote are rewritten)."""
         kind = native.KINDS.get(plan.k.dtype)
         if kind not in (1, 2) or cos.dtype != torch.bfloat16 or x.dtype != torch.bfloat16:
             return None
@@ -92,7 +107,9 @@ class NativeStep:
         cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
         g = cfg.num_heads // cfg.num_kv_heads
         scores = torch.empty(cfg.num_layers, cfg.num_kv_heads, g, plan.held) if plan.observe else None
+        logits = torch.empty(1, 1, cfg.vocab_size) if d.head_kind != HEAD_NONE else None
         rc = native.library().kvb_decode_step(
             ctypes.byref(d), hidden.data_ptr(), cos.data_ptr(), sin.data_ptr(), plan.slot, plan.table.data_ptr(),
-            plan.table.numel(), plan.held, scores.data_ptr() if scores is not None else None, torch.get_num_threads())
-        return None if rc != 0 else (hidden.view(1, 1, -1), scores)
+            plan.table.numel(), plan.held, scores.data_ptr() if scores is not None else None,
+            logits.data_ptr() if logits is not None else None, torch.get_num_threads())
+        return None if rc != 0 else (hidden.view(1, 1, -1), scores, logits)

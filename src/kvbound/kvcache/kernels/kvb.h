@@ -21,6 +21,12 @@ static inline uint16_t f2bf(float f) { /* round to nearest even, as torch does (
     return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
+#define KVB_MAX_THREADS 16
+
+/* Run fn(arg, part, parts) for part = 0 .. parts-1 on the shared worker threads and the caller (pool.c); fewer
+ * parts when fewer threads can be had, so fn must split its work by the `parts` it is given. Returns that count. */
+int kvb_parallel(void (*fn)(void *arg, int part, int parts), void *arg, int parts);
+
 /* decode attention over float KV blocks (qattn.c) */
 int kvb_fattn_decode(const void *q, int q_kind, float scale, int n_kv, int g, int D, int kv_kind, const void *kf,
                      const void *vf, int64_t slots, int B, const int64_t *table, int64_t nblocks, int64_t held,

@@ -23,7 +23,6 @@
  * Returns 0, or -1 when a dimension is past the tile sizes below (the caller falls back to the eager path).
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
@@ -294,7 +293,7 @@ struct share {
     int64_t slots, num_blocks, S, held, b0, b1, rest, res_stride;
     const int64_t *table;
     const void *rk, *rv;
-    int res_kind, with_rest;
+    int res_kind, with_rest, parts_total;
     float *m, *l, *acc, *scores; /* m, l: (n_kv * g); acc: (n_kv * g * D) */
     float *tiles;                /* 2 * B * D: one block's keys and values as fp32 (on the heap, not the stack:
                                   * the caller's thread may have a small one) */
@@ -383,8 +382,7 @@ static inline __attribute__((always_inline)) void run_float(const struct share *
 }
 
 /* Specialized for the common head sizes, group and bit widths, so the inner loops have constant trip counts. */
-static void *run(void *arg) {
-    const struct share *w = arg;
+static void run(const struct share *w) {
     if (w->kind != KIND_QUANT) {
         if (w->D == 64) run_float(w, 64);
         else if (w->D == 128) run_float(w, 128);
@@ -394,13 +392,18 @@ static void *run(void *arg) {
     else if (w->D == 128 && w->G == 32 && w->bits == 8) run_quant(w, 128, 32, 8);
     else if (w->D == 128 && w->G == 32 && w->bits == 4) run_quant(w, 128, 32, 4);
     else run_quant(w, w->D, w->G, w->bits);
-    return NULL;
 }
 
-/* threads > 1 splits the blocks among that many threads (each at least MIN_SHARE blocks; the calling thread takes
- * the first share and the residual window) and merges their softmax states. */
-#define MAX_THREADS 16
+/* threads > 1 splits the blocks among that many threads (each at least MIN_SHARE blocks; the first share takes the
+ * residual window) and merges their softmax states. */
+#define MAX_THREADS KVB_MAX_THREADS
 #define MIN_SHARE 32
+
+static void run_shares(void *arg, int part, int parts) {
+    struct share *shares = arg;
+    const int n = shares[0].parts_total;
+    for (int i = part; i < n; i += parts) run(&shares[i]);
+}
 
 static int launch(struct share proto, const void *q, int q_kind, float scale, int64_t nblocks, void *out,
                   float *scores, int threads) {
@@ -422,8 +425,6 @@ static int launch(struct share proto, const void *q, int q_kind, float scale, in
     proto.S = proto.held + proto.rest;
     proto.scores = scores;
     struct share shares[MAX_THREADS];
-    pthread_t tids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     for (int i = 0; i < n; i++) {
         float *base = state + (size_t)i * each;
         shares[i] = proto;
@@ -434,13 +435,9 @@ static int launch(struct share proto, const void *q, int q_kind, float scale, in
         shares[i].m = base + tiles;
         shares[i].l = base + tiles + rows;
         shares[i].acc = base + tiles + 2 * rows;
-        if (i > 0) started[i] = pthread_create(&tids[i], NULL, run, &shares[i]) == 0;
+        shares[i].parts_total = n;
     }
-    run(&shares[0]);
-    for (int i = 1; i < n; i++) {
-        if (started[i]) pthread_join(tids[i], NULL);
-        else run(&shares[i]); /* no thread to be had: do its share here */
-    }
+    kvb_parallel(run_shares, shares, n);
     float o[MAX_D];
     const int64_t out_elem = q_kind == KIND_F32 ? 4 : 2;
     for (size_t r = 0; r < rows; r++) { /* merge: rescale each share to the common max */

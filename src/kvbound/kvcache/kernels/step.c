@@ -13,7 +13,6 @@
  * bfloat16; KV is fp32/bf16/fp16 (kind).
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,10 +35,18 @@ typedef struct {
     kvb_int4 qkv, o, gate_up, down;
 } kvb_layer;
 
+enum { HEAD_NONE = 0, HEAD_INT8 = 1, HEAD_INT4 = 2 };
+
 typedef struct {
     int n_layers, hidden, n_heads, n_kv, head_dim, inter;
     float eps;
     const kvb_layer *layers;
+    const uint16_t *final_norm; /* (hidden,) bf16 */
+    int head_kind;              /* the output matrix: int8 rows with a bf16 scale each, int4, or none (the caller's) */
+    const int8_t *head_w;       /* int8: (vocab, hidden) */
+    const uint16_t *head_scale; /* int8: (vocab,) bf16 */
+    kvb_int4 head4;
+    int64_t vocab;
     void *k_pool, *v_pool; /* (n_layers, n_kv, slots, head_dim) of kv_kind */
     int kv_kind, block;
     int64_t slots;
@@ -105,70 +112,57 @@ static void int4_rows(const kvb_int4 *w, const float *restrict x, const float *r
     }
 }
 
-/* -- a small pool of worker threads for the matrices (a step runs ~120 of them: thread creation per matrix, as
- *    the attention kernel does for long sequences, would cost more than the work) -------------------------------- */
 typedef struct {
     const kvb_int4 *w;
     const float *x, *xsum;
     float *y;
 } gemv_job;
 
-#define MAX_WORKERS 15
-static struct {
-    pthread_mutex_t lock;
-    pthread_cond_t wake, done;
-    pthread_t tid[MAX_WORKERS];
-    int started, generation, pending, parts;
-    gemv_job job;
-} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER, .done = PTHREAD_COND_INITIALIZER};
-
-static void gemv_part(const gemv_job *j, int part, int parts) {
+static void gemv_part(void *arg, int part, int parts) {
+    const gemv_job *j = arg;
     const int64_t blocks = j->w->padded / 64;
     int4_rows(j->w, j->x, j->xsum, j->y, blocks * part / parts, blocks * (part + 1) / parts);
 }
 
-static void *worker(void *arg) {
-    const int me = (int)(intptr_t)arg; /* 1.. */
-    int seen = 0;
-    pthread_mutex_lock(&pool.lock);
-    for (;;) {
-        while (pool.generation == seen) pthread_cond_wait(&pool.wake, &pool.lock);
-        seen = pool.generation;
-        if (me >= pool.parts) continue;
-        const gemv_job job = pool.job;
-        const int parts = pool.parts;
-        pthread_mutex_unlock(&pool.lock);
-        gemv_part(&job, me, parts);
-        pthread_mutex_lock(&pool.lock);
-        if (--pool.pending == 0) pthread_cond_signal(&pool.done);
-    }
-    return NULL;
+/* y = W x, the 64-row blocks split among `threads` threads (kvb_parallel) */
+static void int4_gemv(const kvb_int4 *w, const float *x, const float *xsum, float *y, int threads) {
+    gemv_job job = {w, x, xsum, y};
+    const int64_t blocks = w->padded / 64;
+    kvb_parallel(gemv_part, &job, blocks < 2 * (int64_t)threads ? 1 : threads);
 }
 
-/* y = W x over `threads` threads (the caller is one of them) */
-static void int4_gemv(const kvb_int4 *w, const float *x, const float *xsum, float *y, int threads) {
-    const gemv_job job = {w, x, xsum, y};
-    int parts = threads < 1 ? 1 : threads > MAX_WORKERS + 1 ? MAX_WORKERS + 1 : threads;
-    if (w->padded / 64 < 2 * parts) parts = 1;
-    if (parts > 1) {
-        pthread_mutex_lock(&pool.lock);
-        while (pool.started < parts - 1 &&
-               pthread_create(&pool.tid[pool.started], NULL, worker, (void *)(intptr_t)(pool.started + 1)) == 0)
-            pool.started++;
-        if (pool.started < parts - 1) parts = pool.started + 1;
-        pool.job = job;
-        pool.parts = parts;
-        pool.pending = parts - 1;
-        pool.generation++;
-        pthread_cond_broadcast(&pool.wake);
-        pthread_mutex_unlock(&pool.lock);
+/* y[r] = bf16(scale[r] * sum_k w[r, k] x[k]) for rows [r0, r1) of an int8 matrix (the int8 kernel's bf16 output) */
+static void int8_rows(const int8_t *restrict w, const uint16_t *restrict scale, int64_t K, const float *restrict x,
+                      float *restrict y, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+        const int8_t *row = w + r * K;
+        float s = 0.f;
+        int64_t k = 0;
+#if defined(__AVX512F__)
+        __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+        for (; k + 32 <= K; k += 32) {
+            a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + k)))),
+                                _mm512_loadu_ps(x + k), a);
+            b = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                    _mm_loadu_si128((const __m128i *)(row + k + 16)))), _mm512_loadu_ps(x + k + 16), b);
+        }
+        s = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+#endif
+        for (; k < K; k++) s += (float)row[k] * x[k];
+        y[r] = round_bf16(s * bf2f(scale[r]));
     }
-    gemv_part(&job, 0, parts);
-    if (parts > 1) {
-        pthread_mutex_lock(&pool.lock);
-        while (pool.pending > 0) pthread_cond_wait(&pool.done, &pool.lock);
-        pthread_mutex_unlock(&pool.lock);
-    }
+}
+
+typedef struct {
+    const kvb_model *m;
+    const float *x;
+    float *y;
+} head_job;
+
+static void head_part(void *arg, int part, int parts) {
+    const head_job *j = arg;
+    const int64_t V = j->m->vocab;
+    int8_rows(j->m->head_w, j->m->head_scale, j->m->hidden, j->x, j->y, V * part / parts, V * (part + 1) / parts);
 }
 
 /* out (bf16-rounded, as float) = W x + bias, with x already bf16-rounded */
@@ -211,12 +205,13 @@ static void store(const float *src, int kind, int64_t n, void *dst) {
     else if (kind == KIND_BF16) for (int64_t i = 0; i < n; i++) ((uint16_t *)dst)[i] = f2bf(src[i]);
 }
 
-/* x (hidden,) bf16: the token's embedding in, the last layer's output out. cos/sin (head_dim,) bf16 of the token's
+/* x (hidden,) bf16: the token's embedding in, the last layer's output out. logits (vocab,) fp32 or NULL: the final
+ * norm and the output matrix too (when the model has a head this step reads; the caller's otherwise). cos/sin (head_dim,) bf16 of the token's
  * position. slot: the new token's pool slot; table/nblocks/held: the sequence's blocks and tokens, the new one
  * included. scores (n_layers, n_kv, g, held) fp32 or NULL: each layer's raw scaled attention logits. Returns 0, or
  * -1 when a size is past this kernel's buffers (the caller runs the eager step; nothing was written). */
 int kvb_decode_step(const kvb_model *m, uint16_t *x, const uint16_t *cos16, const uint16_t *sin16, int64_t slot,
-                    const int64_t *table, int64_t nblocks, int64_t held, float *scores, int threads) {
+                    const int64_t *table, int64_t nblocks, int64_t held, float *scores, float *logits, int threads) {
     const int H = m->hidden, D = m->head_dim, nq = m->n_heads * D, nkv = m->n_kv * D, I = m->inter;
     if (D > 256 || D % 2 || m->n_heads % m->n_kv || m->n_heads / m->n_kv > 32 || m->block > 128 ||
         (m->kv_kind != KIND_F32 && m->kv_kind != KIND_BF16) || H % 32 || I % 32 || nq % 32)
@@ -267,6 +262,15 @@ int kvb_decode_step(const kvb_model *m, uint16_t *x, const uint16_t *cos16, cons
     }
     if (rc == 0)
         for (int i = 0; i < H; i++) x[i] = f2bf(xf[i]);
+    if (rc == 0 && logits && m->head_kind != HEAD_NONE) {
+        rms_norm(xf, m->final_norm, H, m->eps, h);
+        if (m->head_kind == HEAD_INT8) {
+            head_job job = {m, h, logits};
+            kvb_parallel(head_part, &job, threads);
+        } else {
+            matrix(&m->head4, h, xsum, logits, threads);
+        }
+    }
     free(buf);
     free(q16);
     return rc;
