@@ -247,16 +247,53 @@ static inline __attribute__((always_inline)) void accumulate(float *restrict a, 
     }
 }
 
-/* Online-softmax update of g query rows with a tile of n keys/values (fp32, row-major n x D). */
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+#define HAVE_BF16_DOT 1
+/* out[i] = scale * (q . k[i]) for 8 bf16 rows of k against a bf16 q (D % 32 == 0): the products of two bf16 values
+ * are exact in fp32, so this equals widening both and multiplying in fp32, without the widening pass. */
+static inline __attribute__((always_inline)) void dot8_bf16(const uint16_t *restrict q, const uint16_t *restrict k,
+                                                            int D, float scale, float *restrict out) {
+    __m512 a[8];
+    for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_ps();
+    for (int d = 0; d < D; d += 32) {
+        const __m512bh qv = (__m512bh)_mm512_loadu_si512((const void *)(q + d));
+        for (int i = 0; i < 8; i++)
+            a[i] = _mm512_dpbf16_ps(a[i], qv, (__m512bh)_mm512_loadu_si512((const void *)(k + (int64_t)i * D + d)));
+    }
+    __m256 b[8];
+    for (int i = 0; i < 8; i++) b[i] = _mm256_add_ps(_mm512_castps512_ps256(a[i]), _mm512_extractf32x8_ps(a[i], 1));
+    const __m256 h0123 = _mm256_hadd_ps(_mm256_hadd_ps(b[0], b[1]), _mm256_hadd_ps(b[2], b[3]));
+    const __m256 h4567 = _mm256_hadd_ps(_mm256_hadd_ps(b[4], b[5]), _mm256_hadd_ps(b[6], b[7]));
+    _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_set1_ps(scale),
+                                        _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20),
+                                                      _mm256_permute2f128_ps(h0123, h4567, 0x31))));
+}
+#endif
+
+/* Online-softmax update of g query rows with a tile of n keys/values (fp32, row-major n x D). With kb (bf16 keys
+ * read in place) and q16 (the bf16 queries, unscaled), the logits come from bf16 dot products instead of kt. */
 static inline __attribute__((always_inline)) void attend_tile(
         const float *restrict q, int g, int D, const float *restrict kt, const float *restrict vt, int n,
-        float *restrict m, float *restrict l, float *restrict acc, float *scores, int64_t score_stride) {
+        float *restrict m, float *restrict l, float *restrict acc, float *scores, int64_t score_stride,
+        const uint16_t *kb, const uint16_t *q16, float scale) {
     float p[MAX_B];
     for (int j = 0; j < g; j++) {
         const float *qj = q + (int64_t)j * D;
         float mx = -INFINITY;
         int t = 0;
-        for (; t + 8 <= n; t += 8) dot8(qj, kt + (int64_t)t * D, D, p + t);
+        if (kb) {
+            const uint16_t *q16j = q16 + (int64_t)j * D;
+#ifdef HAVE_BF16_DOT
+            for (; t + 8 <= n; t += 8) dot8_bf16(q16j, kb + (int64_t)t * D, D, scale, p + t);
+#endif
+            for (; t < n; t++) {
+                float s = 0.f;
+                for (int d = 0; d < D; d++) s += bf2f(q16j[d]) * bf2f(kb[(int64_t)t * D + d]);
+                p[t] = s * scale;
+            }
+        } else {
+            for (; t + 8 <= n; t += 8) dot8(qj, kt + (int64_t)t * D, D, p + t);
+        }
         for (; t < n; t++) {
             const float *kr = kt + (int64_t)t * D;
             float s = 0.f;
@@ -286,7 +323,9 @@ static inline __attribute__((always_inline)) void attend_tile(
 /* One share of the work: blocks [b0, b1) of the sequence (and the residual window when with_rest) for every head,
  * left as online-softmax state (m, l, unnormalized acc) per query row for the merge. */
 struct share {
-    const float *q; /* fp32, already scaled by the softmax scale */
+    const float *q;          /* fp32, already scaled by the softmax scale */
+    const uint16_t *q16;     /* the bf16 queries as given (unscaled), or NULL when q was not bf16 */
+    float scale;
     int n_kv, g, D, B, G, bits, kind;
     const uint8_t *kc, *vc; /* quantized codes, or the float pool's rows (as bytes) */
     const uint16_t *ks, *kz, *vs, *vz;
@@ -315,7 +354,7 @@ static inline void attend_rest(const struct share *w, int h, const int D, float 
     widen((const uint8_t *)w->rk + off, w->res_kind, w->rest * D, kt);
     widen((const uint8_t *)w->rv + off, w->res_kind, w->rest * D, vt);
     attend_tile(w->q + (int64_t)h * w->g * D, w->g, D, kt, vt, (int)w->rest, m, l, acc, sc ? sc + w->held : NULL,
-                w->S);
+                w->S, NULL, NULL, 0.f);
 }
 
 static inline __attribute__((always_inline)) void run_quant(const struct share *w, const int D, const int G,
@@ -349,7 +388,7 @@ static inline __attribute__((always_inline)) void run_quant(const struct share *
                     for (int d = 0; d < G; d++) seg[d] = seg[d] * s + z;
                 }
             }
-            attend_tile(qh, g, D, kt, vt, B, m, l, acc, sc ? sc + bi * B : NULL, w->S);
+            attend_tile(qh, g, D, kt, vt, B, m, l, acc, sc ? sc + bi * B : NULL, w->S, NULL, NULL, 0.f);
         }
         attend_rest(w, h, D, m, l, acc, sc);
     }
@@ -360,6 +399,11 @@ static inline __attribute__((always_inline)) void run_float(const struct share *
     const int64_t elem = kind == KIND_F32 ? 4 : 2, slots = w->slots, held = w->held;
     const int64_t *restrict table = w->table;
     float *restrict kt = w->tiles, *restrict vt = w->tiles + (int64_t)B * D;
+#ifdef HAVE_BF16_DOT
+    const int bf16_keys = kind == KIND_BF16 && w->q16 != NULL && D % 32 == 0;
+#else
+    const int bf16_keys = 0;
+#endif
     for (int h = 0; h < w->n_kv; h++) {
         const float *qh = w->q + (int64_t)h * g * D;
         float *m, *l, *acc, *sc;
@@ -370,12 +414,17 @@ static inline __attribute__((always_inline)) void run_float(const struct share *
             const uint8_t *kb = w->kc + row0 * D * elem, *vb = w->vc + row0 * D * elem;
             if (kind == KIND_F32) { /* fp32 blocks are read where they lie */
                 attend_tile(qh, g, D, (const float *)kb, (const float *)vb, n, m, l, acc,
-                            sc ? sc + bi * B : NULL, w->S);
+                            sc ? sc + bi * B : NULL, w->S, NULL, NULL, 0.f);
+                continue;
+            }
+            widen(vb, kind, (int64_t)n * D, vt);
+            if (bf16_keys) { /* bf16 keys are dotted where they lie */
+                attend_tile(qh, g, D, NULL, vt, n, m, l, acc, sc ? sc + bi * B : NULL, w->S, (const uint16_t *)kb,
+                            w->q16 + (int64_t)h * g * D, w->scale);
                 continue;
             }
             widen(kb, kind, (int64_t)n * D, kt);
-            widen(vb, kind, (int64_t)n * D, vt);
-            attend_tile(qh, g, D, kt, vt, n, m, l, acc, sc ? sc + bi * B : NULL, w->S);
+            attend_tile(qh, g, D, kt, vt, n, m, l, acc, sc ? sc + bi * B : NULL, w->S, NULL, NULL, 0.f);
         }
         attend_rest(w, h, D, m, l, acc, sc);
     }
@@ -422,6 +471,8 @@ static int launch(struct share proto, const void *q, int q_kind, float scale, in
     widen(q, q_kind, (int64_t)rows * D, qs);
     for (size_t i = 0; i < rows * D; i++) qs[i] *= scale;
     proto.q = qs;
+    proto.q16 = q_kind == KIND_BF16 ? q : NULL;
+    proto.scale = scale;
     proto.S = proto.held + proto.rest;
     proto.scores = scores;
     struct share shares[MAX_THREADS];
