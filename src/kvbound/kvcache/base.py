@@ -26,6 +26,17 @@ class DecodePlan:
     table: torch.Tensor  # (nblocks,) int64
     held: int
     observe: bool
+    # quantized KV (k/v are then the codes): the pool's scales and zeros, and the residual window (layers, n_kv,
+    # block, D) whose position `rest` the new token takes (a step that would fill the block is not planned)
+    k_scale: torch.Tensor | None = None
+    k_zero: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+    v_zero: torch.Tensor | None = None
+    bits: int = 0
+    group: int = 0
+    res_k: torch.Tensor | None = None
+    res_v: torch.Tensor | None = None
+    rest: int = 0
 
 
 class KVCache(ABC):

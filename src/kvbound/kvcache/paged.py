@@ -214,15 +214,23 @@ class PagedCache(KVCache):
         return out.view(1, -1, 1, q.shape[-1])
 
     def decode_plan(self) -> DecodePlan | None:
-        """The begun step as a native whole-model step sees it, when it is one token over float blocks on the CPU
-        with nothing masked; None otherwise (quantized blocks are written through the residual window)."""
-        if self._step is None or self.spec.quantized or self.pool.device.type != "cpu":
+        """The begun step as a native whole-model step sees it, when it is one token on the CPU with nothing masked;
+        None otherwise. A quantized cache's token goes into the residual window; the step that fills a block runs
+        eagerly (it quantizes the block)."""
+        if self._step is None or self.pool.device.type != "cpu":
             return None
         start, T, mask, new_slots, _ = self._step
         if T != 1 or mask is not None:
             return None
-        return DecodePlan(self.pool.k, self.pool.v, self.block, int(new_slots[0]), self._step_blocks, start + 1,
-                          self.policy is not None and self.policy.needs_attention)
+        pool, observe = self.pool, self.policy is not None and self.policy.needs_attention
+        if not self.spec.quantized:
+            return DecodePlan(pool.k, pool.v, self.block, int(new_slots[0]), self._step_blocks, start + 1, observe)
+        rest = start % self.block
+        if rest + 1 >= self.block:
+            return None
+        return DecodePlan(pool.k, pool.v, self.block, -1, self._step_blocks, start + 1, observe, pool.k_scale,
+                          pool.k_zero, pool.v_scale, pool.v_zero, self.spec.bits, self.spec.group, self.res_k,
+                          self.res_v, rest)
 
     def observe(self, layer: int, logits: torch.Tensor) -> None:
         self._observe_logits(layer, logits)

@@ -1,10 +1,11 @@
 """The single-token decode step as one native call (kvcache/kernels/step.c), for the models it covers: every layer
-matrix int4 in PyTorch's CPU packing (Int4Linear), bf16 activations and norms, SwiGLU, float KV on the CPU.
+matrix int4 in PyTorch's CPU packing (Int4Linear), bf16 activations and norms, SwiGLU, KV on the CPU (float, or
+int8/int4 between the steps that fill a block).
 
 The eager step of the default model is ~3,000 PyTorch operators, most of them too small to pay for their own
 dispatch; the native step runs the same arithmetic, rounding to bf16 where the eager operators do, in one call. The
-eager step stays the reference and the fallback: other weights modes, compute dtypes, devices and caches (quantized
-KV, sliding windows, multi-token steps, decode batches) run it unchanged.
+eager step stays the reference and the fallback: other weights modes, compute dtypes, devices and steps (a
+quantized block's last token, sliding windows, multi-token steps, decode batches) run it unchanged.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ class _Model(ctypes.Structure):
                 ("inter", c_int), ("eps", c_float), ("layers", POINTER(_Layer)), ("final_norm", c_void_p),
                 ("head_kind", c_int), ("head_w", c_void_p), ("head_scale", c_void_p), ("head4", _Int4),
                 ("vocab", c_int64), ("k_pool", c_void_p), ("v_pool", c_void_p), ("kv_kind", c_int), ("block", c_int),
-                ("slots", c_int64)]
+                ("slots", c_int64), ("k_scale", c_void_p), ("k_zero", c_void_p), ("v_scale", c_void_p),
+                ("v_zero", c_void_p), ("bits", c_int), ("group", c_int), ("num_blocks", c_int64), ("res_k", c_void_p),
+                ("res_v", c_void_p), ("res_kind", c_int), ("rest", c_int64)]
 
 
 HEAD_NONE, HEAD_INT8, HEAD_INT4 = 0, 1, 2
@@ -96,13 +99,20 @@ class NativeStep:
         and the logits (1, 1, vocab) fp32 when the model's output matrix is one the step reads (else None: compute
         them from the output); or None when the step is past the kernel's sizes (run the eager step: the cache
         rows it wrote are rewritten)."""
-        kind = native.KINDS.get(plan.k.dtype)
-        if kind not in (1, 2) or cos.dtype != torch.bfloat16 or x.dtype != torch.bfloat16:
+        quantized = plan.k_scale is not None
+        kind = 0 if quantized else native.KINDS.get(plan.k.dtype)
+        res_kind = native.KINDS.get(plan.res_k.dtype) if quantized else 1
+        if kind not in (0, 1, 2) or res_kind not in (1, 2) or cos.dtype != torch.bfloat16 or x.dtype != torch.bfloat16:
             return None
         cfg = self.model.config
         d = self.desc
         d.k_pool, d.v_pool, d.kv_kind = plan.k.data_ptr(), plan.v.data_ptr(), kind
         d.block, d.slots = plan.block, plan.k.shape[2]
+        if quantized:
+            d.k_scale, d.k_zero, d.v_scale, d.v_zero = (t.data_ptr() for t in (plan.k_scale, plan.k_zero,
+                                                                               plan.v_scale, plan.v_zero))
+            d.bits, d.group, d.num_blocks = plan.bits, plan.group, plan.k_scale.shape[2]
+            d.res_k, d.res_v, d.res_kind, d.rest = plan.res_k.data_ptr(), plan.res_v.data_ptr(), res_kind, plan.rest
         hidden = x.reshape(-1).contiguous().clone()  # (hidden,): written in place with the output
         cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
         g = cfg.num_heads // cfg.num_kv_heads

@@ -32,4 +32,11 @@ int kvb_fattn_decode(const void *q, int q_kind, float scale, int n_kv, int g, in
                      const void *vf, int64_t slots, int B, const int64_t *table, int64_t nblocks, int64_t held,
                      void *out, float *scores, int threads);
 
+/* decode attention over quantized blocks plus a float residual window (qattn.c) */
+int kvb_qattn_decode(const void *q, int q_kind, float scale, int n_kv, int g, int D, const uint8_t *kc,
+                     const uint16_t *ks, const uint16_t *kz, const uint8_t *vc, const uint16_t *vs, const uint16_t *vz,
+                     int64_t slots, int64_t num_blocks, int B, int G, int bits, const int64_t *table, int64_t nblocks,
+                     const void *rk, const void *rv, int64_t rest, int64_t res_stride, int res_kind, void *out,
+                     float *scores, int threads);
+
 #endif

@@ -47,9 +47,15 @@ typedef struct {
     const uint16_t *head_scale; /* int8: (vocab,) bf16 */
     kvb_int4 head4;
     int64_t vocab;
-    void *k_pool, *v_pool; /* (n_layers, n_kv, slots, head_dim) of kv_kind */
-    int kv_kind, block;
+    void *k_pool, *v_pool; /* float KV: (n_layers, n_kv, slots, head_dim) of kv_kind; quantized: the codes */
+    int kv_kind, block;    /* kv_kind KIND_QUANT: KIVI int8/int4 blocks (qattn.c's layout) and a residual window */
     int64_t slots;
+    const uint16_t *k_scale, *k_zero, *v_scale, *v_zero; /* quantized: fp16 (n_layers, n_kv, blocks or slots, .) */
+    int bits, group;
+    int64_t num_blocks;
+    void *res_k, *res_v; /* quantized: (n_layers, n_kv, block, head_dim) of res_kind; the new token goes at `rest` */
+    int res_kind;
+    int64_t rest;
 } kvb_model;
 
 static inline float round_bf16(float f) { return bf2f(f2bf(f)); }
@@ -208,14 +214,18 @@ static void store(const float *src, int kind, int64_t n, void *dst) {
 /* x (hidden,) bf16: the token's embedding in, the last layer's output out. logits (vocab,) fp32 or NULL: the final
  * norm and the output matrix too (when the model has a head this step reads; the caller's otherwise). cos/sin (head_dim,) bf16 of the token's
  * position. slot: the new token's pool slot; table/nblocks/held: the sequence's blocks and tokens, the new one
- * included. scores (n_layers, n_kv, g, held) fp32 or NULL: each layer's raw scaled attention logits. Returns 0, or
+ * included (quantized KV: the whole blocks, `held` counting the residual window too). scores (n_layers, n_kv, g,
+ * held) fp32 or NULL: each layer's raw scaled attention logits. Returns 0, or
  * -1 when a size is past this kernel's buffers (the caller runs the eager step; nothing was written). */
 int kvb_decode_step(const kvb_model *m, uint16_t *x, const uint16_t *cos16, const uint16_t *sin16, int64_t slot,
                     const int64_t *table, int64_t nblocks, int64_t held, float *scores, float *logits, int threads) {
     const int H = m->hidden, D = m->head_dim, nq = m->n_heads * D, nkv = m->n_kv * D, I = m->inter;
+    const int quant = m->kv_kind == KIND_QUANT;
     if (D > 256 || D % 2 || m->n_heads % m->n_kv || m->n_heads / m->n_kv > 32 || m->block > 128 ||
-        (m->kv_kind != KIND_F32 && m->kv_kind != KIND_BF16) || H % 32 || I % 32 || nq % 32)
-        return -1; /* past the attention kernel's tiles, or a layout this step does not write */
+        (!quant && m->kv_kind != KIND_F32 && m->kv_kind != KIND_BF16) || H % 32 || I % 32 || nq % 32 ||
+        (quant && (m->rest + 1 >= m->block || (m->res_kind != KIND_F32 && m->res_kind != KIND_BF16))))
+        return -1; /* past the attention kernel's tiles, a layout this step does not write, or a step that fills a
+                    * quantized block (the eager step quantizes it) */
     const int64_t widest = nq + 2 * (int64_t)nkv > 2 * (int64_t)I ? nq + 2 * (int64_t)nkv : 2 * (int64_t)I;
     float *buf = malloc(sizeof(float) * (size_t)(3 * H + widest + nq + I + 2 * D + widest / 32 + 64));
     uint16_t *q16 = malloc(sizeof(uint16_t) * (size_t)(2 * nq));
@@ -229,7 +239,8 @@ int kvb_decode_step(const kvb_model *m, uint16_t *x, const uint16_t *cos16, cons
     uint16_t *out16 = q16 + nq;
     for (int i = 0; i < H; i++) xf[i] = bf2f(x[i]);
     for (int d = 0; d < D; d++) { cos[d] = bf2f(cos16[d]); sin[d] = bf2f(sin16[d]); }
-    const int64_t elem = m->kv_kind == KIND_F32 ? 4 : 2;
+    const int64_t elem = quant ? (m->res_kind == KIND_F32 ? 4 : 2) : m->kv_kind == KIND_F32 ? 4 : 2;
+    const int64_t W = quant ? D * m->bits / 8 : 0, ngroups = quant ? D / m->group : 0;
     const int g = m->n_heads / m->n_kv;
     int rc = 0;
     for (int l = 0; l < m->n_layers && rc == 0; l++) {
@@ -237,17 +248,31 @@ int kvb_decode_step(const kvb_model *m, uint16_t *x, const uint16_t *cos16, cons
         rms_norm(xf, L->in_norm, H, m->eps, h);
         matrix(&L->qkv, h, xsum, wide, threads);   /* q (n_heads*D) | k (n_kv*D) | v (n_kv*D) */
         rope(wide, m->n_heads + m->n_kv, D, cos, sin);
-        for (int kv = 0; kv < m->n_kv; kv++) {     /* the new token's K/V into its slot of this layer */
-            const int64_t at = (((int64_t)l * m->n_kv + kv) * m->slots + slot) * D * elem;
-            store(wide + nq + kv * D, m->kv_kind, D, (uint8_t *)m->k_pool + at);
-            store(wide + nq + nkv + kv * D, m->kv_kind, D, (uint8_t *)m->v_pool + at);
+        for (int kv = 0; kv < m->n_kv; kv++) { /* the new token's K/V: its pool slot, or the residual window */
+            const int64_t at = quant ? (((int64_t)l * m->n_kv + kv) * m->block + m->rest) * D * elem
+                                     : (((int64_t)l * m->n_kv + kv) * m->slots + slot) * D * elem;
+            uint8_t *kdst = (uint8_t *)(quant ? m->res_k : m->k_pool), *vdst = (uint8_t *)(quant ? m->res_v : m->v_pool);
+            store(wide + nq + kv * D, quant ? m->res_kind : m->kv_kind, D, kdst + at);
+            store(wide + nq + nkv + kv * D, quant ? m->res_kind : m->kv_kind, D, vdst + at);
         }
         for (int i = 0; i < nq; i++) q16[i] = f2bf(wide[i]);
-        const int64_t layer_at = (int64_t)l * m->n_kv * m->slots * D * elem;
-        rc = kvb_fattn_decode(q16, KIND_BF16, 1.f / sqrtf((float)D), m->n_kv, g, D, m->kv_kind,
-                              (uint8_t *)m->k_pool + layer_at, (uint8_t *)m->v_pool + layer_at, m->slots, m->block,
-                              table, nblocks, held, out16,
-                              scores ? scores + (int64_t)l * m->n_kv * g * held : NULL, threads);
+        float *layer_scores = scores ? scores + (int64_t)l * m->n_kv * g * held : NULL;
+        if (quant) {
+            const int64_t codes = (int64_t)l * m->n_kv * m->slots * W, per_block = (int64_t)l * m->n_kv * m->num_blocks * D,
+                          per_slot = (int64_t)l * m->n_kv * m->slots * ngroups,
+                          res = (int64_t)l * m->n_kv * m->block * D * elem;
+            rc = kvb_qattn_decode(q16, KIND_BF16, 1.f / sqrtf((float)D), m->n_kv, g, D,
+                                  (const uint8_t *)m->k_pool + codes, m->k_scale + per_block, m->k_zero + per_block,
+                                  (const uint8_t *)m->v_pool + codes, m->v_scale + per_slot, m->v_zero + per_slot,
+                                  m->slots, m->num_blocks, m->block, m->group, m->bits, table, nblocks,
+                                  (const uint8_t *)m->res_k + res, (const uint8_t *)m->res_v + res, m->rest + 1,
+                                  m->block, m->res_kind, out16, layer_scores, threads);
+        } else {
+            const int64_t layer_at = (int64_t)l * m->n_kv * m->slots * D * elem;
+            rc = kvb_fattn_decode(q16, KIND_BF16, 1.f / sqrtf((float)D), m->n_kv, g, D, m->kv_kind,
+                                  (uint8_t *)m->k_pool + layer_at, (uint8_t *)m->v_pool + layer_at, m->slots, m->block,
+                                  table, nblocks, held, out16, layer_scores, threads);
+        }
         for (int i = 0; i < nq; i++) att[i] = bf2f(out16[i]);
         matrix(&L->o, att, xsum, t, threads);
         for (int i = 0; i < H; i++) xf[i] = round_bf16(xf[i] + t[i]);
