@@ -90,7 +90,8 @@ def run_system(system: str, ids: list[int], tokens: int) -> dict[str, Any]:
         peer = LlamaCppSystem(resolve_model(), "f16")
         r = peer.run(ids, tokens)
         return {"prefill_s": r.prefill_s, "decode_s": r.decode_s, "tokens": r.tokens, "kv_bytes": r.kv_bytes,
-                "peak_rss_bytes": peer.last["peak_rss_bytes"], "weights_bytes": None}
+                "peak_rss_bytes": peer.last["peak_rss_bytes"], "weights_bytes": None,
+                "system_info": peer.last.get("system_info")}
     with tempfile.TemporaryDirectory() as tmp:
         ids_file, out = Path(tmp) / "ids.json", Path(tmp) / "out.json"
         ids_file.write_text(json.dumps(ids))
@@ -102,7 +103,8 @@ def run_system(system: str, ids: list[int], tokens: int) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
-def measure(contexts: list[int], tokens: int, repeats: int, peers: bool, compiled: bool = False) -> dict[str, Any]:
+def measure(contexts: list[int], tokens: int, repeats: int, peers: bool, compiled: bool = False,
+            modes: tuple[str, ...] = MODES) -> dict[str, Any]:
     import kvbound
     from benchmarks.decode import LlamaCppSystem, prompt_ids
     from kvbound.loading import open_checkpoint
@@ -111,7 +113,7 @@ def measure(contexts: list[int], tokens: int, repeats: int, peers: bool, compile
     file_bytes = checkpoint.file_tensor_bytes
     tokenizer = checkpoint.make_tokenizer()
     all_ids = prompt_ids(SimpleNamespace(tokenizer=tokenizer), max(contexts))
-    systems = [f"kvbound weights {m}" for m in MODES] + (["kvbound weights auto+compile"] if compiled else []) + [
+    systems = [f"kvbound weights {m}" for m in modes] + (["kvbound weights auto+compile"] if compiled else []) + [
         BASELINE]
     unavailable = {}
     if peers:
@@ -136,6 +138,8 @@ def measure(contexts: list[int], tokens: int, repeats: int, peers: bool, compile
                     entry["decode_s"].append(r["decode_s"])
                     entry["prefill_s"].append(r["prefill_s"])
                     entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], r["peak_rss_bytes"])
+                    if r.get("system_info"):
+                        entry["system_info"] = r["system_info"]
                     advance(note=f"{context} {system}: {tokens / r['decode_s']:.1f} tok/s")
             for entry in best.values():
                 entry["decode_tok_s"] = tokens / min(entry["decode_s"])
@@ -190,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--no-peers", action="store_true", help="skip llama.cpp (its venv)")
     parser.add_argument("--compiled", action="store_true", help="add the default weights with --compile")
+    parser.add_argument("--modes", nargs="+", choices=MODES, help=f"kvbound weight modes (default: {' '.join(MODES)})")
     parser.add_argument("--name", default=SUITE, help="results file name (default: weights, the report's)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--ids", help=argparse.SUPPRESS)
@@ -200,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         return child(args)
     contexts = args.contexts or ([512, 8192] if args.quick else [512, 2048, 8192])
     repeats = args.repeats or (1 if args.quick else 2)
-    result = measure(contexts, args.tokens, repeats, not args.no_peers, args.compiled)
+    result = measure(contexts, args.tokens, repeats, not args.no_peers, args.compiled, tuple(args.modes or MODES))
     path = common.write_result(args.name, result)
     common.log(f"wrote {path}")
     print(markdown(result))
