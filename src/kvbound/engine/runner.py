@@ -43,5 +43,8 @@ class Runner:
 
     def decode_batch(self, token_ids: list[int], caches: list[KVCache]) -> torch.Tensor:
         """The next token of each of B sequences, one forward for all: logits (B, V); row i is what
-        `decode(token_ids[i], caches[i])` returns, up to the rounding of a B-row matmul."""
+        `decode(token_ids[i], caches[i])` returns, up to the rounding of a B-row matmul. A batch of one is a plain
+        decode step (the native whole-model step where it covers the model)."""
+        if len(caches) == 1:
+            return self.decode(token_ids[0], caches[0])[None]  # (1, V)
         return self.model.forward_batch(torch.tensor(token_ids, device=self.device), caches)
