@@ -602,6 +602,7 @@ def measure(load: Load, kv_budget: str, policy: str, llamacpp_ctx: int, llamacpp
         "llamacpp_n_ctx": llamacpp_ctx, "llamacpp_cache_size": llamacpp_cache,
         "llamacpp_kv_bytes": llamacpp_kv_bytes,
         "server_threads": common.THREADS, "retry_429_for_s": RETRY_429_FOR_S,
+        "llamacpp_system_info": common.llamacpp_build()[0] if peers else None,
         "connection_retries": CONNECTION_RETRIES, **source_state(),
         "kvbound_clients": "session_id in the body; each request sends the system prompt and the new message",
         "llamacpp_clients": "no sessions: each request resends the whole history; a failed turn is left out of it",

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import common
-from benchmarks.decode import LlamaCppSystem
 
 SUITE = "quality"
 POLICIES = ("window", "h2o", "snapkv", "tova")
@@ -139,10 +138,11 @@ def kv_quant_runs(tokens: int, peers: bool, advance) -> dict[str, Any]:
     if not peers:
         result["unavailable"]["llama.cpp"] = "skipped (--no-peers)"
         return result
-    ok, why = LlamaCppSystem.available()
-    if not ok:
+    info, why = common.llamacpp_build()  # refuses a build without this CPU's SIMD
+    if info is None:
         result["unavailable"]["llama.cpp"] = why
         return result
+    result["llamacpp_system_info"] = info
     ids = scored_ids(llm, tokens)[: kvbound_rows[0]["scored_tokens"] + 1]  # exactly the ids kvbound scored
     result["llamacpp_rows"] = llamacpp_kv_runs(resolve_model(), ids, advance)
     return result
