@@ -1,7 +1,8 @@
 """Where a kvbound decode step spends its time (torch.profiler, one thread): the top operators, and how much of
-the wall time no operator accounts for (Python and dispatch overhead).
+the wall time no operator accounts for (Python and dispatch overhead). The native whole-model step shows as a few
+operators around one call; --eager profiles the PyTorch step it replaces.
 
-    python -m benchmarks.profile_decode [--context 2048] [--tokens 16] [--kv auto] [--weights auto]
+    python -m benchmarks.profile_decode [--context 2048] [--tokens 16] [--kv auto] [--weights auto] [--eager]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default="auto", help="weights storage: auto, fp32, bf16, fp16, int8, int4")
     parser.add_argument("--policy", default="none")
     parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--eager", action="store_true", help="the eager PyTorch step, not the native one")
     args = parser.parse_args(argv)
     common.pin_threads()
     import torch
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.decode import prompt_ids
 
     llm = kvbound.load(weights=args.weights, device="cpu")
+    llm.model.native_decode = not args.eager
     ids = prompt_ids(llm, args.context)
     tokens = args.context + args.tokens + 8  # + the warm-up steps
     cache = llm.new_cache(CacheConfig(dtype=args.kv, tokens=tokens, policy=args.policy))
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     events = prof.key_averages()
     self_total = sum(e.self_cpu_time_total for e in events) / 1e6
     print(f"kvbound decode, context {args.context}, KV {args.kv}, weights {args.weights}, policy {args.policy}, "
-          f"1 thread: {args.tokens / wall:.2f} tok/s under the profiler; operators account for "
+          f"{'eager' if args.eager else 'native where covered'}, 1 thread: {args.tokens / wall:.2f} tok/s under the profiler; operators account for "
           f"{100 * self_total / wall:.0f}% of the wall time")
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
     return 0
