@@ -261,6 +261,14 @@ def finish(name: str, result: dict[str, Any], quick: bool, markdown: Callable[[d
     return 0
 
 
+def rewrite_result(name: str, body: dict[str, Any]) -> Path:
+    """Write a result read with `read_result` back, its machine facts as they were (a run added beside it)."""
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(body, indent=2, default=_jsonable) + "\n")
+    log(f"wrote {path.relative_to(ROOT)}")
+    return path
+
+
 def read_result(name: str) -> dict[str, Any] | None:
     path = RESULTS / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else None

@@ -29,6 +29,7 @@ KV_DTYPES = ("bf16", "int8", "int4")  # of the default engine (bf16 compute: its
 BASELINE = "transformers DynamicCache"
 DEFAULT = "kvbound KV bf16"  # default weights, default KV: what `kvbound.load()` runs
 PEER = "llama.cpp KV f16"
+PEER_NO_FA = "llama.cpp KV f16, flash attention off"
 FP32 = "kvbound fp32 weights, KV fp32"
 
 
@@ -100,9 +101,9 @@ class LlamaCppSystem:
 
     script = common.BENCH / "peers" / "llamacpp_decode.py"
 
-    def __init__(self, model_path, kv: str):
-        self.model_path, self.kv = model_path, kv
-        self.name = f"llama.cpp KV {kv}"
+    def __init__(self, model_path, kv: str, flash_attn: bool = True):
+        self.model_path, self.kv, self.flash_attn = model_path, kv, flash_attn
+        self.name = f"llama.cpp KV {kv}" + ("" if flash_attn else ", flash attention off")
         self.threads = common.THREADS
         self.last: dict[str, Any] = {}
 
@@ -120,7 +121,8 @@ class LlamaCppSystem:
             ids_file.write_text(json.dumps(ids))
             proc = common.run_python(common.venv_python("llamacpp"), [
                 str(self.script), "--ids", str(ids_file), "--model", str(self.model_path), "--kv", self.kv,
-                "--tokens", str(decode_tokens), "--threads", str(self.threads), "--out", str(out)],
+                "--tokens", str(decode_tokens), "--threads", str(self.threads), "--out", str(out),
+                *([] if self.flash_attn else ["--no-flash-attn"])],
                 threads=self.threads)
             if proc.returncode != 0 or not out.is_file():
                 raise RuntimeError(f"{self.script.name} --kv {self.kv} exited with status {proc.returncode}")
@@ -172,7 +174,8 @@ def quantized_cache_backend() -> tuple[str | None, str]:
 
 
 def build_systems(llm, hf, model_path, kv_dtypes=KV_DTYPES, peers: bool = True,
-                  llm_fp32=None, quantized_cache: bool = True) -> tuple[list, dict[str, str]]:
+                  llm_fp32=None, quantized_cache: bool = True, flash_attn_off: bool = False,
+                  llamacpp_kv: tuple[str, ...] = ("f16", "q8_0")) -> tuple[list, dict[str, str]]:
     systems: list = [KvboundSystem(llm, d) for d in kv_dtypes]
     if llm_fp32 is not None:  # dense fp32 weights and KV: the same numbers transformers computes
         systems.append(KvboundSystem(llm_fp32, "fp32", name=FP32))
@@ -196,7 +199,9 @@ def build_systems(llm, hf, model_path, kv_dtypes=KV_DTYPES, peers: bool = True,
     if peers:
         ok, why = LlamaCppSystem.available()
         if ok:
-            systems += [LlamaCppSystem(model_path, "f16"), LlamaCppSystem(model_path, "q8_0")]
+            systems += [LlamaCppSystem(model_path, kv) for kv in llamacpp_kv]
+            if flash_attn_off:  # on the CPU llama.cpp's f16 KV decodes long contexts faster without it
+                systems.append(LlamaCppSystem(model_path, "f16", flash_attn=False))
         else:
             unavailable["llama.cpp"] = why
     return systems, unavailable
@@ -212,7 +217,8 @@ def prompt_ids(llm, count: int) -> list[int]:
 
 def measure(contexts: list[int], decode_tokens: int, repeats: int, kv_dtypes=KV_DTYPES,
             peers: bool = True, fp32: bool = True, threads: list[int] | None = None, hf_peer: bool = True,
-            quantized_cache: bool = True) -> dict[str, Any]:
+            quantized_cache: bool = True, flash_attn_off: bool = False,
+            llamacpp_kv: tuple[str, ...] = ("f16", "q8_0")) -> dict[str, Any]:
     threads = threads or [common.THREADS]
     common.pin_threads(max(threads))
     import torch
@@ -226,7 +232,8 @@ def measure(contexts: list[int], decode_tokens: int, repeats: int, kv_dtypes=KV_
     hf = load_transformers(path) if hf_peer else None
     llm_fp32 = kvbound.load(path, weights="fp32", dtype="fp32", device="cpu") if fp32 else None
     max_context = llm.config.max_context
-    systems, unavailable = build_systems(llm, hf, path, kv_dtypes, peers, llm_fp32, quantized_cache)
+    systems, unavailable = build_systems(llm, hf, path, kv_dtypes, peers, llm_fp32, quantized_cache, flash_attn_off,
+                                         llamacpp_kv)
     baseline = BASELINE if hf is not None else DEFAULT
     all_ids = prompt_ids(llm, max(contexts))
     llamacpp_info = next((common.llamacpp_build()[0] for s in systems if isinstance(s, LlamaCppSystem)), None)
@@ -261,7 +268,9 @@ def measure(contexts: list[int], decode_tokens: int, repeats: int, kv_dtypes=KV_
                             entry["system_info"] = system.last.get("system_info")
                         advance(note=f"{n_threads} thr {context} {system.name}: "
                                      f"{decode_tokens / run.decode_s:.1f} tok/s")
-                reference, peer = best[baseline], best.get(PEER)
+                reference = best[baseline]
+                peers_f16 = [best[n] for n in (PEER, PEER_NO_FA) if n in best]  # llama.cpp f16 at its best here
+                peer = min(peers_f16, key=lambda e: min(e["decode_s"])) if peers_f16 else None
                 for entry in best.values():
                     entry["prefill_tok_s"] = prefill / min(entry["prefill_s"])
                     entry["decode_tok_s"] = decode_tokens / min(entry["decode_s"])
@@ -270,6 +279,7 @@ def measure(contexts: list[int], decode_tokens: int, repeats: int, kv_dtypes=KV_
                     if peer is not None:
                         entry["prefill_vs_llamacpp"] = min(peer["prefill_s"]) / min(entry["prefill_s"])
                         entry["decode_vs_llamacpp"] = min(peer["decode_s"]) / min(entry["decode_s"])
+                        entry["llamacpp_reference"] = peer["system"]
                     entry["greedy_tokens_equal_to_baseline"] = _common_prefix(entry["tokens"], reference["tokens"])
                     rows.append(entry)
     return {
@@ -282,7 +292,7 @@ def measure(contexts: list[int], decode_tokens: int, repeats: int, kv_dtypes=KV_
                    "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                    "llamacpp": "own process per run, built for this CPU (GGML_NATIVE=ON), n_batch 512, flash "
                                "attention on, extra CPU buffers (repacking) on",
-                   "llamacpp_system_info": llamacpp_info,
+                   "llamacpp_system_info": llamacpp_info, "flash_attn_off": flash_attn_off,
                    "in_process_peak_rss_bytes": common.peak_rss_bytes(),
                    "baseline": baseline, "timing": "best of repeats, systems interleaved per context"},
         "rows": rows,
@@ -299,21 +309,22 @@ def _common_prefix(a: list[int], b: list[int]) -> str:
     return f"{n}/{min(len(a), len(b))}"
 
 
-def markdown(result: dict[str, Any]) -> str:
-    rows = []
+def _table(result: dict[str, Any]) -> str:
     def x(r: dict[str, Any], key: str) -> str:
         return f"{r[key]:.2f}x" if key in r else "—"
 
     base = "HF Dynamic" if result["config"].get("baseline", BASELINE) == BASELINE else "kvbound default"
-    for r in result["rows"]:
-        rows.append([r.get("threads", 1), r["system"], r["context"], round(r["prefill_tok_s"], 1),
-                     x(r, "prefill_vs_llamacpp"), round(r["decode_tok_s"], 2), x(r, "decode_vs_llamacpp"),
-                     x(r, "decode_vs_baseline"), common.mib(r["kv_bytes"]), common.mib(r.get("peak_rss_bytes")),
-                     r["greedy_tokens_equal_to_baseline"]])
-    table = common.markdown_table(
+    rows = [[r.get("threads", 1), r["system"], r["context"], round(r["prefill_tok_s"], 1), x(r, "prefill_vs_llamacpp"),
+             round(r["decode_tok_s"], 2), x(r, "decode_vs_llamacpp"), x(r, "decode_vs_baseline"),
+             common.mib(r["kv_bytes"]), common.mib(r.get("peak_rss_bytes")), r["greedy_tokens_equal_to_baseline"]]
+            for r in result["rows"]]
+    return common.markdown_table(
         ["threads", "system", "context", "prefill tok/s", "prefill vs llama.cpp f16", "decode tok/s",
          "decode vs llama.cpp f16", f"decode vs {base}", "KV MiB", "own process peak RSS MiB",
          f"greedy tokens = {base}"], rows)
+
+
+def markdown(result: dict[str, Any]) -> str:
     notes = [f"- {name}: {why}" for name, why in result.get("unavailable", {}).items()]
     cfg_rss = result["config"].get("in_process_peak_rss_bytes")
     if cfg_rss:
@@ -331,8 +342,17 @@ def markdown(result: dict[str, Any]) -> str:
             + (f" KV decode: {cfg['kvbound_kv_decode']}; torch CPU capability {cfg['torch_cpu_capability']}."
                if "kvbound_kv_decode" in cfg else "")
             + (f" llama.cpp: {cfg['llamacpp']}; its system info: `{cfg['llamacpp_system_info']}`."
-               if cfg.get("llamacpp_system_info") else ""))
-    return "\n".join([head, "", table, *([""] + notes if notes else [])])
+               if cfg.get("llamacpp_system_info") else "")
+            + " A `vs llama.cpp f16` ratio is against the faster llama.cpp f16 row of the same run and threads.")
+    parts = [head, "", _table(result), *([""] + notes if notes else [])]
+    for run in result.get("supplementary", []):
+        c = run["config"]
+        what = ("llama.cpp f16 KV with flash attention off as well as on (on the CPU it decodes long contexts "
+                "faster off), " if c.get("flash_attn_off") else "")
+        parts += ["", f"A second run, {what}interleaved with kvbound's default in one process, "
+                      f"{c['repeats']} repeat(s): `{run['machine']['command']}` — {run['machine']['date']}; load "
+                      f"average at start {run['machine']['load_average_at_start']}.", "", _table(run)]
+    return "\n".join(parts)
 
 
 def plot(result: dict[str, Any], path: Path) -> Path | None:
@@ -379,6 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", help="thread counts, each a pass over every system "
                         "(default: 1 and 2; --quick: 1)")
     parser.add_argument("--kv", nargs="+", choices=KV_DTYPES, help=f"kvbound's KV types (default: {KV_DTYPES})")
+    parser.add_argument("--flash-attn-off", action="store_true",
+                        help="add llama.cpp f16 KV with flash attention off (its faster setting at long contexts)")
+    parser.add_argument("--llamacpp-kv", nargs="+", choices=("f16", "q8_0"), default=["f16", "q8_0"],
+                        help="llama.cpp's KV types (flash attention on)")
+    parser.add_argument("--supplement", action="store_true",
+                        help="keep results/decode.json's run and add this one beside it (a second table)")
     args = parser.parse_args(argv)
     contexts = args.contexts or ([512, 2048] if args.quick else [512, 2048, 8192])
     tokens = args.tokens or (16 if args.quick else 32)
@@ -386,7 +412,16 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or ([1] if args.quick else [1, 2])
     result = measure(contexts, tokens, repeats, tuple(args.kv or KV_DTYPES), peers=not args.no_peers,
                      fp32=not args.no_fp32, threads=threads, hf_peer=not args.no_transformers,
-                     quantized_cache=not args.no_quantized_cache)
+                     quantized_cache=not args.no_quantized_cache, flash_attn_off=args.flash_attn_off,
+                     llamacpp_kv=tuple(args.llamacpp_kv))
+    main_run = common.read_result(SUITE) if args.supplement else None
+    if main_run is not None:
+        run = {"machine": common.machine_info(max(threads)), **result, "quick": args.quick}
+        main_run["supplementary"] = [s for s in main_run.get("supplementary", [])
+                                     if s["config"].get("flash_attn_off") != args.flash_attn_off] + [run]
+        common.rewrite_result(SUITE, main_run)
+        print(markdown(run))
+        return 0
     png = plot(result, common.RESULTS / "decode.png")
     result["plot"] = str(png.relative_to(common.ROOT)) if png else None
     return common.finish(SUITE, result, args.quick, markdown)

@@ -62,13 +62,17 @@ def peer_arguments(ids_help: str) -> argparse.ArgumentParser:
     parser.add_argument("--no-extra-bufts", dest="extra_bufts", action="store_false",
                         help="turn llama.cpp's weight repacking buffers off (on by default, as its users get them)")
     parser.add_argument("--threads", type=int, default=common.THREADS)
+    parser.add_argument("--no-flash-attn", dest="flash_attn", action="store_false",
+                        help="flash attention off (f16 KV only: llama.cpp needs it for a quantized V cache); on the "
+                             "CPU it decodes long contexts faster off")
     parser.add_argument("--out", type=Path, required=True)
     return parser
 
 
 def open_model(args: argparse.Namespace, n_ctx: int, logits_all: bool):
     """llama_cpp.Llama on args.model, KV stored as args.kv, batches of BATCH, args.threads threads, flash attention
-    on (llama.cpp refuses a quantized V cache without it), weight repacking on unless --no-extra-bufts."""
+    on unless --no-flash-attn (llama.cpp refuses a quantized V cache without it), weight repacking on unless
+    --no-extra-bufts."""
     import llama_cpp
 
     if not args.extra_bufts:
@@ -76,7 +80,7 @@ def open_model(args: argparse.Namespace, n_ctx: int, logits_all: bool):
     kv = KV_TYPES[args.kv]
     return llama_cpp.Llama(model_path=str(args.model), n_ctx=n_ctx, n_batch=BATCH, n_ubatch=BATCH,
                            n_threads=args.threads, n_threads_batch=args.threads, type_k=kv, type_v=kv,
-                           flash_attn=True, logits_all=logits_all, verbose=False)
+                           flash_attn=args.flash_attn, logits_all=logits_all, verbose=False)
 
 
 def main() -> int:
@@ -111,7 +115,7 @@ def main() -> int:
     t2 = time.perf_counter()
     args.out.write_text(json.dumps({
         "system": f"llama.cpp KV {args.kv}", "prefill_s": t1 - t0, "decode_s": t2 - t1, "decoded": args.tokens,
-        "tokens": tokens, "n_ctx": llm.n_ctx(), "flash_attn": True, "extra_bufts": args.extra_bufts,
+        "tokens": tokens, "n_ctx": llm.n_ctx(), "flash_attn": args.flash_attn, "extra_bufts": args.extra_bufts,
         "threads": args.threads, "system_info": llama_cpp.llama_print_system_info().decode(),
         "kv_bytes": kv_bytes(llm, args.kv),
         "rss_start_bytes": rss_start, "rss_loaded_bytes": rss_loaded,

@@ -53,7 +53,7 @@ def main() -> int:
     elapsed = time.perf_counter() - t0
     args.out.write_text(json.dumps({
         "system": f"llama.cpp KV {args.kv}", "kv_dtype": args.kv, "ppl": math.exp(nll), "nll": nll,
-        "scored_tokens": len(ids) - 1, "n_ctx": llm.n_ctx(), "batch": BATCH, "flash_attn": True,
+        "scored_tokens": len(ids) - 1, "n_ctx": llm.n_ctx(), "batch": BATCH, "flash_attn": args.flash_attn,
         "extra_bufts": args.extra_bufts, "system_info": llama_cpp.llama_print_system_info().decode(),
         "kv_bytes": kv_bytes(llm, args.kv), "elapsed_s": elapsed,
         "peak_rss_bytes": common.peak_rss_bytes(), "llama_cpp_version": llama_cpp.__version__,
