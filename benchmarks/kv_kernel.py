@@ -106,7 +106,7 @@ def markdown(result: dict[str, Any]) -> str:
     cfg = result["config"]
     rows = [[r["threads"], r["context"], f"{r['kv_dtype']} {r['path']}", round(r["ms_per_step"], 2),
              f"{r['vs_bf16_sdpa']:.2f}x", common.mib(r["kv_bytes"]),
-             f"{r['kv_read_bytes_per_s'] / 1e9:.1f} ({100 * r['vs_copy_bandwidth']:.0f}%)"
+             f"{r['kv_read_bytes_per_s'] / 1e9:.1f} ({200 * r['vs_copy_bandwidth']:.0f}%)"  # vs the copy's reads
              if "kv_read_bytes_per_s" in r else "—"] for r in result["rows"]]
     head = (f"Attention of one decode step through all {cfg['layers']} layers ({cfg['query_heads']} query heads, "
             f"{cfg['kv_heads']} KV heads of {cfg['head_dim']}; random K/V written through the cache; computing in "
@@ -114,8 +114,8 @@ def markdown(result: dict[str, Any]) -> str:
             "into a scratch first); `native` is kernels/qattn.c, reading the blocks in place. Speed is relative to bf16 "
             "KV through SDPA at the same context and threads. KV GB/s: the KV bytes held, all read once a step, per "
             "second"
-            + (f"; in brackets against this machine's one-thread copy bandwidth "
-               f"({cfg['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)." if "copy_bandwidth_bytes_per_s" in cfg else "."))
+            + (f"; in brackets against the rate at which one thread of this machine reads while copying "
+               f"({cfg['copy_bandwidth_bytes_per_s'] / 2e9:.1f} GB/s)." if "copy_bandwidth_bytes_per_s" in cfg else "."))
     table = common.markdown_table(["threads", "context", "KV / path", "ms per step", "speed vs bf16 SDPA", "KV MiB",
                                    "KV GB/s"], rows)
     return "\n".join([head, "", table])
