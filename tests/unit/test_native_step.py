@@ -111,3 +111,27 @@ def test_uncovered_models_and_caches_take_the_eager_step(llm, monkeypatch):
 def test_dense_weights_are_not_covered(tmp_path):
     llm = kvbound.load(save_hf_dir(tiny_case_model("llama"), tmp_path), weights="bf16")
     assert NativeStep.build(llm.model) is None
+
+
+def test_a_decode_batch_takes_the_native_step_per_sequence_and_is_all_or_nothing(llm):
+    """Runner.decode_batch over an int4 model: each row equals that sequence's own decode, and a cache that cannot
+    take its token leaves every cache of the batch as it was."""
+    from kvbound.errors import ContextOverflowError
+
+    def prefilled(seed: int, tokens: int = 64):
+        cache = llm.new_cache(CacheConfig(tokens=tokens))
+        llm.runner.prefill(random_ids(12, seed=seed), cache)
+        return cache
+
+    a, b = prefilled(1), prefilled(2)
+    rows = llm.runner.decode_batch([3, 4], [a, b])
+    assert torch.equal(rows[0], llm.runner.decode(3, prefilled(1)))
+    assert torch.equal(rows[1], llm.runner.decode(4, prefilled(2)))
+    full = prefilled(3, tokens=12)  # no eviction: a 13th token does not fit
+    held = a.num_tokens
+    with pytest.raises(ContextOverflowError):
+        llm.runner.decode_batch([5, 6], [a, full])  # a takes its token first, then gives it back
+    assert a.num_tokens == held and full.num_tokens == 12
+    same_history = prefilled(1)
+    llm.runner.decode(3, same_history)
+    assert torch.equal(llm.runner.decode(7, a), llm.runner.decode(7, same_history))

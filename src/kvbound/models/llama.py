@@ -166,16 +166,20 @@ class LlamaModel(nn.Module):
         cache.end()
         return logits if logits is not None else self._logits(x if all_logits else x[:, -1:])
 
-    def _native_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
-                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
-        """The whole single-token step in one native call, when the model and the cache's step are covered."""
+    def native_step_ready(self) -> bool:
+        """Whether single-token steps of this model run as one native call (models/native_step.py)."""
         if not self.native_decode:
-            return None
+            return False
         if self._native is False:
             from kvbound.models.native_step import NativeStep
 
             self._native = NativeStep.build(self)
-        plan = cache.decode_plan() if self._native is not None else None
+        return self._native is not None
+
+    def _native_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+        """The whole single-token step in one native call, when the model and the cache's step are covered."""
+        plan = cache.decode_plan() if self.native_step_ready() else None
         return self._native(x, cos, sin, plan) if plan is not None else None
 
     @torch.inference_mode()
