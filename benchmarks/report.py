@@ -51,7 +51,7 @@ def _estimate_entries(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]
 
 SECTIONS = [  # (result name, title, markdown(result))
     ("decode", "Decode and prefill speed", decode.markdown),
-    ("kv_kernel", "Attention over quantized KV: the native kernel against dequantize-then-SDPA", kv_kernel.markdown),
+    ("kv_kernel", "Attention per decode step: the native kernels against SDPA", kv_kernel.markdown),
     ("long_chat", "A long chat under a fixed KV budget", long_chat.markdown),
     ("quality", "Quality under a KV budget (perplexity, passkey)", quality.markdown),
     ("kvpress", "Context compression against kvpress", compression.markdown),
