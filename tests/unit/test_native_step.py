@@ -9,6 +9,7 @@ import torch
 
 import kvbound
 from kvbound.config import CacheConfig
+from kvbound.errors import ContextOverflowError
 from kvbound.kvcache import native
 from kvbound.models.linear import Int8Linear
 from kvbound.models.native_step import HEAD_INT4, HEAD_INT8, NativeStep
@@ -116,7 +117,6 @@ def test_dense_weights_are_not_covered(tmp_path):
 def test_a_decode_batch_takes_the_native_step_per_sequence_and_is_all_or_nothing(llm):
     """Runner.decode_batch over an int4 model: each row equals that sequence's own decode, and a cache that cannot
     take its token leaves every cache of the batch as it was."""
-    from kvbound.errors import ContextOverflowError
 
     def prefilled(seed: int, tokens: int = 64):
         cache = llm.new_cache(CacheConfig(tokens=tokens))
