@@ -236,7 +236,6 @@ def measure(contexts: list[int], decode_tokens: int, repeats: int, kv_dtypes=KV_
                                          llamacpp_kv)
     baseline = BASELINE if hf is not None else DEFAULT
     all_ids = prompt_ids(llm, max(contexts))
-    llamacpp_info = next((common.llamacpp_build()[0] for s in systems if isinstance(s, LlamaCppSystem)), None)
 
     rows: list[dict[str, Any]] = []
     total = len(threads) * len(contexts) * repeats * len(systems)
@@ -292,7 +291,8 @@ def measure(contexts: list[int], decode_tokens: int, repeats: int, kv_dtypes=KV_
                    "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                    "llamacpp": "own process per run, built for this CPU (GGML_NATIVE=ON), n_batch 512, flash "
                                "attention on, extra CPU buffers (repacking) on",
-                   "llamacpp_system_info": llamacpp_info, "flash_attn_off": flash_attn_off,
+                   "llamacpp_system_info": next((r["system_info"] for r in rows if r.get("system_info")), None),
+                   "flash_attn_off": flash_attn_off,
                    "in_process_peak_rss_bytes": common.peak_rss_bytes(),
                    "baseline": baseline, "timing": "best of repeats, systems interleaved per context"},
         "rows": rows,

@@ -111,17 +111,17 @@ def llamacpp_server(name: str, model: Path, n_ctx: int, cache_bytes: int) -> Ser
     return Server(name, argv, port, "/v1/models")
 
 
-def llamacpp_available() -> tuple[bool, str]:
+def llamacpp_available() -> tuple[str | None, str]:
+    """(the server venv's llama_print_system_info(), "") or (None, why it cannot be used)."""
     python = common.venv_python("llamacpp")
     if not python.is_file():
-        return False, f"no venv at {python.parent.parent} (bash benchmarks/peers/setup.sh llamacpp)"
+        return None, f"no venv at {python.parent.parent} (bash benchmarks/peers/setup.sh llamacpp)"
     probe = subprocess.run([str(python), "-c", "import llama_cpp.server.app"], capture_output=True, text=True,
                            env=server_env(), check=False)
     if probe.returncode != 0:
-        return False, ("llama_cpp.server does not import in its venv (pip install 'llama-cpp-python[server]'): "
-                       + probe.stderr.strip().splitlines()[-1][:200])
-    info, why = common.llamacpp_build(python)
-    return (True, "") if info else (False, why)
+        return None, ("llama_cpp.server does not import in its venv (pip install 'llama-cpp-python[server]'): "
+                      + probe.stderr.strip().splitlines()[-1][:200])
+    return common.llamacpp_build(python)
 
 
 def start(server: Server, log_file) -> subprocess.Popen:
@@ -574,10 +574,11 @@ def measure(load: Load, kv_budget: str, policy: str, llamacpp_ctx: int, llamacpp
     servers = [kvbound_server(kv_budget, policy)] if KVBOUND in systems else []
     peers = [name for name in systems if name != KVBOUND]
     unavailable: dict[str, str] = {}
+    llamacpp_info = None
     if peers:
-        ok, why = llamacpp_available()
+        llamacpp_info, why = llamacpp_available()
         for name in peers:
-            if ok:
+            if llamacpp_info:
                 servers.append(llamacpp_server(name, model, llamacpp_ctx, parse_size(llamacpp_cache)))
             else:
                 unavailable[name] = why
@@ -602,7 +603,7 @@ def measure(load: Load, kv_budget: str, policy: str, llamacpp_ctx: int, llamacpp
         "llamacpp_n_ctx": llamacpp_ctx, "llamacpp_cache_size": llamacpp_cache,
         "llamacpp_kv_bytes": llamacpp_kv_bytes,
         "server_threads": common.THREADS, "retry_429_for_s": RETRY_429_FOR_S,
-        "llamacpp_system_info": common.llamacpp_build()[0] if peers else None,
+        "llamacpp_system_info": llamacpp_info,
         "connection_retries": CONNECTION_RETRIES, **source_state(),
         "kvbound_clients": "session_id in the body; each request sends the system prompt and the new message",
         "llamacpp_clients": "no sessions: each request resends the whole history; a failed turn is left out of it",

@@ -89,12 +89,12 @@ def library() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
-        logger.info("no C compiler found: quantized KV decodes on the eager path")
+        logger.info("no C compiler found: decode steps run on the eager path")
         return None
     try:
         lib = ctypes.CDLL(str(_build(compiler)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        logger.warning("the native quantized-KV kernel could not be built (%s); using the eager path", exc)
+        logger.warning("the native decode kernels could not be built (%s); using the eager path", exc)
         return None
     for fn, argtypes in ((lib.kvb_qattn_decode, _QUANT_ARGTYPES), (lib.kvb_fattn_decode, _FLOAT_ARGTYPES),
                          (lib.kvb_decode_step, _STEP_ARGTYPES)):

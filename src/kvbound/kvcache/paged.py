@@ -194,8 +194,6 @@ class PagedCache(KVCache):
         """A single-query step with the native kernel, reading the blocks in place (None: use the eager path)."""
         pool, spec = self.pool, self.spec
         observe = self.policy is not None and self.policy.needs_attention
-        if pool.device.type != "cpu":
-            return None
         if spec.quantized:
             rest = count - self._step_blocks.numel() * self.block
             done = native.decode_attention(

@@ -5,7 +5,8 @@ int8/int4 between the steps that fill a block).
 The eager step of the default model is ~3,000 PyTorch operators, most of them too small to pay for their own
 dispatch; the native step runs the same arithmetic, rounding to bf16 where the eager operators do, in one call. The
 eager step stays the reference and the fallback: other weights modes, compute dtypes, devices and steps (a
-quantized block's last token, sliding windows, multi-token steps, decode batches) run it unchanged.
+quantized block's last token, sliding windows, multi-token steps) run it unchanged; a decode batch takes the native
+step once per sequence (engine/runner.py).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
  *
  *   quantized (KIVI int8/int4): each block of B tokens is dequantized into a tile that stays in L1 and consumed at
  *     once, so the codes are read once (the eager path dequantized the whole layer into a scratch, then ran SDPA).
- *   float (fp32 / bf16 / fp16): fp32 blocks are read where they lie; bf16/fp16 blocks are widened into the L1
- *     tile. No gather copy and no per-step upcast of the layer: every KV byte is read once per step.
+ *   float (fp32 / bf16 / fp16): fp32 blocks are read where they lie; bf16 keys are dotted in place against bf16
+ *     queries (AVX512-BF16); other bf16/fp16 rows are widened into the L1 tile. No gather copy and no per-step
+ *     upcast of the layer: every KV byte is read once per step.
  *
  * In both, the g query heads of a KV head attend to the same tile while it is in L1 (GQA: one read per KV head).
  *
@@ -15,7 +16,8 @@
  *   kf, vf      (n_kv, slots, D)       float rows (fp32, bf16 or fp16)
  *   table       (nblocks,)             the sequence's blocks in order
  *   held        tokens in those blocks (float: the last block may be partial; quantized: nblocks * B)
- *   rk, rv      (n_kv, rest, D)        fp32 residual window (quantized only: the newest, partial block)
+ *   rk, rv      (n_kv, rest, D)        residual window of kind res_kind (quantized only: the newest, partial
+ *                                      block), its rows for head h starting at h * res_stride
  *   q           (n_kv, g, D)           query heads grouped by KV head, in the float kind q_kind
  *   out         (n_kv, g, D)           written in q_kind
  *   scores      (n_kv, g, held + rest) or NULL: the raw scaled logits, in sequence order
@@ -61,27 +63,6 @@ static inline float h2f(uint16_t h) {
 }
 #endif
 
-#ifdef __F16C__
-static inline uint16_t f2h(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
-#else
-static inline uint16_t f2h(float f) { /* round to nearest even; overflow to inf; no subnormal outputs kept */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    const uint16_t sign = (uint16_t)((bits >> 16) & 0x8000u);
-    const uint32_t a = bits & 0x7fffffffu;
-    if (a > 0x7f800000u) return sign | 0x7e00u;
-    if (a >= 0x477ff000u) return sign | 0x7c00u;
-    if (a < 0x38800000u) { /* subnormal half: scale and round */
-        float m;
-        uint32_t ab = a;
-        memcpy(&m, &ab, sizeof m);
-        return sign | (uint16_t)(m * 16777216.f + 0.5f);
-    }
-    const uint32_t r = a + 0xfffu + ((a >> 13) & 1u) - (112u << 23);
-    return sign | (uint16_t)(r >> 13);
-}
-#endif
-
 /* n floats of kind `kind` (F32 / BF16 / F16) widened to fp32 */
 static inline void widen(const void *src, int kind, int64_t n, float *restrict dst) {
     if (kind == KIND_F32) {
@@ -112,16 +93,6 @@ static inline void widen(const void *src, int kind, int64_t n, float *restrict d
         for (; i < n; i++) dst[i] = bf2f(s[i]);
     else
         for (; i < n; i++) dst[i] = h2f(s[i]);
-}
-
-/* n fp32 values narrowed to kind `kind` */
-static inline void narrow(const float *restrict src, int kind, int64_t n, void *dst) {
-    if (kind == KIND_F32) {
-        memcpy(dst, src, (size_t)n * sizeof(float));
-        return;
-    }
-    uint16_t *d = dst;
-    for (int64_t i = 0; i < n; i++) d[i] = kind == KIND_BF16 ? f2bf(src[i]) : f2h(src[i]);
 }
 
 /* exp(x) for x <= 0 in a form the compiler vectorizes (libm's expf is a scalar call): 2^(x log2 e) split into an

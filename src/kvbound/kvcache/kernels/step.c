@@ -10,7 +10,7 @@
  * Matrices are int4 in PyTorch's CPU packing (`_convert_weight_to_int4pack_for_cpu`, kvbound's Int4Linear): per
  * block of 64 output rows, for each input k, 32 bytes whose low nibbles are rows 0..31 and high nibbles rows 32..63;
  * per group of 32 inputs a bf16 (scale, zero) pair per row, w = (q - 8) * scale + zero. Activations and norms are
- * bfloat16; KV is fp32/bf16/fp16 (kind).
+ * bfloat16; KV is fp32/bf16 blocks, or KIVI int8/int4 blocks with a fp32/bf16 residual window for the new token.
  */
 #include <math.h>
 #include <stdint.h>
@@ -206,11 +206,6 @@ static void rope(float *x, int heads, int D, const float *cos, const float *sin)
     }
 }
 
-static void store(const float *src, int kind, int64_t n, void *dst) {
-    if (kind == KIND_F32) memcpy(dst, src, (size_t)n * sizeof(float));
-    else if (kind == KIND_BF16) for (int64_t i = 0; i < n; i++) ((uint16_t *)dst)[i] = f2bf(src[i]);
-}
-
 /* x (hidden,) bf16: the token's embedding in, the last layer's output out. logits (vocab,) fp32 or NULL: the final
  * norm and the output matrix too (when the model has a head this step reads; the caller's otherwise). cos/sin (head_dim,) bf16 of the token's
  * position. slot: the new token's pool slot; table/nblocks/held: the sequence's blocks and tokens, the new one
@@ -252,8 +247,8 @@ int kvb_decode_step(const kvb_model *m, uint16_t *x, const uint16_t *cos16, cons
             const int64_t at = quant ? (((int64_t)l * m->n_kv + kv) * m->block + m->rest) * D * elem
                                      : (((int64_t)l * m->n_kv + kv) * m->slots + slot) * D * elem;
             uint8_t *kdst = (uint8_t *)(quant ? m->res_k : m->k_pool), *vdst = (uint8_t *)(quant ? m->res_v : m->v_pool);
-            store(wide + nq + kv * D, quant ? m->res_kind : m->kv_kind, D, kdst + at);
-            store(wide + nq + nkv + kv * D, quant ? m->res_kind : m->kv_kind, D, vdst + at);
+            narrow(wide + nq + kv * D, quant ? m->res_kind : m->kv_kind, D, kdst + at);
+            narrow(wide + nq + nkv + kv * D, quant ? m->res_kind : m->kv_kind, D, vdst + at);
         }
         for (int i = 0; i < nq; i++) q16[i] = f2bf(wide[i]);
         float *layer_scores = scores ? scores + (int64_t)l * m->n_kv * g * held : NULL;
