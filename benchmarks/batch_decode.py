@@ -1,6 +1,6 @@
 """Continuous batching: decode tokens/s of B concurrent sequences, one batched forward per token for all of them
-(`Runner.decode_batch`, what the server's worker now runs) against one forward per sequence per token (the
-round-robin worker before it), on the real default model, CPU, one thread.
+(`Runner.decode_batch`, what the server's worker runs) against one forward per sequence per token (a round-robin
+worker), on the real default model, CPU, one thread.
 
 The sequences sit in one shared KV pool, as the server's sessions do, with prompts of different lengths from the
 same book. Two levels are timed: the bare forwards with greedy argmax, and whole generations (sampler,
@@ -74,7 +74,7 @@ def forwards(llm, ids, tokens: int) -> dict[str, Any]:
 
 
 def generations(llm, ids, tokens: int) -> dict[str, Any]:
-    """Whole generations, the old worker's round (one `next()` each) and the new one (engine.batch.rounds)
+    """Whole generations, a round-robin round (one `next()` each) and a batched round (engine.batch.rounds)
     alternating round by round: seconds and tokens of each."""
     from kvbound.engine.batch import rounds
     from kvbound.engine.generate import Generation, stream_tokens

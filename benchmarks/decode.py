@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llamacpp-kv", nargs="+", choices=("f16", "q8_0"), default=["f16", "q8_0"],
                         help="llama.cpp's KV types (flash attention on)")
     parser.add_argument("--supplement", action="store_true",
-                        help="keep results/decode.json's run and add this one beside it (a second table)")
+                        help="keep results/decode.json's run and add this invocation's run beside it (a second table)")
     args = parser.parse_args(argv)
     contexts = args.contexts or ([512, 2048] if args.quick else [512, 2048, 8192])
     tokens = args.tokens or (16 if args.quick else 32)

@@ -34,7 +34,7 @@ EVEN_POINTS = 0.5  # a gap in ΔPPL below this many percentage points is called 
 
 
 def load_llm(default_weights: bool = False):
-    """Dense fp32 weights (the numbers session 1 measured, compared with kvpress), or with `default_weights` the
+    """Dense fp32 weights (the budget table; the kvpress suite runs the same), or with `default_weights` the
     model as `kvbound.load()` gives it: the GGUF's quantized matrices kept int4/int8, computing in bf16 — the
     weights llama.cpp runs. (`load(dtype="fp32", weights="auto")` would dequantize them to dense fp32 again.)"""
     common.pin_threads()
@@ -268,7 +268,7 @@ def markdown(result: dict[str, Any]) -> str:
              f"at most {cfg['ppl_chunk']} (a quarter of the capacity under eviction), never reset.", "",
              common.markdown_table(["KV budget", "policy", "KV dtype", "KV tokens", "PPL", "ΔPPL vs full fp32",
                                     "KV peak MiB", "evicted"], ppl_rows), ""]
-    if "kv_quantization" in result:  # results from before this comparison have none
+    if "kv_quantization" in result:  # optional: a results file may lack this section
         parts += [*kv_quant_markdown(result["kv_quantization"]), ""]
     pk = passkey_summary(result["passkey"])
     lengths = sorted({r["prompt_tokens"] for r in result["passkey"]})

@@ -19,7 +19,8 @@ ESTIMATE_COMMAND = "python benchmarks/estimate_accuracy.py [--device cuda] [--mo
 
 def estimate_markdown(result: dict[str, Any]) -> str:
     """benchmarks/estimate_accuracy.py's entries (one per label: device, or device and model), each a table of
-    measured against estimated peak bytes. Older rows have no weights mode; 'auto' is shown with what it resolved to."""
+    measured against estimated peak bytes. A row without a weights mode shows —; 'auto' is shown with what it
+    resolved to."""
     parts = [("How close `kvbound estimate`'s predicted peak is to a real process: every run is a fresh process that "
               "loads the model and generates 8 tokens after a prompt filling a cache of `context` tokens; error = "
               "(estimated − measured) / measured.")]
@@ -246,7 +247,7 @@ def kv_kernel_headlines(r: dict[str, Any]) -> list[str]:
     for threads in sorted({row["threads"] for row in rows}):
         at = {(row["kv_dtype"], row["path"]): row["ms_per_step"] for row in rows
               if row["context"] == top and row["threads"] == threads}
-        eager = "eager" if ("bf16", "eager") in at else "SDPA"  # results before the float kernel said SDPA
+        eager = "eager" if ("bf16", "eager") in at else "SDPA"  # a results file may name bf16's eager path SDPA
         parts = [f"{dtype} {at[(dtype, 'native')]:.1f} ms native vs {at[(dtype, eager if dtype == 'bf16' else 'eager')]:.1f}"
                  f" eager" for dtype in ("bf16", "fp32", "int8", "int4")
                  if (dtype, "native") in at and (dtype, eager if dtype == "bf16" else "eager") in at]
@@ -336,10 +337,10 @@ def sanity_section(results: dict[str, dict[str, Any]]) -> str | None:
              + (f"(`{d['config'].get('llamacpp_system_info')}`)" if d["config"].get("llamacpp_system_info") else "")
              + "; torch's CPU capability: " + str(d["config"].get("torch_cpu_capability", "—")) + "."]
     if old and not peer_build(w):
-        notes.append("For contrast, the same llama-cpp-python built without GGML_NATIVE and with its extra buffers off "
-                     "(an earlier weights run, another CPU) decoded " + " / ".join(
+        notes.append("For contrast, the weights results' llama.cpp, a build not recorded as built for this CPU, "
+                     "decoded " + " / ".join(
                          f"{x['decode_tok_s']:.1f}" for x in old) + " tok/s at " + " / ".join(
-                         str(x["context"]) for x in old) + " tokens: the crippled peer this check now refuses.")
+                         str(x["context"]) for x in old) + " tokens: a crippled peer, which this check refuses.")
     table = common.markdown_table(["system", "threads", "context", "decode tok/s", "MiB read a token",
                                    "GB/s read", "vs one-thread copy read rate"], rows)
     return "\n".join([notes[0], "", table, *(["", notes[1]] if len(notes) > 1 else [])])

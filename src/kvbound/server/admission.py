@@ -5,8 +5,8 @@ refused as busy (429). A turn that can never fit is left to the Chat's own refus
 
 Refused turns queue first come, first served: while the oldest refused turn still retries, a later turn is admitted
 only if the room it takes leaves enough for that one — otherwise small turns could take every block that frees up
-and a large turn would wait forever (measured before this rule: one turn refused 144 times over 300 s under
-8 clients; benchmarks/load.py). A waiter that stops retrying for WAITER_TTL_S loses its place."""
+and a large turn would wait forever (without this rule, benchmarks/load.py with 8 clients saw one turn refused 144
+times over 300 s). A waiter that stops retrying for WAITER_TTL_S loses its place."""
 
 from __future__ import annotations
 
