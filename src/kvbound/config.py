@@ -55,6 +55,7 @@ class CacheConfig:
     sink_tokens: int = 4  # window policy: first tokens always kept (StreamingLLM's attention sinks)
     recent_turns: int = 1  # turns policy: newest whole turns pinned besides the system prompt and current message
     evict_fraction: float = 0.1  # free this share of the capacity per eviction, so compaction stays rare
+    policy_options: tuple[tuple[str, int | float], ...] = ()  # other settings of the policy (recent_tokens, ...)
 
     def __post_init__(self) -> None:
         if self.budget is not None and self.tokens is not None:

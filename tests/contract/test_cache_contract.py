@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -9,21 +10,27 @@ import torch
 
 import kvbound
 from kvbound.config import CacheConfig
+from kvbound.kvcache import storage
 from kvbound.kvcache.contiguous import ContiguousCache
 from kvbound.kvcache.spec import KV_DTYPE_NAMES, KVSpec
+from kvbound.policies import make_policy, policy_names
 from tests.helpers_tiny import random_ids, save_hf_dir, tiny_hf_model
 
-POLICIES = ["none", "window", "h2o", "snapkv", "tova", "turns", "turns+h2o", "turns+snapkv", "turns+tova"]
+POLICIES = policy_names()  # every registered policy, and turns around each attention scorer
 EVICTING = [p for p in POLICIES if p != "none"]
 # Logit error bounds vs the fp32 cache on the tiny random model (|logits| ~ 5-20), measured with margin.
 BOUNDS = {"fp32": 0.0, "fp16": 0.05, "bf16": 0.3, "int8": 0.5, "int4": 6.0}
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
+def model_dir(tmp_path_factory):
+    return save_hf_dir(tiny_hf_model("llama", max_position_embeddings=4096), tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
     torch.set_num_threads(1)
-    path = save_hf_dir(tiny_hf_model("llama", max_position_embeddings=4096), tmp_path_factory.mktemp("tiny"))
-    return kvbound.load(path, dtype="fp32", device="cpu")
+    return kvbound.load(model_dir, dtype="fp32", device="cpu")
 
 
 def feed(llm, cache, ids, chunk=24):
@@ -76,7 +83,7 @@ def test_budget_holds_pins_survive_receipts_add_up(llm, policy, dtype):
         assert cache.num_tokens <= cache.capacity
         assert cache.segment_tokens(0) == len(system), "the pinned system prompt lost tokens"
         assert cache.segment_tokens(turn) == len(ids), "the current turn lost tokens"
-        held = cache.positions[: cache.num_tokens]
+        held = cache.view().positions
         assert torch.equal(held, torch.arange(cache.num_tokens)), "positions must stay contiguous after compaction"
     assert evicted > 0 and fed - evicted == cache.num_tokens, "receipts must add up to what left the cache"
     cache.free()
@@ -120,7 +127,7 @@ def test_shared_pool_fragmented_tables_match(llm):
     for i in range(0, 200, 40):
         outs.append(llm.runner.score(ids[i:i + 40], a))
         llm.runner.score(ids[i:i + 40], b)
-    assert not a._contiguous()
+    assert not storage.consecutive(list(a.table))
     assert torch.equal(torch.cat(outs), ref)
     a.free()
     assert pool.used_blocks == len(b.table)
@@ -157,7 +164,7 @@ def test_summarize_keeps_a_pinned_note(llm):
     assert all(set(r["summarized_turns"]) for r in summaries)
     assert any(r["summary"] for r in summaries), "no summary text was written"
     assert chat._note_segment is not None  # the newest note sits in the cache, pinned
-    assert chat._note_segment in chat.cache.pinned_segments
+    assert chat._note_segment in chat.cache.labels()[1]
     assert chat.cache.segment_tokens(chat._note_segment) > 0
     assert chat.cache.segment_tokens(0) > 0
 
@@ -208,3 +215,63 @@ def test_raw_completion_prefills_in_chunks_the_budget_can_hold(llm, policy):
                          cache=CacheConfig(tokens=96, policy=policy))
     assert reply.receipt["evicted_tokens"] >= n - 96
     assert reply.context_tokens <= 96
+
+
+CHAT_WORDS = ["code", "is", "2128", "my", "name", "Anne", "tea", "rain", "hills", "flight", "TH9648"]
+
+
+def chat_script(turns: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(CHAT_WORDS) for _ in range(rng.randint(3, 30))) for _ in range(turns)]
+
+
+def room_for(policy: str) -> tuple[int, int]:
+    """(KV tokens, turns) that make a chat evict several times; a summary's prompt (the tiny tokenizer spells
+    it byte by byte) needs a third of a larger cache."""
+    return (1200, 25) if make_policy(policy).summarizes else (320, 30)
+
+
+@pytest.mark.parametrize("dtype", KV_DTYPE_NAMES)
+@pytest.mark.parametrize("policy", EVICTING)
+def test_chat_evicts_and_summarizes_with_every_storage(llm, policy, dtype):
+    """Each policy × storage through a chat long enough to evict several times (and, for `summarize`, to write
+    several notes, which runs the model between steps and reads the quantized blocks there)."""
+    tokens, turns = room_for(policy)
+    chat = llm.chat(system="be brief", tokens=tokens, dtype=dtype, policy=policy)
+    budget = chat.cache.pool.nbytes + chat.cache.spec.residual_bytes
+    evictions = summaries = 0
+    for turn, text in enumerate(chat_script(turns, seed=11)):
+        reply = chat.send(text, max_new_tokens=6, temperature=1.0, seed=turn)
+        assert reply.kv_bytes <= budget and reply.context_tokens <= tokens
+        evictions += reply.receipt["evictions"]
+        summaries += bool(reply.receipt.get("summarized_turns"))
+    assert evictions >= 3, "the chat was too short to evict several times"
+    assert chat.cache.segment_tokens(0) > 0, "the system prompt was evicted"
+    if chat.cache.policy.summarizes:
+        assert summaries >= 2 and chat.summary, "summarize wrote fewer than two notes"
+        assert chat.cache.segment_tokens(chat._note_segment) > 0, "the newest note is not in the cache"
+
+
+@pytest.mark.parametrize("policy,dtype", [("summarize", d) for d in KV_DTYPE_NAMES] + [("turns+h2o", "int4"),
+                                                                                      ("snapkv", "int8")])
+def test_cli_converse_with_every_storage(model_dir, tmp_path, policy, dtype):
+    """The same through the CLI: `kvbound converse` ends with exit 0, every turn answered, nothing on stderr
+    that looks like a traceback."""
+    from typer.testing import CliRunner
+
+    from kvbound.cli.app import app
+
+    script = tmp_path / "chat.jsonl"
+    tokens, turns = room_for(policy)
+    lines = [{"system": "be brief"}] + [{"user": text} for text in chat_script(turns, seed=5)]
+    script.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    result = CliRunner().invoke(app, ["converse", "--model", str(model_dir), "--script", str(script),
+                                      "--kv-tokens", str(tokens), "--kv-dtype", dtype, "--policy", policy,
+                                      "--max-new-tokens", "6", "--dtype", "fp32", "--device", "cpu", "--json"])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    records = [json.loads(line) for line in result.output.strip().splitlines() if line.startswith("{")]
+    done = [r for r in records if "turn" in r]
+    assert len(done) == turns and all(r["context_tokens"] <= tokens for r in done)
+    assert sum(r["receipt"]["evictions"] for r in done) >= 3
+    if policy == "summarize":
+        assert sum(bool(r["receipt"].get("summary")) for r in done) >= 2

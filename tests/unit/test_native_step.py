@@ -10,7 +10,7 @@ import torch
 import kvbound
 from kvbound.config import CacheConfig
 from kvbound.errors import ContextOverflowError
-from kvbound.kvcache import native
+from kvbound.kvcache import native, storage
 from kvbound.models.linear import Int8Linear
 from kvbound.models.native_step import HEAD_INT4, HEAD_INT8, NativeStep
 from tests.helpers_tiny import random_ids, save_hf_dir, tiny_case_model
@@ -54,14 +54,14 @@ def run(llm, native_on: bool, kv: str, policy: str, threads: int):
         for i in range(19):  # past block boundaries
             for cache in (a, b):
                 logits.append(llm.runner.decode(ids[41 + i], cache))
-        assert not a._contiguous()
+        assert not storage.consecutive(list(a.table))
         if a.spec.quantized:  # what the cache holds, dequantized (blocks and residual window)
             with torch.inference_mode():
-                keys, values = (t.clone() for t in a._read_layer(0, a.n))
+                keys, values = (t.clone() for t in a._read(0, a.num_tokens, False))
         else:
-            held = pool.read_blocks(a.table, a.n)
+            held = pool.read_blocks(list(a.table), a.num_tokens)
             keys, values = held["k"], held["v"]
-        return torch.stack(logits), keys.float(), values.float(), a.scores[: a.n].clone()
+        return torch.stack(logits), keys.float(), values.float(), a.view().scores.clone()
     finally:
         torch.set_num_threads(saved)
         llm.model.native_decode = True

@@ -39,8 +39,7 @@ def summarize_turns(chat: "Chat", turns: list[int], previous: str, max_new_token
         return "", 0
     # No control tokens in a note, and no stopping before a few words are written.
     bans = {i: float("-inf") for i in tokenizer.special_ids}
-    pins = set(cache.pinned_segments)
-    segment = cache.segment
+    segment, pins = cache.labels()
     cache.set_segment(SCRATCH_SEGMENT, pinned=pins | {SCRATCH_SEGMENT})
     try:
         logits = llm.runner.prefill(ids, cache)

@@ -19,7 +19,6 @@ from kvbound.config import CacheConfig
 from kvbound.errors import SnapshotError
 from kvbound.kvcache.paged import PagedCache
 from kvbound.kvcache.pool import BlockPool
-from kvbound.policies import make_policy
 
 if TYPE_CHECKING:
     from kvbound.llm import LLM
@@ -72,10 +71,9 @@ def cache_for_state(llm: "LLM", cache_state: dict[str, Any], pool: BlockPool | N
     for f in fields(CacheConfig):  # the policy's settings a CacheConfig carries (sink_tokens, recent_turns)
         if f.name in policy["options"] and f.name not in options:
             options[f.name] = policy["options"][f.name]
-    cache = llm.new_cache(CacheConfig(**options), pool=pool)
-    # Settings CacheConfig does not carry (e.g. h2o's recent_tokens) come back with the policy itself.
-    cache.policy = make_policy(policy["name"], **policy["options"])
-    return cache
+    # Settings CacheConfig has no field for (e.g. h2o's recent_tokens) go with the policy's own options.
+    options["policy_options"] = tuple(sorted(policy["options"].items()))
+    return llm.new_cache(CacheConfig(**options), pool=pool)
 
 
 def to_bytes(state: dict[str, Any]) -> bytes:

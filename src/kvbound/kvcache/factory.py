@@ -9,6 +9,7 @@ from kvbound.errors import KVBudgetExceeded
 from kvbound.kvcache.paged import PagedCache
 from kvbound.kvcache.pool import BlockPool
 from kvbound.kvcache.spec import KVSpec, format_bytes, parse_size
+from kvbound.policies import make_policy
 
 
 def cache_spec(model: ModelConfig, cache: CacheConfig, compute_dtype: str) -> KVSpec:
@@ -52,8 +53,6 @@ def build_pool(model: ModelConfig, cache: CacheConfig, compute_dtype: str, devic
 def build_cache(model: ModelConfig, cache: CacheConfig, compute_dtype: str, inv_freq: torch.Tensor,
                 device: torch.device | str = "cpu", pool: BlockPool | None = None) -> PagedCache:
     """A sequence's cache: over its own pool (the budget is the pool), or over a shared `pool`."""
-    from kvbound.policies import make_policy
-
     spec = cache_spec(model, cache, compute_dtype)
     if pool is not None and pool.spec != spec:
         raise ValueError(f"the shared pool stores {pool.spec.dtype} KV in blocks of {pool.spec.block_size}; "
@@ -66,6 +65,7 @@ def build_cache(model: ModelConfig, cache: CacheConfig, compute_dtype: str, inv_
                                                                                  if spec.quantized else 0))
         if cache.tokens is not None or cache.budget is not None:
             capacity = min(capacity, cache_capacity(model, cache, spec))
-    policy = make_policy(cache.policy, sink_tokens=cache.sink_tokens, recent_turns=cache.recent_turns)
+    options = {"sink_tokens": cache.sink_tokens, "recent_turns": cache.recent_turns, **dict(cache.policy_options)}
+    policy = make_policy(cache.policy, **options)
     return PagedCache(pool, capacity, inv_freq, policy=policy, evict_fraction=cache.evict_fraction,
                       sliding_window=model.sliding_window)

@@ -120,6 +120,11 @@ class KVSpec:
         """Full-precision window of one sequence (quantized types only): one block of K and V."""
         return 2 * self._rows * self.block_size * self.head_dim * self.compute_element_bytes if self.quantized else 0
 
+    def pooled(self, num_tokens: int) -> int:
+        """Of a sequence's `num_tokens`, those in pool blocks: a quantized sequence keeps its newest partial block in
+        its full-precision residual window."""
+        return (num_tokens // self.block_size) * self.block_size if self.quantized else num_tokens
+
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

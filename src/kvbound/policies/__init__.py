@@ -1,36 +1,55 @@
 """Eviction policies behind a registry by name. A policy scores held tokens; the shared base turns scores
-into a choice of victims that never includes a pinned token. `turns+NAME` composes chat-aware turn order
-with any scoring policy inside a turn."""
+into a choice of victims that never includes a pinned token. A policy with an `inner` field composes with
+another by name: `turns+h2o` orders whole turns oldest first and lets h2o's scores decide inside a turn."""
 
 from __future__ import annotations
+
+from dataclasses import fields, is_dataclass
+from typing import Any
 
 from kvbound.policies.base import Policy, register, registry
 from kvbound.policies import h2o, snapkv, tova, turns, window  # noqa: F401  (they register themselves)
 
 
-def make_policy(name: str, **options) -> Policy:
+def make_policy(name: str, **options: Any) -> Policy:
+    """The policy called `name` ("h2o", "turns+snapkv", ...) with the `options` its fields take (others are
+    ignored, so one CacheConfig's settings can be passed to any policy)."""
     name = (name or "none").strip().lower()
-    if name == "summarize":
-        return turns.TurnsPolicy(inner=make_policy("window", **options), summarize=True,
-                                 **_take(turns.TurnsPolicy, options))
-    if name.startswith("turns+") or name == "turns":
-        inner = name.partition("+")[2] or "window"
-        if inner.startswith("turns"):
-            raise ValueError("'turns' cannot wrap itself; use turns+h2o, turns+window, ...")
-        return turns.TurnsPolicy(inner=make_policy(inner, **options), **_take(turns.TurnsPolicy, options))
-    cls = registry().get(name)
-    if cls is None:
+    outer, plus, inner = name.partition("+")
+    cls = registry().get(outer)
+    if cls is None or (plus and "inner" not in _fields(cls)):
         raise ValueError(f"unknown policy '{name}'; choose one of {', '.join(policy_names())}")
+    if "inner" in _fields(cls):
+        inner_policy = make_policy(inner or "window", **options)
+        if "inner" in _fields(type(inner_policy)):
+            raise ValueError(f"'{outer}' cannot wrap '{inner}'; use turns+h2o, turns+window, ...")
+        return cls(inner=inner_policy, **_take(cls, options))
     return cls(**_take(cls, options))
 
 
 def policy_names() -> list[str]:
-    return sorted(registry()) + ["turns", "turns+h2o", "turns+snapkv", "turns+tova", "summarize"]
+    """Every registered policy, and `turns` around each attention-scoring one."""
+    names = registry()
+    scorers = [n for n, cls in sorted(names.items()) if cls.needs_attention]
+    return sorted(names) + [f"turns+{n}" for n in scorers]
 
 
-def _take(cls, options: dict) -> dict:
-    fields = getattr(cls, "__dataclass_fields__", {})
-    return {k: v for k, v in options.items() if k in fields}
+def policy_options(policy: Policy) -> dict[str, Any]:
+    """The scalar settings of a policy and of the policy it wraps (sink_tokens, recent_turns, ...), so
+    `make_policy(policy.name, **options)` rebuilds it."""
+    options: dict[str, Any] = {}
+    for obj in (getattr(policy, "inner", None), policy):
+        if is_dataclass(obj):
+            options.update({f.name: getattr(obj, f.name) for f in fields(obj) if type(getattr(obj, f.name)) in (int, float)})
+    return options
 
 
-__all__ = ["Policy", "make_policy", "policy_names", "register"]
+def _fields(cls: type) -> dict:
+    return getattr(cls, "__dataclass_fields__", {})
+
+
+def _take(cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k in _fields(cls) and k != "inner"}
+
+
+__all__ = ["Policy", "make_policy", "policy_names", "policy_options", "register"]

@@ -1,5 +1,7 @@
-"""The policy contract: `score()` ranks held tokens (higher = keep); `select()` (shared) picks the lowest
-unpinned ones. Policies that need attention set `needs_attention` and get `observe()` calls per layer."""
+"""The policy contract. A policy is pure: `observe` folds one layer's attention into per-token scores and
+returns the new scores, `score` ranks the held tokens of a read-only SequenceView (higher = keep); the shared
+`select` picks the lowest-ranked unpinned ones. Neither touches a cache: the Sequence stores the scores and
+applies the choice, so each policy is testable alone on hand-made attention."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from kvbound.kvcache.paged import PagedCache
+    from kvbound.kvcache.sequence import SequenceView
 
 _REGISTRY: dict[str, type["Policy"]] = {}
 
@@ -30,24 +32,31 @@ class Policy:
 
     name = "none"
     evicts = False
-    needs_attention = False
+    needs_attention = False  # whether `observe` wants each layer's attention (it costs a softmax per layer)
+    recent_turns = 0  # newest whole turns a chat pins besides the current one (while they leave room)
+    summarizes = False  # whether a chat writes a pinned note about the turns this policy evicts
 
-    def observe(self, cache: "PagedCache", layer: int, attn: torch.Tensor, step_tokens: int) -> None:
-        """attn: (S,) attention of this step's last queries on every held token, averaged over heads."""
+    def observe(self, scores: torch.Tensor, attn: torch.Tensor, layer: int, step_tokens: int) -> torch.Tensor:
+        """New scores (S,) from the scores so far (S,; new tokens start at 0) and `attn` (S,): one layer's
+        attention of the step's last queries on every held token, averaged over heads and queries."""
+        return scores
 
-    def score(self, cache: "PagedCache") -> torch.Tensor:
-        """(n,) float: how much each held token is worth keeping."""
-        return torch.arange(cache.n, dtype=torch.float32, device=cache.positions.device)
+    def score(self, view: "SequenceView") -> torch.Tensor:
+        """(n,) float: how much each held token is worth keeping. Default: age (oldest lowest)."""
+        return torch.arange(view.n, dtype=torch.float32, device=view.positions.device)
 
-    def select(self, cache: "PagedCache", count: int, pinned: torch.Tensor) -> torch.Tensor:
-        scores = self.score(cache).clone()
-        scores[pinned] = float("inf")
+    def select(self, view: "SequenceView", count: int) -> torch.Tensor:
+        """Indices of the `count` lowest-scoring unpinned tokens."""
+        scores = self.score(view).clone()
+        scores[view.pinned] = float("inf")
         return torch.topk(scores, count, largest=False).indices
 
 
-def recency_protect(scores: torch.Tensor, recent: int) -> torch.Tensor:
-    """Keep the newest `recent` tokens whatever their score (H2O/SnapKV/TOVA all keep a local window)."""
+def protect(scores: torch.Tensor, recent: int = 0, sinks: int = 0) -> torch.Tensor:
+    """A copy of `scores` that keeps the newest `recent` tokens (H2O/SnapKV/TOVA keep a local window) and the
+    first `sinks` tokens (StreamingLLM's attention sinks) whatever their score."""
+    scores = scores.clone()
     if recent > 0:
-        scores = scores.clone()
         scores[-recent:] = float("inf")
+    scores[:sinks] = float("inf")
     return scores

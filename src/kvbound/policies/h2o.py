@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvbound.policies.base import Policy, recency_protect, register
+from kvbound.policies.base import Policy, protect, register
 
 
 @register
@@ -16,10 +16,8 @@ class H2OPolicy(Policy):
     recent_tokens: int = 64
     sink_tokens: int = 4
 
-    def observe(self, cache, layer, attn, step_tokens):
-        cache.scores[: attn.numel()] += attn
+    def observe(self, scores, attn, layer, step_tokens):
+        return scores + attn  # accumulated over every step and layer since the token arrived
 
-    def score(self, cache):
-        scores = recency_protect(cache.scores[: cache.n], self.recent_tokens)
-        scores[: self.sink_tokens] = float("inf")
-        return scores
+    def score(self, view):
+        return protect(view.scores, self.recent_tokens, self.sink_tokens)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from kvbound.policies.base import Policy, recency_protect, register
+from kvbound.policies.base import Policy, protect, register
 
 
 @register
@@ -20,15 +20,11 @@ class SnapKVPolicy(Policy):
     recent_tokens: int = 32
     sink_tokens: int = 4
 
-    def observe(self, cache, layer, attn, step_tokens):
+    def observe(self, scores, attn, layer, step_tokens):
         if step_tokens == 1:
-            return  # decode steps keep the votes of the last prefill
+            return scores  # decode steps keep the votes of the last prefill
         pooled = F.max_pool1d(attn[None, None], self.kernel, stride=1, padding=self.kernel // 2)[0, 0]
-        if layer == 0:
-            cache.scores[: attn.numel()] = 0.0
-        cache.scores[: attn.numel()] += pooled
+        return pooled if layer == 0 else scores + pooled  # a prefill's votes, summed over its layers
 
-    def score(self, cache):
-        scores = recency_protect(cache.scores[: cache.n], self.recent_tokens)
-        scores[: self.sink_tokens] = float("inf")
-        return scores
+    def score(self, view):
+        return protect(view.scores, self.recent_tokens, self.sink_tokens)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvbound.policies.base import Policy, recency_protect, register
+from kvbound.policies.base import Policy, protect, register
 
 
 @register
@@ -15,10 +15,8 @@ class TOVAPolicy(Policy):
     needs_attention = True
     recent_tokens: int = 16
 
-    def observe(self, cache, layer, attn, step_tokens):
-        if layer == 0:
-            cache.scores[: attn.numel()] = 0.0
-        cache.scores[: attn.numel()] += attn
+    def observe(self, scores, attn, layer, step_tokens):
+        return attn if layer == 0 else scores + attn  # this step's attention, summed over layers
 
-    def score(self, cache):
-        return recency_protect(cache.scores[: cache.n], self.recent_tokens)
+    def score(self, view):
+        return protect(view.scores, self.recent_tokens)

@@ -1,5 +1,6 @@
 """Chat-aware eviction: the system prompt, the current message and the newest turns are pinned (by the chat
-session); among the rest whole oldest turns go first, and inside a turn the inner policy's scores decide."""
+session); among the rest whole oldest turns go first, and inside a turn the inner policy's scores decide.
+`summarize` is the same order, and the chat writes a pinned note about every turn it evicts (chat/memory.py)."""
 
 from __future__ import annotations
 
@@ -7,28 +8,35 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvbound.policies.base import Policy
+from kvbound.policies.base import Policy, register
+from kvbound.policies.window import WindowPolicy
 
 
+@register
 @dataclass
 class TurnsPolicy(Policy):
     name = "turns"
     evicts = True
-    inner: Policy = field(default_factory=Policy)
+    inner: Policy = field(default_factory=WindowPolicy)
     recent_turns: int = 1
-    summarize: bool = False  # the chat writes a summary of evicted turns and keeps it pinned (see chat/memory.py)
 
     def __post_init__(self) -> None:
-        self.name = "summarize" if self.summarize else f"turns+{self.inner.name}"
+        self.name = f"{type(self).name}+{self.inner.name}" if self.inner.name != "window" else type(self).name
         self.needs_attention = self.inner.needs_attention
 
-    def observe(self, cache, layer, attn, step_tokens):
-        self.inner.observe(cache, layer, attn, step_tokens)
+    def observe(self, scores, attn, layer, step_tokens):
+        return self.inner.observe(scores, attn, layer, step_tokens)
 
-    def score(self, cache) -> torch.Tensor:
-        inner = self.inner.score(cache)
-        finite = inner[torch.isfinite(inner)]
-        # Squash the inner scores into [0, 1) so the turn index dominates: older turns always rank lower.
-        lo, hi = (finite.min(), finite.max()) if finite.numel() else (torch.tensor(0.0), torch.tensor(1.0))
-        inner = ((inner - lo) / (hi - lo + 1e-9)).clamp(0.0, 0.999)
-        return cache.segments[: cache.n].float() + inner
+    def score(self, view) -> torch.Tensor:
+        inner = self.inner.score(view)
+        # The inner order as ranks in [0, 1), so the turn index dominates (older turns always rank lower) and the
+        # inner order survives whole inside a turn: no two scores tie, whatever their scale (inf included).
+        rank = torch.argsort(torch.argsort(inner, stable=True)).float() / max(view.n, 1)
+        return view.segments.float() + rank
+
+
+@register
+@dataclass
+class SummarizePolicy(TurnsPolicy):
+    name = "summarize"
+    summarizes = True

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from kvbound.policies.base import Policy, register
+from kvbound.policies.base import Policy, protect, register
 
 
 @register
@@ -16,7 +14,5 @@ class WindowPolicy(Policy):
     evicts = True
     sink_tokens: int = 4
 
-    def score(self, cache) -> torch.Tensor:
-        scores = torch.arange(cache.n, dtype=torch.float32, device=cache.positions.device)
-        scores[: self.sink_tokens] = float("inf")
-        return scores
+    def score(self, view):
+        return protect(super().score(view), sinks=self.sink_tokens)

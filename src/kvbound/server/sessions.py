@@ -82,7 +82,7 @@ class Session:
 
     @property
     def kv_blocks(self) -> int:
-        return len(self.chat.cache.table) if self.chat is not None else 0
+        return self.chat.cache.num_blocks if self.chat is not None else 0
 
     @property
     def history(self) -> Conversation:

@@ -111,7 +111,7 @@ class RawCompletion:
     @property
     def kv_blocks(self) -> int:
         cache = self.completion.cache if self.completion is not None else None
-        return len(cache.table) if cache is not None else 0
+        return cache.num_blocks if cache is not None else 0
 
     def start(self) -> Iterator[str]:
         prompt_tokens = len(self.llm.tokenizer.encode(self.prompt, add_special=True))

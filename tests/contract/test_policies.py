@@ -1,0 +1,148 @@
+"""Every registered policy alone, on hand-made attention: it is pure, never picks a pinned token, and evicts
+exactly the tokens a small reference implementation of its paper's rule picks. A new policy needs a reference
+here, or the matrix fails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvbound.kvcache.sequence import SequenceView
+from kvbound.policies import make_policy, policy_names
+
+S = 48  # held tokens
+OPTIONS = dict(sink_tokens=2, recent_tokens=4, kernel=3, recent_turns=1)
+SINKS, RECENT, KERNEL = 2, 4, 3
+# Six turns of eight tokens: segment 0 (the system prompt), 1..5 turns.
+SEGMENTS = torch.arange(S) // 8
+
+
+def attention(hot: list[int], seed: int) -> torch.Tensor:
+    """A softmax-like row over S tokens: low noise, with most of the mass on `hot`."""
+    gen = torch.Generator().manual_seed(seed)
+    row = torch.rand(S, generator=gen) * 0.01
+    row[hot] += 1.0
+    return row / row.sum()
+
+
+# Three steps of two layers each: a 16-query prefill that looks at tokens 10-13 and 30, then two decode steps
+# that look at 20-23. H2O sums all of it, SnapKV keeps the prefill's pooled votes, TOVA keeps the last step.
+STEPS = [(16, [attention([10, 11, 12, 13, 30], 1), attention([10, 11, 12, 13, 30], 2)]),
+         (1, [attention([20, 21, 22, 23], 3), attention([20, 21, 22, 23], 4)]),
+         (1, [attention([20, 21, 22, 23], 5), attention([20, 21, 22, 23], 6)])]
+
+
+def pinned() -> torch.Tensor:
+    mask = torch.zeros(S, dtype=torch.bool)
+    mask[:8] = True  # the system prompt
+    mask[40:] = True  # the current turn
+    return mask
+
+
+def lowest(scores: torch.Tensor, count: int) -> set[int]:
+    scores = scores.clone()
+    scores[pinned()] = float("inf")
+    return set(torch.topk(scores, count, largest=False).indices.tolist())
+
+
+def keep_window(scores: torch.Tensor, recent: int) -> torch.Tensor:
+    scores = scores.clone()
+    scores[:SINKS] = float("inf")
+    if recent:
+        scores[-recent:] = float("inf")
+    return scores
+
+
+def ref_window(count: int) -> set[int]:
+    """StreamingLLM: the oldest tokens after the sinks go first."""
+    return lowest(keep_window(torch.arange(S, dtype=torch.float32), 0), count)
+
+
+def ref_h2o(count: int) -> set[int]:
+    """H2O: attention accumulated over every step and layer; the least attended go first."""
+    total = sum(row for _, rows in STEPS for row in rows)
+    return lowest(keep_window(total, RECENT), count)
+
+
+def ref_snapkv(count: int) -> set[int]:
+    """SnapKV: the last prefill's votes (max-pooled over KERNEL neighbours, summed over layers); decode steps
+    do not vote."""
+    votes = sum(F.max_pool1d(row[None, None], KERNEL, 1, KERNEL // 2)[0, 0] for row in STEPS[0][1])
+    return lowest(keep_window(votes, RECENT), count)
+
+
+def ref_tova(count: int) -> set[int]:
+    """TOVA: only the newest step's attention (summed over layers) counts."""
+    newest = sum(STEPS[-1][1])
+    scores = newest.clone()
+    scores[-RECENT:] = float("inf")
+    return lowest(scores, count)
+
+
+def ref_turns(inner):
+    """Whole oldest turns first; inside a turn, the inner rule's order."""
+    def pick(count: int) -> set[int]:
+        order, chosen = order_of(inner), []
+        for turn in range(1, 5):
+            chosen += [i for i in order if SEGMENTS[i] == turn][: count - len(chosen)]
+        return set(chosen)
+    return pick
+
+
+def order_of(ref) -> list[int]:
+    """A reference's eviction order: token i precedes j if it is evicted with a smaller count."""
+    seen: list[int] = []
+    for count in range(1, int((~pinned()).sum()) + 1):
+        for i in sorted(ref(count) - set(seen)):
+            seen.append(i)
+    return seen
+
+
+REFERENCES = {
+    "window": ref_window,
+    "h2o": ref_h2o,
+    "snapkv": ref_snapkv,
+    "tova": ref_tova,
+    "turns": ref_turns(ref_window),
+    "summarize": ref_turns(ref_window),
+    "turns+h2o": ref_turns(ref_h2o),
+    "turns+snapkv": ref_turns(ref_snapkv),
+    "turns+tova": ref_turns(ref_tova),
+}
+
+
+def observed(policy) -> SequenceView:
+    scores = torch.zeros(S)
+    for step_tokens, rows in STEPS:
+        for layer, row in enumerate(rows):
+            before, attn = scores.clone(), row.clone()
+            scores = policy.observe(scores, row, layer, step_tokens)
+            assert torch.equal(attn, row) and (scores is not before), "observe must not write its inputs"
+    return SequenceView(torch.arange(S), SEGMENTS.clone(), scores, pinned())
+
+
+def test_every_policy_has_a_reference():
+    missing = [n for n in policy_names() if n != "none" and n not in REFERENCES]
+    assert not missing, f"policies without a reference rule in this matrix: {missing}"
+    assert not make_policy("none").evicts
+
+
+@pytest.mark.parametrize("name", [n for n in policy_names() if n != "none"])
+@pytest.mark.parametrize("count", [3, 9, 20])
+def test_policy_evicts_what_its_rule_says(name, count):
+    policy = make_policy(name, **OPTIONS)
+    view = observed(policy)
+    frozen = [t.clone() for t in (view.positions, view.segments, view.scores, view.pinned)]
+    victims = policy.select(view, count)
+    assert all(torch.equal(a, b) for a, b in zip(frozen, (view.positions, view.segments, view.scores,
+                                                          view.pinned))), "score/select must not write the view"
+    chosen = set(victims.tolist())
+    assert len(chosen) == count and not any(view.pinned[i] for i in chosen)
+    assert chosen == REFERENCES[name](count), f"{name} evicted {sorted(chosen)}"
+
+
+def test_the_rules_disagree_on_this_pattern():
+    """The matrix separates the policies: on this pattern each attention rule keeps a different set."""
+    picks = {name: frozenset(REFERENCES[name](9)) for name in ("window", "h2o", "snapkv", "tova")}
+    assert len(set(picks.values())) == 4, picks
