@@ -74,7 +74,7 @@ def child_run(model: str | None, context: int, dtype: str, kv: str, device: str,
     from kvbound.config import CacheConfig
 
     rss_import = process.memory_info().rss
-    llm = kvbound.load(model, dtype=dtype, device=device, weights=weights)
+    llm = kvbound.load(model, dtype=dtype, device=device, weights=weights, tune_allocator=True)  # as the CLI loads
     rss_loaded = process.memory_info().rss
     peak_loading = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     # Reset the high-water mark (Linux: VmHWM and ru_maxrss) so the turn's own peak shows even below the load's.

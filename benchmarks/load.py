@@ -593,7 +593,7 @@ def measure(load: Load, kv_budget: str, policy: str, llamacpp_ctx: int, llamacpp
         entries.append(entry)
     # llama.cpp's KV: f16 K and V for n_ctx cells, read from kvbound's one place for KV arithmetic
     from kvbound.kvcache.spec import KVSpec
-    from kvbound.loading.checkpoint import open_checkpoint
+    from kvbound.loading import open_checkpoint
 
     llamacpp_kv_bytes = int(KVSpec.for_model(open_checkpoint(model).config, dtype="fp16").bytes_per_token
                             * llamacpp_ctx)

@@ -62,7 +62,7 @@ def run_kvbound(spec: dict[str, Any], target: int, max_new: int) -> dict[str, An
 
     # kvbound warns when KV use crosses 80% / 95% of the budget; under a fixed budget that is every turn here.
     warnings.filterwarnings("ignore", message=r"KV use", category=UserWarning)
-    llm = kvbound.load(weights=spec.get("weights", "auto"), device="cpu")
+    llm = kvbound.load(weights=spec.get("weights", "auto"), device="cpu", tune_allocator=True)  # as the CLI
     system, turns = script()
     chat = llm.chat(system=system, **{k: v for k, v in spec.items() if k not in ("engine", "weights")})
     passed, rows, refused, streak = 0, [], [], 0

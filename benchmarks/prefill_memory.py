@@ -40,7 +40,8 @@ def kvbound_prefill(fp32: bool) -> tuple[Callable[[list[int]], int], dict[str, A
     import kvbound
     from kvbound.config import CacheConfig
 
-    llm = kvbound.load(device="cpu", **({"weights": "fp32", "dtype": "fp32"} if fp32 else {}))
+    llm = kvbound.load(device="cpu", tune_allocator=True,  # the allocator the CLI's process runs with
+                       **({"weights": "fp32", "dtype": "fp32"} if fp32 else {}))
 
     def prefill(ids: list[int]) -> int:
         cache = llm.new_cache(CacheConfig(tokens=len(ids) + 8, dtype="auto"))

@@ -48,7 +48,7 @@ def child(args: argparse.Namespace) -> int:
         from benchmarks.decode import KvboundSystem
 
         mode, _, compiled = args.system.partition("+")  # "auto+compile": the compiled decode step
-        llm = kvbound.load(weights=mode, device="cpu", compile=bool(compiled))
+        llm = kvbound.load(weights=mode, device="cpu", compile=bool(compiled), tune_allocator=True)  # as the CLI
         weights = llm.model.weights_bytes()
         system = KvboundSystem(llm, "auto")
     load_s = time.perf_counter() - started

@@ -21,13 +21,11 @@ from kvbound.kvcache.pool import BlockPool
 from kvbound.kvcache.paged import PagedCache
 from kvbound.kvcache.spec import KVSpec, format_bytes, parse_size
 from kvbound.loading import open_checkpoint
+from kvbound.memory import allocator
 from kvbound.memory.devices import usage_bytes
 from kvbound.memory.guard import DEFAULT_THRESHOLDS, MemoryEvent, MemoryGuard
-from kvbound.memory.estimate import GLIBC_MMAP_THRESHOLD_MAX
 from kvbound.memory.ledger import ProcessMemory, process_memory
-from kvbound.models.weights import plan_weights
-
-DTYPES = ("auto", "fp32", "bf16", "fp16")
+from kvbound.models.weights import check_dtype, plan_weights
 
 
 def pick_device(device: str) -> torch.device:
@@ -38,14 +36,6 @@ def pick_device(device: str) -> torch.device:
     if device != "cpu" and not device.startswith("cuda"):
         raise ValueError(f"unknown device '{device}'; use auto, cpu or cuda[:N]")
     return torch.device(device)
-
-
-def pick_dtype(dtype: str, device: torch.device) -> str:
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
-    if dtype == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return dtype
 
 
 @dataclass(frozen=True)
@@ -73,7 +63,8 @@ class ModelInfo:
 class LLM:
     def __init__(self, path: str | Path | None = None, *, dtype: str = "auto", device: str = "auto",
                  chunk: int = DEFAULT_CHUNK, memory_budget: int | str | None = None,
-                 thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS, weights: str = "auto", compile: bool = False):
+                 thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS, weights: str = "auto", compile: bool = False,
+                 tune_allocator: bool = False):
         # The process budget is checked before anything loads, so a bad value costs nothing.
         self.guard = MemoryGuard(memory_budget, thresholds) if memory_budget is not None else None
         self.thresholds = thresholds
@@ -82,22 +73,19 @@ class LLM:
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be True or False, got {compile!r}")
         self.device = pick_device(device)
-        pick_dtype(dtype, self.device)  # validate before reading the file
+        check_dtype(dtype)  # before reading the file
         self.checkpoint = open_checkpoint(path)
         self.config: ModelConfig = self.checkpoint.config
         self.plan = plan_weights(self.config, self.checkpoint.file_types, weights, dtype, self.device.type)
         self.dtype_name = self.plan.compute
         self.tokenizer = self.checkpoint.make_tokenizer()
-        _set_mmap_threshold(LOAD_MMAP_THRESHOLD)
-        try:
+        with allocator.loading_heap(tune_allocator):
             self.model = self.checkpoint.load_model(self.plan, self.device)
-        finally:
-            _set_mmap_threshold(GLIBC_MMAP_THRESHOLD_MAX)
         # Drop the file reader: its memory map and parsed metadata would otherwise stay resident (~160 MB for
         # the default GGUF) beside weights that are already materialized.
-        self.checkpoint.tensors = self.checkpoint.make_tokenizer = None
+        self.checkpoint.close()
         gc.collect()
-        _trim_heap()
+        allocator.trim_heap(tune_allocator)
         if compile:  # compiles on the first decode step (seconds), not here
             self.model.compile_decode()
         if self.guard is not None:  # loading may already cross a threshold
@@ -135,9 +123,14 @@ class LLM:
         """A new conversation with its own KV cache. Options: budget='64MiB' | tokens=N, dtype, policy, ..."""
         if system is not None and not isinstance(system, str):
             raise ValueError("system must be a string")
-        chat = Chat(self, self.new_cache(cache, pool=pool, **options), system=system or None)
+        return Chat(self, self.new_cache(cache, pool=pool, **options), system=system or None)
+
+    def track(self, chat: Chat) -> None:
+        """Count `chat` in `memory()` (until it is garbage) and send its KV guard's events to every
+        `on_memory_event` callback, present and future. Each Chat calls it once, as it is made."""
         self._chats.add(chat)
-        return chat
+        for fn in self._callbacks:
+            chat.kv_guard.on_event(fn)
 
     # -- memory ---------------------------------------------------------------------------------------------------
     def memory(self) -> ProcessMemory:
@@ -223,36 +216,9 @@ class Completion:
         self.pieces.close()
 
 
-# Loading makes thousands of 1-10 MB temporaries (unpacked nibbles, int32 copies for packing). glibc's adaptive
-# mmap threshold moves them onto the heap after the first frees, where they fragment it: measured +120 MB of peak
-# RSS for the default model. While loading they are mmapped (returned on free); afterwards the threshold is fixed at
-# glibc's adaptive maximum, the value the estimator's heap model assumes for a running process.
-LOAD_MMAP_THRESHOLD = 256 << 10
-M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
-
-
-def _set_mmap_threshold(nbytes: int) -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, nbytes)
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
-
-
-def _trim_heap() -> None:
-    """Hand the heap pages freed by dequantization back to the OS (glibc keeps them otherwise)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def load(model: str | Path | None = None, *, dtype: str = "auto", device: str = "auto",
          chunk: int = DEFAULT_CHUNK, memory_budget: int | str | None = None, weights: str = "auto",
-         compile: bool = False) -> LLM:
+         compile: bool = False, tune_allocator: bool = False) -> LLM:
     """Load a model: a .gguf path, a safetensors directory, or a known name (default: smollm2-135m).
 
     `weights` chooses how matrices are stored: `auto` keeps a quantized GGUF quantized (4-bit types as int4, 8-bit
@@ -262,6 +228,10 @@ def load(model: str | Path | None = None, *, dtype: str = "auto", device: str = 
     (a smaller prefill chunk is tried first), and a turn that cannot fit raises MemoryBudgetExceeded.
 
     `compile=True` compiles the decode step with torch.compile (CUDA graphs on GPU; models/compiled.py): the same
-    tokens, a few seconds of compiling on the first step; measured 0.93-0.98x eager on CPU."""
+    tokens, a few seconds of compiling on the first step; measured 0.93-0.98x eager on CPU.
+
+    `tune_allocator=True` sets glibc's mmap threshold while loading and trims the heap after it (memory/allocator.py):
+    process-wide settings, so a library leaves it off and the process's owner turns it on (the CLI does). It keeps
+    117-146 MiB of fragmented heap out of the RSS of a chat with the default model (memory/allocator.py)."""
     return LLM(model, dtype=dtype, device=device, chunk=chunk, memory_budget=memory_budget, weights=weights,
-               compile=compile)
+               compile=compile, tune_allocator=tune_allocator)

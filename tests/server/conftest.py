@@ -51,7 +51,7 @@ class LiveServer:
 
     @property
     def state(self) -> Any:
-        """The app's kvbound.server.app.Server (registry, worker, pool) — read-only use in assertions."""
+        """The app's kvbound.server.state.Server (registry, worker, pool) — read-only use in assertions."""
         return self.app.state.kvbound
 
     def openai(self, api_key: str = "unused") -> openai.OpenAI:

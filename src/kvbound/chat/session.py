@@ -83,8 +83,7 @@ class Chat:
         self.ledger = Ledger(kv_budget_bytes=cache.pool.nbytes + cache.spec.residual_bytes)
         # KV thresholds are against what this session may hold: its pool (or its share) and residual window.
         self.kv_guard = MemoryGuard(self.ledger.kv_budget_bytes, llm.thresholds, what="KV")
-        for fn in llm._callbacks:
-            self.kv_guard.on_event(fn)
+        llm.track(self)  # counted in llm.memory(); its KV guard reports to llm.on_memory_event callbacks
         self.shared_prefix_tokens = 0  # system-prompt tokens found in the pool, not computed
         self._offloaded: dict[str, Any] | None = None  # the cache's state while swapped out to host memory
         self.restored_from: str | None = None  # "snapshot" | "messages" for a chat rebuilt from saved state
@@ -308,7 +307,7 @@ class Chat:
             "ledger": {"turns": ledger.turns, "tokens_evicted": ledger.tokens_evicted,
                        "tokens_quantized": ledger.tokens_quantized, "tokens_summarized": ledger.tokens_summarized,
                        "activation_peak_bytes": ledger.activation_peak_bytes,
-                       "turn_sizes": list(ledger._turn_sizes)},
+                       "turn_sizes": list(ledger.turn_sizes)},
             "cache": self._offloaded if self._offloaded is not None else self.cache.export_state(),
         }
 
@@ -338,12 +337,10 @@ class Chat:
         chat._fed_ids, chat._fed_text = state["fed_ids"].tolist(), state["fed_text"]
         chat.shared_prefix_tokens = int(state["shared_prefix_tokens"])
         totals = dict(state["ledger"])
-        for size in totals.pop("turn_sizes"):
-            chat.ledger._turn_sizes.append(int(size))
+        chat.ledger.restore_turn_sizes(totals.pop("turn_sizes"))
         for name, value in totals.items():
             setattr(chat.ledger, name, int(value))
         chat.restored_from = "snapshot"
-        llm._chats.add(chat)
         return chat
 
     @classmethod
@@ -371,7 +368,6 @@ class Chat:
             user = next((m["content"] for m in turn if m["role"] == "user"), "")
             chat.turn_text[k] = f"User: {user}\nAssistant: {turn[-1]['content']}"
         chat.restored_from = "messages"
-        llm._chats.add(chat)
         done, pieces = render(head, add_generation_prompt=False) if head else "", []
         for k in range(len(turns)):  # each turn's text as the template appends it
             text = render(head + [m for t in turns[: k + 1] for m in t], add_generation_prompt=False)

@@ -20,13 +20,13 @@ from rich.console import Console
 from kvbound.config import CacheConfig
 from kvbound.kvcache.spec import parse_size
 from kvbound.engine.sampler import SamplingParams
-from kvbound.llm import DTYPES, LLM, load
-from kvbound.models.weights import WEIGHT_MODES
+from kvbound.llm import LLM, load
+from kvbound.models.weights import DTYPES, WEIGHT_MODES
 
 Command = TypeVar("Command", bound=Callable[..., Any])
 
 
-# An Enum of kvbound.llm.DTYPES, so the parser rejects a typo (and lists the choices) before the model loads.
+# An Enum of models.weights.DTYPES, so the parser rejects a typo (and lists the choices) before the model loads.
 Dtype = Enum("Dtype", [(name, name) for name in DTYPES], type=str)
 
 
@@ -64,9 +64,10 @@ class ModelOptions:
 
 def load_model(model: str | None, dtype: Enum, device: str, console: Console | None = None,
                memory_budget: str | None = None, weights: Enum = Weights["auto"], compile: bool = False) -> LLM:
-    """`kvbound.load` with a spinner on an interactive terminal (loading reads and packs every weight: seconds)."""
+    """`kvbound.load` with a spinner on an interactive terminal (loading reads and packs every weight: seconds).
+    The CLI owns its process, so it lets loading tune glibc's allocator (memory/allocator.py)."""
     options = dict(dtype=dtype.value, device=device, memory_budget=memory_budget, weights=weights.value,
-                   compile=compile)
+                   compile=compile, tune_allocator=True)
     if console is None or not console.is_terminal:
         return load(model, **options)
     with console.status(f"loading {model or 'the default model'}…"):

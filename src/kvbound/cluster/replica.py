@@ -32,7 +32,8 @@ class KvboundReplica:
         from kvbound.server.sessions import open_store
 
         self.name = name
-        llm = kvbound.load(config.model, **config.load_options)
+        # A replica is the process's owner, like `kvbound serve`: loading may tune glibc's allocator.
+        llm = kvbound.load(config.model, tune_allocator=True, **config.load_options)
         self.store = open_store(config.settings.data_dir)
         self.app = create_app(llm, config.settings, self.store)
         self.server = self.app.state.kvbound

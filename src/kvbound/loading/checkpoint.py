@@ -1,4 +1,5 @@
-"""One view over both checkpoint formats: config + a lazy tensor iterator (HF names) + tokenizer factory."""
+"""One view over both checkpoint formats: config + a lazy tensor iterator (HF names) + tokenizer factory.
+The format readers (gguf_file, safetensors_dir) build it; `kvbound.loading.open_checkpoint` picks the reader."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ class Checkpoint:
     config: ModelConfig
     # Yields (hf_name, tensor) one at a time, already in `dtype`, so at most one extra tensor is alive at once;
     # with quantized=True, GGUF 4/8-bit tensors come as Int4Source/Int8Source (their values, not dequantized).
-    tensors: Callable[..., Iterator[tuple[str, object]]]
-    make_tokenizer: Callable[[], object]
+    tensors: Callable[..., Iterator[tuple[str, object]]] | None  # None once closed
+    make_tokenizer: Callable[[], object] | None
     tensor_types: dict[str, int] = field(default_factory=dict)  # storage type name -> count (e.g. {"Q4_1": 210})
     file_tensor_bytes: int = 0  # bytes of tensor data on disk
     file_types: dict[str, str] = field(default_factory=dict)  # HF tensor name -> storage type in the file
@@ -30,16 +31,7 @@ class Checkpoint:
         stream = self.tensors(COMPUTE_DTYPES[plan.compute], quantized=plan.quantized)
         return LlamaModel.from_tensors(self.config, stream, device=device, plan=plan)
 
-
-def open_checkpoint(path: str | Path | None = None) -> Checkpoint:
-    """Resolve `path` (file, directory or known name) and read its metadata; no weights are loaded yet."""
-    from kvbound.loading.resolve import resolve_model
-
-    resolved = resolve_model(path)
-    if resolved.is_file():
-        from kvbound.loading.gguf_file import open_gguf
-
-        return open_gguf(resolved)
-    from kvbound.loading.safetensors_dir import open_safetensors_dir
-
-    return open_safetensors_dir(resolved)
+    def close(self) -> None:
+        """Drop the file reader (its memory map and parsed metadata); config, path and the counts stay. After
+        this, neither tensors nor a tokenizer can be read."""
+        self.tensors = self.make_tokenizer = None

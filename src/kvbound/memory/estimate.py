@@ -168,11 +168,8 @@ def _device_type(device: str | torch.device) -> str:
 
 def _estimate(context: int | None, source: _Source, kv_dtype: str, kv_budget: int | str | None, chunk: int,
               sessions: int, dtype: str, device: str, policy: str, weights: str = "auto") -> Estimate:
-    from kvbound.llm import pick_dtype  # lazy: kvbound.llm imports the memory package
-
     config = source.config
     device = _device_type(device)
-    pick_dtype(dtype, torch.device(device))  # validates
     plan = plan_weights(config, source.file_types, weights, dtype, device)
     compute = plan.compute
     if chunk < 1:

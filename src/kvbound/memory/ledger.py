@@ -58,6 +58,16 @@ class Ledger:
         self.activation_peak_bytes = max(self.activation_peak_bytes, int(activation_peak_bytes))
 
     @property
+    def turn_sizes(self) -> tuple[int, ...]:
+        """Tokens added by each of the latest turns (at most FORECAST_TURNS), oldest first: the forecast's input."""
+        return tuple(self._turn_sizes)
+
+    def restore_turn_sizes(self, sizes: Iterable[int]) -> None:
+        """Continue a saved session's forecast: `sizes` as `turn_sizes` gave them."""
+        self._turn_sizes.clear()
+        self._turn_sizes.extend(max(0, int(size)) for size in sizes)
+
+    @property
     def turn_size(self) -> float | None:
         """Mean tokens added per turn over the latest turns (None before the first)."""
         return sum(self._turn_sizes) / len(self._turn_sizes) if self._turn_sizes else None

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from kvbound.models.llama import Attend, Block
+from kvbound.models.block import Attend, Block
 
 
 class CompiledBlocks:

@@ -22,6 +22,7 @@ from kvbound.models.linear import CPU_BLOCK_N, ROWS_PER_PASS, DenseLinear, Int4L
 
 WEIGHT_MODES = ("auto", "fp32", "bf16", "fp16", "int8", "int4")
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = ("auto", *COMPUTE_DTYPES)  # what --dtype / load(dtype=) accept; auto is decided by plan_weights
 INT4_FILE_TYPES = {"Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS"}  # ≤4 bits per weight
 INT8_FILE_TYPES = {"Q8_0", "Q8_1", "Q8_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"}  # 5-8 bits: int8 keeps them near-exact
 STORAGE_RANK = {"int4": 0, "int8": 1, "dense": 2}  # a fused matrix takes its most precise part's storage
@@ -121,14 +122,19 @@ def matrix_bytes(storage: str, N: int, K: int, item: int, device: str = "cpu", l
     return packed + (K // 32) * rows * 2 * item + (N * K // 2 if device == "cuda" and lookup else 0)
 
 
+def check_dtype(dtype: str) -> None:
+    """Reject a compute dtype that is not one of DTYPES (before anything is read)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+
+
 def plan_weights(config: ModelConfig, file_types: dict[str, str] | None, mode: str = "auto", dtype: str = "auto",
                  device: str = "cpu") -> WeightsPlan:
     """Decide each matrix's storage and the compute dtype. `file_types`: HF tensor name → storage type in the
     checkpoint ("Q4_1", "F32", ...); None when only a config is known (everything counts as dense)."""
     if mode not in WEIGHT_MODES:
         raise ValueError(f"unknown weights mode '{mode}'; choose one of {', '.join(WEIGHT_MODES)}")
-    if dtype not in ("auto", *COMPUTE_DTYPES):
-        raise ValueError(f"unknown dtype '{dtype}'; choose one of auto, {', '.join(COMPUTE_DTYPES)}")
+    check_dtype(dtype)
     file_types = file_types or {}
     modules = matrix_modules(config)
     if mode in COMPUTE_DTYPES:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
@@ -23,7 +22,6 @@ from kvbound.server import errors
 from kvbound.server.admission import PoolAdmission
 from kvbound.server.dashboard import mount_dashboard
 from kvbound.server.errors import ApiError, api_error
-from kvbound.server.memory import memory_document
 from kvbound.server.metrics import CONTENT_TYPE, Metrics
 from kvbound.server.middleware import ApiKey, BodyLimit, CatchAll, RequestCounter
 from kvbound.server.protocol import (ChatChunks, ChatRequest, CompletionChunks, CompletionRequest, SessionCreate,
@@ -31,34 +29,13 @@ from kvbound.server.protocol import (ChatChunks, ChatRequest, CompletionChunks, 
 from kvbound.server.scheduler import Event, Stream, Task, Worker
 from kvbound.server.sessions import SessionRegistry, SessionStore
 from kvbound.server.settings import ServerSettings
+from kvbound.server.state import Server
 from kvbound.server.turns import ChatTurn, RawCompletion, TurnResult
 
 if TYPE_CHECKING:
     from kvbound.llm import LLM
 
 COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default for /v1/completions
-
-
-@dataclass
-class Server:
-    """What the routes share (kept on `app.state.kvbound`)."""
-
-    llm: "LLM"
-    settings: ServerSettings
-    registry: SessionRegistry
-    admission: PoolAdmission
-    worker: Worker
-    metrics: Metrics
-    model_id: str
-    # Served without the API key: liveness probes; routes mounted later (a static page) may add theirs.
-    public_paths: set[str] = field(default_factory=lambda: {"/health"})
-    public_prefixes: list[str] = field(default_factory=list)
-
-    def memory(self) -> dict[str, Any]:
-        return memory_document(self.llm, self.registry.pool, self.registry, self.admission, self.worker)
-
-    def is_public(self, path: str) -> bool:
-        return path in self.public_paths or path.startswith(tuple(self.public_prefixes))
 
 
 def default_model_id(llm: "LLM") -> str:

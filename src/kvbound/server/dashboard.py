@@ -16,7 +16,7 @@ from starlette.staticfiles import StaticFiles
 
 if TYPE_CHECKING:
     from kvbound.memory.guard import MemoryEvent
-    from kvbound.server.app import Server
+    from kvbound.server.state import Server
 
 ASSETS = Path(__file__).with_name("dashboard")  # index.html, app.js, dashboard.css, vendor/ (uPlot, see its README)
 # The page and its files hold no data, so they may be served without the API key (a browser cannot send a bearer
@@ -61,10 +61,9 @@ def dashboard_data(server: "Server", events: RecentEvents) -> dict[str, Any]:
 
 
 def mount_dashboard(app: FastAPI) -> None:
-    """Add the dashboard's routes to an app from `create_app` (its `app.state.kvbound`)."""
+    """Add the dashboard's routes to an app from `create_app` (its `app.state.kvbound`, a server.state.Server)."""
     server: "Server" = app.state.kvbound
-    server.public_paths |= PUBLIC_PATHS  # the page and its files; the data route keeps the API key
-    server.public_prefixes.extend(PUBLIC_PREFIXES)
+    server.make_public(PUBLIC_PATHS, PUBLIC_PREFIXES)  # the page and its files; the data route keeps the API key
     events = server.llm.on_memory_event(RecentEvents())
 
     @app.get("/dashboard", include_in_schema=False)

@@ -70,6 +70,11 @@ class Metrics:
         self._document = document
         return generate_latest(self.registry)
 
+    @property
+    def document(self) -> dict[str, Any]:
+        """The memory document of the scrape in progress (the last one given to `render`; empty before any)."""
+        return self._document
+
 
 class _MemoryGauges:
     """A collector of the gauges that describe memory now (from the last memory document)."""
@@ -81,7 +86,7 @@ class _MemoryGauges:
         return []  # names are known only once a document exists; nothing to check up front
 
     def collect(self) -> Iterator[Metric]:
-        doc = self.metrics._document
+        doc = self.metrics.document
         if not doc:
             return
         pool, process, engine, sessions = doc["pool"], doc["process"], doc["engine"], doc["sessions"]
