@@ -19,7 +19,6 @@ from kvbound.errors import SnapshotError
 from kvbound.memory.devices import usage_bytes
 from kvbound.memory.guard import MemoryGuard, admit_turn, predict_turn_peak
 from kvbound.memory.ledger import Ledger, MemoryReport
-from kvbound.policies.turns import TurnsPolicy
 
 if TYPE_CHECKING:
     from kvbound.kvcache.paged import PagedCache
@@ -101,9 +100,7 @@ class Chat:
         """System prompt, summary note and the current turn are always pinned. `turns` policies also pin the
         newest turns, but only while that leaves room for `room_for` new tokens: a soft pin never refuses a turn."""
         hard = {0, turn} | ({self._note_segment} if self._note_segment is not None else set())
-        policy = self.cache.policy
-        recent = getattr(policy, "recent_turns", 0) if isinstance(policy, TurnsPolicy) else 0
-        soft = set(range(max(1, turn - recent), turn))
+        soft = set(range(max(1, turn - self.cache.policy.recent_turns), turn))
         held = sum(self.cache.segment_tokens(s) for s in hard | soft)
         return hard | soft if held + room_for <= self.cache.capacity else hard
 
@@ -190,7 +187,7 @@ class Chat:
         if note:
             self._pending_note = ""
         receipt = asdict(cache.receipt())
-        if getattr(cache.policy, "summarize", False):
+        if cache.policy.summarizes:
             self._summarize_evicted(receipt)
         self.ledger.record_turn(len(system_ids) + len(note_ids) + len(new_ids) + len(result.token_ids), receipt,
                                 activation)
@@ -398,7 +395,7 @@ class Chat:
         except BaseException:
             cache.free()  # a shared pool gets its blocks back
             raise
-        cache.evicted_total += sum(map(len, pieces[:first]))  # left out: the next turn must not re-feed them
+        cache.forget(sum(map(len, pieces[:first])))  # left out: the next turn must not re-feed them
         chat._fed_ids = system_ids + [i for piece in pieces[first:] for i in piece]
         chat._fed_text = done
         cache.receipt()  # the rebuild is no turn's work
