@@ -4,8 +4,8 @@ worker), on the real default model, CPU, one thread.
 
 The sequences sit in one shared KV pool, as the server's sessions do, with prompts of different lengths from the
 same book. Two levels are timed: the bare forwards with greedy argmax, and whole generations (sampler,
-detokenizer: `stream_tokens`) driven as the worker drives them — one `next()` per generation per round without
-batching, or each round's DecodeRequests served by one forward (engine/batch.py). The two systems run side by
+detokenizer: engine.generate.Decoder) driven as the worker drives them — one step of each alone per round
+without batching, or one `engine.batch.step` over all of them per round. The two systems run side by
 side on two sets of caches and alternate every token (every round for generations), so a machine shared with
 other work slows both alike; the figures are totals over the repeats.
 
@@ -74,38 +74,35 @@ def forwards(llm, ids, tokens: int) -> dict[str, Any]:
 
 
 def generations(llm, ids, tokens: int) -> dict[str, Any]:
-    """Whole generations, a round-robin round (one `next()` each) and a batched round (engine.batch.rounds)
-    alternating round by round: seconds and tokens of each."""
-    from kvbound.engine.batch import rounds
-    from kvbound.engine.generate import Generation, stream_tokens
+    """Whole generations (engine.generate.Decoder), a round-robin round (one step of each alone) and a batched
+    round (engine.batch.step over all of them) alternating round by round: seconds and tokens of each."""
+    from kvbound.engine import batch
+    from kvbound.engine.generate import Decoder
     from kvbound.engine.sampler import SamplingParams
 
     params = SamplingParams(max_new_tokens=tokens, temperature=0.0,
                             logit_bias={i: -100.0 for i in llm.tokenizer.stop_ids})  # every run decodes `tokens`
-    runs: dict[str, list] = {}
+    runs: dict[str, list[Decoder]] = {}
     caches_of: dict[str, list] = {}
     for name in ("sequential", "batched"):
         caches, _ = prefilled(llm, [p[:-1] for p in ids])
         caches_of[name] = caches
-        runs[name] = []
-        for prompt, cache in zip(ids, caches):
-            logits = llm.runner.prefill(prompt[-1:], cache)
-            result = Generation()
-            runs[name].append((stream_tokens(llm.runner, llm.tokenizer, cache, logits, params, prompt, result),
-                               result))
-    live = list(runs["sequential"])
+        runs[name] = [Decoder(llm.runner, llm.tokenizer, cache, llm.runner.prefill(prompt[-1:], cache), params, prompt)
+                      for prompt, cache in zip(ids, caches)]
 
     def round_robin() -> bool:
-        for run in list(live):
-            try:
-                next(run[0])
-            except StopIteration:
-                live.remove(run)
-        return bool(live)
+        live = [d for d in runs["sequential"] if not d.done]
+        for decoder in live:
+            decoder.step()
+        return any(not d.done for d in runs["sequential"])
 
-    batched = rounds([pieces for pieces, _ in runs["batched"]])
-    systems: dict[str, Callable[[], bool]] = {"sequential": round_robin,
-                                              "batched": lambda: next(batched, None) is not None}
+    def batched() -> bool:
+        live = [d for d in runs["batched"] if not d.done]
+        if live:
+            batch.step(live)
+        return any(not d.done for d in runs["batched"])
+
+    systems: dict[str, Callable[[], bool]] = {"sequential": round_robin, "batched": batched}
     seconds, running = dict.fromkeys(systems, 0.0), set(systems)
     turn = 0
     while running:
@@ -119,7 +116,7 @@ def generations(llm, ids, tokens: int) -> dict[str, Any]:
     for caches in caches_of.values():
         for cache in caches:
             cache.free()
-    return {"seconds": seconds, "tokens": {name: [r.token_ids for _, r in runs[name]] for name in runs}}
+    return {"seconds": seconds, "tokens": {name: [d.result.token_ids for d in runs[name]] for name in runs}}
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> str:

@@ -13,7 +13,7 @@ import torch
 
 from kvbound.chat.session import Chat, Reply, sampling_params
 from kvbound.config import CacheConfig, ModelConfig
-from kvbound.engine.generate import Generation, stream_tokens
+from kvbound.engine.generate import Decoder, Generation, Turn
 from kvbound.engine.runner import DEFAULT_CHUNK, Runner, prefill_chunk
 from kvbound.errors import ContextOverflowError, KVBudgetExceeded
 from kvbound.kvcache.factory import build_cache, build_pool, cache_spec, reserved_bytes
@@ -159,35 +159,44 @@ class LLM:
     def stream_raw(self, prompt: str, *, cache: CacheConfig | None = None, pool: BlockPool | None = None,
                    **sampling: Any) -> "Completion":
         """A plain-text completion (no chat template): iterate it for text pieces; `.reply` holds the Reply after."""
-        if not isinstance(prompt, str) or not prompt:
-            raise ValueError("the prompt is empty; give some text to complete")
+        _check_prompt(prompt)
+        sampling_params(**sampling)  # bad options fail here, not at the first piece
         completion = Completion()
-        completion.pieces = self._complete(prompt, cache, pool, sampling_params(**sampling), completion)
+        completion.pieces = completion.run(lambda: self.start_raw(prompt, cache=cache, pool=pool, **sampling))
         return completion
 
-    def _complete(self, prompt: str, cache: CacheConfig | None, pool: BlockPool | None, params,
-                  completion: "Completion") -> Iterator[str]:
+    def start_raw(self, prompt: str, *, cache: CacheConfig | None = None, pool: BlockPool | None = None,
+                  **sampling: Any) -> Turn:
+        """Prefill `prompt` (no chat template) into a fresh cache and return the completion ready to decode; its
+        `commit()` returns the Reply and frees the cache, as `abort()` does."""
+        _check_prompt(prompt)
+        params = sampling_params(**sampling)
         started = time.perf_counter()
         ids = self.tokenizer.encode(prompt, add_special=True)
-        kv = completion.cache = self.new_cache(cache, pool=pool)
+        kv = self.new_cache(cache, pool=pool)
         try:
             if not kv.policy.evicts and len(ids) + 1 > kv.capacity:
                 raise ContextOverflowError(f"the prompt is {len(ids)} tokens and the KV cache holds {kv.capacity}; "
                                            "shorten the prompt, raise the KV budget or choose an evicting policy",
                                            needed=len(ids) + 1, available=kv.capacity)
             logits = self.runner.prefill(ids, kv, prefill_chunk(self.runner.chunk, kv.capacity, kv.policy.evicts))
-            result = Generation(prefill_s=time.perf_counter() - started)
-            yield from stream_tokens(self.runner, self.tokenizer, kv, logits, params, ids, result)
+        except BaseException:
+            kv.free()
+            raise
+        result = Generation(prefill_s=time.perf_counter() - started)
+
+        def commit() -> Reply:
             decoded = max(len(result.token_ids) - 1, 0)
-            completion.reply = Reply(
+            reply = Reply(
                 text=result.text, token_ids=result.token_ids, prompt_tokens=len(ids), context_tokens=kv.num_tokens,
                 kv_bytes=kv.nbytes, elapsed_s=time.perf_counter() - started,
                 finish_reason=result.finish_reason, ttft_s=result.prefill_s,
                 decode_tokens_per_s=decoded / result.decode_s if result.decode_s > 0 else 0.0,
                 receipt=asdict(kv.receipt()))
-        finally:
             kv.free()
-            completion.cache = None
+            return reply
+
+        return Turn(Decoder(self.runner, self.tokenizer, kv, logits, params, ids, result), commit, kv.free)
 
     def info(self) -> ModelInfo:
         c = self.config
@@ -201,6 +210,11 @@ class LLM:
             file_tensor_types=dict(self.checkpoint.tensor_types))
 
 
+def _check_prompt(prompt: str) -> None:
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError("the prompt is empty; give some text to complete")
+
+
 class Completion:
     """The text pieces of a raw completion as they are generated; `reply` is set once they are exhausted."""
 
@@ -208,6 +222,14 @@ class Completion:
         self.pieces: Iterator[str] = iter(())
         self.reply: Reply | None = None
         self.cache: PagedCache | None = None  # the KV cache while the completion runs (from its first piece on)
+
+    def run(self, start: Callable[[], Turn]) -> Iterator[str]:
+        turn = start()
+        self.cache = turn.decoder.cache
+        try:
+            self.reply = yield from turn.run()
+        finally:
+            self.cache = None
 
     def __iter__(self) -> Iterator[str]:
         return self.pieces

@@ -163,9 +163,9 @@ def test_summarize_keeps_a_pinned_note(llm):
     assert summaries, "eviction happened but no summary was written"
     assert all(set(r["summarized_turns"]) for r in summaries)
     assert any(r["summary"] for r in summaries), "no summary text was written"
-    assert chat._note_segment is not None  # the newest note sits in the cache, pinned
-    assert chat._note_segment in chat.cache.labels()[1]
-    assert chat.cache.segment_tokens(chat._note_segment) > 0
+    assert chat.transcript.note_segment is not None  # the newest note sits in the cache, pinned
+    assert chat.transcript.note_segment in chat.cache.labels()[1]
+    assert chat.cache.segment_tokens(chat.transcript.note_segment) > 0
     assert chat.cache.segment_tokens(0) > 0
 
 
@@ -249,7 +249,7 @@ def test_chat_evicts_and_summarizes_with_every_storage(llm, policy, dtype):
     assert chat.cache.segment_tokens(0) > 0, "the system prompt was evicted"
     if chat.cache.policy.summarizes:
         assert summaries >= 2 and chat.summary, "summarize wrote fewer than two notes"
-        assert chat.cache.segment_tokens(chat._note_segment) > 0, "the newest note is not in the cache"
+        assert chat.cache.segment_tokens(chat.transcript.note_segment) > 0, "the newest note is not in the cache"
 
 
 @pytest.mark.parametrize("policy,dtype", [("summarize", d) for d in KV_DTYPE_NAMES] + [("turns+h2o", "int4"),

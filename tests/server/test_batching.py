@@ -7,65 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
-import torch
 
-from kvbound.engine.batch import decode_step
 from kvbound.server.scheduler import Worker
 from tests.server.conftest import NO_STOP
-from tests.server.test_scheduler import drain
-
-
-class FakeRunner:
-    """The logits of a token are the token id itself; records the caches (names) of every forward it runs."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[str]] = []
-
-    def decode(self, token_id: int, cache: list[str]) -> torch.Tensor:
-        self.batches.append([cache[0]])
-        return torch.tensor([float(token_id)])
-
-    def decode_batch(self, token_ids: list[int], caches: list[list[str]]) -> torch.Tensor:
-        self.batches.append([c[0] for c in caches])
-        return torch.tensor([[float(t)] for t in token_ids])
-
-
-class DecodingTask:
-    """A generation that asks for `steps` decode steps and yields one piece after each (what stream_tokens does)."""
-
-    def __init__(self, name: str, steps: int, runner: FakeRunner):
-        self.name, self.steps, self.runner = name, steps, runner
-
-    def start(self) -> Iterator[str]:
-        return self._run()
-
-    def _run(self) -> Iterator[str]:
-        for i in range(self.steps):
-            logits = yield from decode_step(self.runner, 10 * i, [self.name])
-            yield f"{self.name}{int(logits[0])}"
-
-    def finish(self) -> str:
-        return f"{self.name}-done"
-
-    def release(self) -> None:
-        pass
-
-
-class PlainTask(DecodingTask):
-    """Pieces only, never a decode step: advances one piece per round, beside the batch."""
-
-    def _run(self) -> Iterator[str]:
-        for i in range(self.steps):
-            yield f"{self.name}{i}"
+from tests.server.test_scheduler import FakeRunner, FakeTask, drain
 
 
 def test_each_round_runs_the_decode_steps_of_all_generations_as_one_batch() -> None:
     runner = FakeRunner()
-    tasks = [DecodingTask("a", 3, runner), DecodingTask("b", 2, runner), DecodingTask("c", 3, runner),
-             PlainTask("p", 2, runner)]
+    tasks = [FakeTask(name, steps, [], runner=runner, scale=10) for name, steps in (("a", 3), ("b", 2), ("c", 3))]
 
     async def main() -> tuple[list[list[Any]], Worker]:
         worker = Worker(max_active=8)
@@ -81,7 +34,6 @@ def test_each_round_runs_the_decode_steps_of_all_generations_as_one_batch() -> N
     assert worker.batch_sizes == {3: 2, 2: 1}
     assert results[0] == [("piece", "a0"), ("piece", "a10"), ("piece", "a20"), ("done", "a-done")]
     assert results[1] == [("piece", "b0"), ("piece", "b10"), ("done", "b-done")]
-    assert results[3] == [("piece", "p0"), ("piece", "p1"), ("done", "p-done")]
 
 
 def test_a_cancelled_generation_leaves_the_batch() -> None:
@@ -90,7 +42,7 @@ def test_a_cancelled_generation_leaves_the_batch() -> None:
 
     async def main() -> list[list[str]]:
         worker = Worker()
-        streams = [worker.submit(DecodingTask(name, 5, runner)) for name in "ab"]
+        streams = [worker.submit(FakeTask(name, 5, [], runner=runner)) for name in "ab"]
         for stream in list(worker._pending):
             worker._start(stream)
         worker.step()

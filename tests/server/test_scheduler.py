@@ -1,5 +1,5 @@
-"""The engine worker: one thread, generations interleaved a piece at a time (round-robin), a cancelled generation
-closed at once (its `finally` runs) and released, a failing start reported as an error event — and, through the
+"""The engine worker: one thread, generations interleaved a step at a time (round-robin), a cancelled turn
+aborted at once and released, a failing start reported as an error event — and, through the
 HTTP server, concurrent clients that all progress and get exactly the replies they get alone."""
 
 from __future__ import annotations
@@ -7,38 +7,73 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
+import torch
 
+from kvbound.engine.generate import Turn
 from kvbound.server.errors import ServerBusy
 from kvbound.server.scheduler import Worker
 from tests.server.conftest import NO_STOP
 
 
-class FakeTask:
-    """Yields `pieces` names, recording into a shared log when each is produced and when it is closed."""
+class FakeRunner:
+    """The logits of a token are the token id itself; records the caches (names) of every forward it runs."""
 
-    def __init__(self, name: str, pieces: int, log: list[str], fail: bool = False):
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    def decode(self, token_id: int, cache: list[str]) -> torch.Tensor:
+        self.batches.append([cache[0]])
+        return torch.tensor([float(token_id)])
+
+    def decode_batch(self, token_ids: list[int], caches: list[list[str]]) -> torch.Tensor:
+        self.batches.append([c[0] for c in caches])
+        return torch.tensor([[float(t)] for t in token_ids])
+
+
+class FakeDecoder:
+    """`steps` decode steps feeding tokens 0, scale, 2*scale, ...; each step's piece is the name and the logits
+    it got (the token itself, from FakeRunner), recorded into a shared log."""
+
+    def __init__(self, name: str, steps: int, log: list[str], runner: FakeRunner, scale: int = 1):
+        self.name, self.steps, self.log, self.runner, self.scale = name, steps, log, runner, scale
+        self.cache, self.token, self.fed = [name], 0, 0
+
+    @property
+    def done(self) -> bool:
+        return self.token is None
+
+    def feed(self, logits: torch.Tensor) -> str:
+        piece = f"{self.name}{int(logits[0])}"
+        self.log.append(piece)
+        self.fed += 1
+        self.token = None if self.fed == self.steps else self.fed * self.scale
+        return piece
+
+    def step(self) -> str:
+        return self.feed(self.runner.decode(self.token, self.cache))
+
+
+class FakeTask:
+    """A turn of `pieces` steps; its commit and abort both log `<name>-closed`."""
+
+    def __init__(self, name: str, pieces: int, log: list[str], fail: bool = False, runner: FakeRunner | None = None,
+                 scale: int = 1):
         self.name, self.pieces, self.log, self.fail = name, pieces, log, fail
+        self.runner, self.scale = runner or FakeRunner(), scale
         self.released = 0
         self.thread: str | None = None
 
-    def start(self) -> Iterator[str]:
+    def start(self) -> Turn:
         if self.fail:
             raise ValueError(f"{self.name} cannot start")
         self.thread = threading.current_thread().name
-        return self._run()
+        close = lambda: self.log.append(f"{self.name}-closed")  # noqa: E731
+        return Turn(FakeDecoder(self.name, self.pieces, self.log, self.runner, self.scale), close, close)
 
-    def _run(self) -> Iterator[str]:
-        try:
-            for i in range(self.pieces):
-                self.log.append(f"{self.name}{i}")
-                yield f"{self.name}{i}"
-        finally:
-            self.log.append(f"{self.name}-closed")
-
-    def finish(self) -> str:
+    def finish(self, result: Any) -> str:
         return f"{self.name}-done"
 
     def release(self) -> None:
@@ -95,7 +130,7 @@ def test_max_active_queues_the_rest() -> None:
     assert log == ["a0", "a1", "a-closed", "b0", "b1", "b-closed"]
 
 
-def test_cancel_closes_the_generator_and_releases() -> None:
+def test_cancel_aborts_the_turn_and_releases() -> None:
     log: list[str] = []
     task = FakeTask("a", 10_000, log)
 

@@ -11,8 +11,8 @@ import torch
 import kvbound
 from kvbound.config import CacheConfig
 from kvbound.kvcache import storage
-from kvbound.engine.batch import DecodeRequest, decode_requests, drive
-from kvbound.engine.generate import Generation, stream_tokens
+from kvbound.engine import batch
+from kvbound.engine.generate import Decoder
 from kvbound.engine.sampler import SamplingParams
 from kvbound.errors import ContextOverflowError
 from tests.helpers_tiny import TINY_CASES, random_ids, save_hf_dir, tiny_case_model
@@ -137,40 +137,46 @@ def test_a_cache_that_cannot_take_the_token_leaves_every_cache_as_it_was(tiny_di
     assert torch.equal(llm.runner.decode_batch([3], [room])[0], llm.runner.decode(3, reference))
 
 
-# -- the request protocol ------------------------------------------------------------------------------------------
-def generation(llm, prompt_seed: int, max_new_tokens: int = 10):
+# -- decoders stepped together --------------------------------------------------------------------------------------
+def decoder(llm, prompt_seed: int, max_new_tokens: int = 10) -> Decoder:
     ids = random_ids(6 + prompt_seed, seed=prompt_seed)
     cache = llm.new_cache(CacheConfig(tokens=64))
     logits = llm.runner.prefill(ids, cache)
-    result = Generation()
-    pieces = stream_tokens(llm.runner, llm.tokenizer, cache, logits,
-                           SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0), ids, result)
-    return pieces, result
+    return Decoder(llm.runner, llm.tokenizer, cache, logits,
+                   SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0), ids)
 
 
-def test_requests_appear_only_when_asked_and_batching_changes_no_token(tiny_dirs) -> None:
+def test_decoders_stepped_together_match_each_alone(tiny_dirs) -> None:
     llm = load(tiny_dirs, "llama")
     expected = []
     for seed in range(3):
-        pieces, result = generation(llm, seed)
-        assert all(isinstance(p, str) for p in pieces)
-        expected.append((result.token_ids, result.text))
-
-    runs = [generation(llm, seed) for seed in range(3)]
+        alone = decoder(llm, seed, max_new_tokens=4 + 3 * seed)
+        text = ""
+        while not alone.done:
+            text += alone.step()
+        expected.append((alone.result.token_ids, alone.result.text, text))
+    together = [decoder(llm, seed, max_new_tokens=4 + 3 * seed) for seed in range(3)]
     texts = ["", "", ""]
-    sizes = drive([pieces for pieces, _ in runs], lambda i, piece: texts.__setitem__(i, texts[i] + piece))
-    assert [(result.token_ids, result.text) for _, result in runs] == expected
-    assert texts == [text for _, text in expected]
-    assert max(sizes) == 3 and sum(sizes) == sum(len(ids) for ids, _ in expected)
+    sizes = batch.drive(together, lambda i, piece: texts.__setitem__(i, texts[i] + piece))
+    assert [(d.result.token_ids, d.result.text, t) for d, t in zip(together, texts)] == expected
+    assert sizes[0] == 3 and sizes[-1] == 1  # the longest runs alone once the others finished
+    assert sum(sizes) == sum(len(ids) for ids, _, _ in expected)
 
 
-def test_a_request_nobody_serves_runs_alone(tiny_dirs) -> None:
-    """A consumer that skips requests (a `for _ in ...` inside the scope) still gets every token."""
+def test_a_failed_batch_steps_each_alone_and_the_error_stays_with_its_sequence(tiny_dirs) -> None:
+    """One cache with no room in the batch: the batch commits nothing, the other sequences still get every
+    token, and the full one ends with finish_reason context_full."""
     llm = load(tiny_dirs, "llama")
-    pieces, alone = generation(llm, 1)
-    list(pieces)
-    pieces, skipped = generation(llm, 1)
-    with decode_requests():
-        items = list(pieces)
-    assert sum(isinstance(i, DecodeRequest) for i in items) == len(skipped.token_ids)
-    assert skipped.token_ids == alone.token_ids and skipped.text == alone.text
+    reference = decoder(llm, 1, max_new_tokens=6)
+    while not reference.done:
+        reference.step()
+    ids = random_ids(8, seed=2)
+    full = llm.new_cache(CacheConfig(tokens=9))  # room for one more token, then no eviction
+    stuck = Decoder(llm.runner, llm.tokenizer, full, llm.runner.prefill(ids, full),
+                    SamplingParams(max_new_tokens=6, temperature=0.0), ids)
+    other = decoder(llm, 1, max_new_tokens=6)
+    outcomes, sizes = batch.step([other, stuck])
+    assert sizes == [2] and all(o.error is None for o in outcomes)
+    batch.drive([other, stuck])
+    assert stuck.result.finish_reason == "context_full" and full.num_tokens == 9
+    assert other.result.token_ids == reference.result.token_ids

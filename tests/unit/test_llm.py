@@ -89,11 +89,12 @@ def test_every_chat_is_tracked_made_or_restored(model_dir):
     assert [e.kind for e in events] == ["warning", "critical"] * 3
 
 
-def test_ledger_turn_sizes_round_trip():
+def test_ledger_totals_round_trip():
     ledger = Ledger()
     for size in (5, 50, 60, 70):
-        ledger.record_turn(size, {})
+        ledger.record_turn(size, {"evicted_tokens": 3})
     assert ledger.turn_sizes == (50, 60, 70)
     copy = Ledger()
-    copy.restore_turn_sizes(ledger.turn_sizes)
+    copy.restore(ledger.totals())
     assert copy.turn_sizes == ledger.turn_sizes and copy.turn_size == 60
+    assert copy.turns == 4 and copy.tokens_evicted == 12

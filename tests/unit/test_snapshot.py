@@ -75,12 +75,12 @@ def test_restore_with_a_pending_summary_note(llm):
     """policy summarize: the note waiting to be fed, the summarized turns and the note's pinned segment carry over."""
     original = llm.chat(system="be brief", tokens=1024, policy="summarize")
     texts = iter(messages(80, seed=4))
-    while not original._pending_note:
+    while not original.transcript.pending_note:
         original.send(next(texts), **GREEDY)
     restored = Chat.from_state(llm, round_trip(original.export_state()))
-    assert restored.summary == original.summary and restored._summarized == original._summarized
+    assert restored.summary == original.summary and restored.transcript.summarized == original.transcript.summarized
     assert_same_replies(original, restored, [next(texts) for _ in range(6)])
-    assert restored._note_segment == original._note_segment is not None
+    assert restored.transcript.note_segment == original.transcript.note_segment is not None
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "int8", "int4"])
@@ -229,6 +229,6 @@ def test_cuda_offload_to_host_and_back(tmp_path, dtype):
         chat.send(text, **GREEDY)
     twin = Chat.from_state(llm, round_trip(chat.export_state()))
     chat.offload()
-    assert all(t.device.type == "cpu" for t in chat._offloaded["blocks"].values())
+    assert all(t.device.type == "cpu" for t in chat.export_state()["cache"]["blocks"].values())
     assert twin.cache.pool.device.type == "cuda" and pool.used_blocks == 0
     assert_same_replies(twin, chat, messages(3, seed=12))

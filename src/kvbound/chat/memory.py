@@ -18,12 +18,36 @@ INSTRUCTION = ("Here is an earlier part of a conversation.\n\n{text}\n\nWrite th
                "(names, numbers, codes, plans) as one short list. Keep every number exactly.")
 
 
+def summarize_evicted(chat: "Chat", receipt: dict) -> None:
+    """Turns that lost tokens go into the note, which the next turn pins as its own segment. Making room for the
+    summarizing prompt may evict more: those join `receipt` (this turn's) and the next turn's summary."""
+    log = chat.transcript
+    evicted = {t for t in receipt["evicted_segments"] if t > 0} | log.unsummarized
+    turns = sorted(evicted - log.summarized)
+    log.unsummarized = set()
+    if not turns:
+        return
+    text, used = summarize_turns(chat, turns, log.summary)
+    log.summarized.update(turns)
+    extra = chat.cache.receipt()
+    receipt["evicted_tokens"] += extra.evicted_tokens
+    receipt["evictions"] += extra.evictions
+    for seg, count in extra.evicted_segments.items():
+        receipt["evicted_segments"][seg] = receipt["evicted_segments"].get(seg, 0) + count
+        if seg > 0 and seg not in log.summarized:
+            log.unsummarized.add(seg)
+    receipt["kv_bytes_after"] = chat.cache.nbytes
+    receipt.update(summarized_turns=turns, summarized_tokens=used, summary=text)
+    if text:
+        log.summary = log.pending_note = text
+
+
 def summarize_turns(chat: "Chat", turns: list[int], previous: str, max_new_tokens: int = 64) -> tuple[str, int]:
     """Return (summary text, tokens of evicted text that went into it). Empty text if there is no room."""
     llm, cache, tokenizer = chat.llm, chat.cache, chat.llm.tokenizer
     # The prompt may take up to a third of the budget; eviction (already under way) frees that room first.
     room = cache.capacity // 3 - max_new_tokens - 1
-    parts = ([f"(earlier notes) {previous}"] if previous else []) + [chat.turn_text[t] for t in turns]
+    parts = ([f"(earlier notes) {previous}"] if previous else []) + [chat.transcript.turn_text[t] for t in turns]
     while parts:
         messages = [{"role": "user", "content": INSTRUCTION.format(text="\n".join(parts))}]
         ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))

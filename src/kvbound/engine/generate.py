@@ -1,24 +1,27 @@
-"""The decode loop: sample, stream text pieces (UTF-8 safe, stop strings held back), stop on stop tokens/strings."""
+"""The decode loop as an object the caller drives: a `Decoder` holds the token it sampled until someone feeds it
+to the cache (alone, or in a batch with other sequences: engine/batch.py) and hands back the logits after it;
+a `Turn` is a decoder plus what ends its work (commit, or roll back on failure or cancel)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator
 
 import torch
 
-from kvbound.engine.batch import decode_step
-from kvbound.engine.runner import Runner
 from kvbound.engine.sampler import Sampler, SamplingParams
 from kvbound.errors import ContextOverflowError
 from kvbound.kvcache.base import KVCache
 from kvbound.tokenizer import StreamDecoder, Tokenizer
 
+if TYPE_CHECKING:
+    from kvbound.engine.runner import Runner
+
 
 @dataclass
 class Generation:
-    """What one decode loop produced; filled in as `stream_tokens` runs."""
+    """What one decode loop produced; filled in as the decoder runs."""
 
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -27,48 +30,105 @@ class Generation:
     decode_s: float = 0.0
 
 
-def stream_tokens(runner: Runner, tokenizer: Tokenizer, cache: KVCache, logits: torch.Tensor,
-                  params: SamplingParams, history: list[int], result: Generation) -> Iterator[str]:
-    """Continue from `logits` (the prefill's last), feeding each sampled token back; yields text pieces.
+class Decoder:
+    """Sample, detokenize (UTF-8 safe, stop strings held back), stop on stop tokens/strings.
 
-    Every sampled token is written to the cache, the final stop token included, so the cache holds exactly
-    what the model said and the next turn continues after it without a re-prefill. Inside
-    `engine.batch.decode_requests()` each decode step is also yielded, as a DecodeRequest, for batching.
-    """
-    sampler = Sampler(params, device=logits.device)
-    decoder = StreamDecoder(tokenizer, skip_special=True)
-    stop_ids = set(tokenizer.stop_ids) | set(params.stop_token_ids)
-    holdback = max((len(s) for s in params.stop), default=1) - 1  # a stop string may still be forming
-    seen = list(history) if params.repetition_penalty != 1.0 else []
-    text, emitted = "", 0
-    started = time.perf_counter()
-    for step in range(params.max_new_tokens):
-        token = sampler(logits, seen)
+    `token` is the sampled token waiting for its decode step (None once finished); `feed(logits)` takes the logits
+    (V,) after it, or None when the cache had no room for it, and returns the text now safe to show. Every sampled
+    token is fed, the final stop token included, so the cache holds exactly what the model said and the next turn
+    continues after it without a re-prefill."""
+
+    def __init__(self, runner: "Runner", tokenizer: Tokenizer, cache: KVCache, logits: torch.Tensor,
+                 params: SamplingParams, history: list[int], result: Generation | None = None):
+        self.runner, self.cache, self.params = runner, cache, params
+        self.result = result if result is not None else Generation()
+        self._sampler = Sampler(params, device=logits.device)
+        self._detok = StreamDecoder(tokenizer, skip_special=True)
+        self._stop_ids = set(tokenizer.stop_ids) | set(params.stop_token_ids)
+        self._holdback = max((len(s) for s in params.stop), default=1) - 1  # a stop string may still be forming
+        self._seen = list(history) if params.repetition_penalty != 1.0 else []
+        self._text, self._emitted = "", 0
+        self._started = time.perf_counter()
+        self.token: int | None = None
+        self._sample(logits)
+
+    @property
+    def done(self) -> bool:
+        return self.token is None
+
+    def _sample(self, logits: torch.Tensor) -> None:
+        result, params = self.result, self.params
+        token = self._sampler(logits, self._seen)
         result.token_ids.append(token)
-        seen.append(token)
-        if token in stop_ids:
+        self._seen.append(token)
+        if token in self._stop_ids:
             result.finish_reason = "stop"
         else:
-            text += decoder.push(token)
-            cut = _find_stop(text, params.stop)
+            self._text += self._detok.push(token)
+            cut = _find_stop(self._text, params.stop)
             if cut is not None:
-                text, result.finish_reason = text[:cut], "stop"
-            elif step == params.max_new_tokens - 1:
-                text += decoder.flush()
+                self._text, result.finish_reason = self._text[:cut], "stop"
+            elif len(result.token_ids) == params.max_new_tokens:
+                self._text += self._detok.flush()
                 result.finish_reason = "length"
-        try:
-            logits = yield from decode_step(runner, token, cache)
-        except ContextOverflowError:
+        self.token = token
+
+    def feed(self, logits: torch.Tensor | None) -> str:
+        result = self.result
+        if logits is None:
             result.token_ids.pop()  # not in the cache, so not part of the conversation
             result.finish_reason = "context_full"
-        safe = len(text) if result.finish_reason else max(emitted, len(text) - holdback)
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
+        text = self._text
+        safe = len(text) if result.finish_reason else max(self._emitted, len(text) - self._holdback)
+        piece, self._emitted = text[self._emitted:safe], max(self._emitted, safe)
         if result.finish_reason:
-            break
-    result.text = text
-    result.decode_s = time.perf_counter() - started
+            self.token = None
+            result.text = text
+            result.decode_s = time.perf_counter() - self._started
+        else:
+            self._sample(logits)
+        return piece
+
+    def step(self) -> str:
+        """Feed `token` alone (no batch) and return the text it makes safe to show."""
+        try:
+            logits = self.runner.decode(self.token, self.cache)
+        except ContextOverflowError:
+            logits = None
+        return self.feed(logits)
+
+
+@dataclass
+class Turn:
+    """A generation past its prefill: `decoder` steps it; `commit()` once it is done returns its result;
+    `abort()` undoes its work (a failure, or a client that went away)."""
+
+    decoder: Decoder
+    commit: Callable[[], Any]
+    abort: Callable[[], None]
+
+    def run(self) -> Generator[str, None, Any]:
+        """Decode alone to the end, yielding text pieces, and return what `commit()` returns; aborts on any
+        failure, or when closed early."""
+        try:
+            while not self.decoder.done:
+                piece = self.decoder.step()
+                if piece:
+                    yield piece
+        except BaseException:
+            self.abort()
+            raise
+        return self.commit()
+
+
+def stream_tokens(runner: "Runner", tokenizer: Tokenizer, cache: KVCache, logits: torch.Tensor,
+                  params: SamplingParams, history: list[int], result: Generation) -> Iterator[str]:
+    """Continue from `logits` (the prefill's last), feeding each sampled token back; yields text pieces."""
+    decoder = Decoder(runner, tokenizer, cache, logits, params, history, result)
+    while not decoder.done:
+        piece = decoder.step()
+        if piece:
+            yield piece
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

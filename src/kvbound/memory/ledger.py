@@ -49,7 +49,7 @@ class Ledger:
 
     def record_turn(self, tokens_added: int, receipt: dict[str, Any], activation_peak_bytes: int = 0) -> None:
         """One finished turn: `tokens_added` (message + reply tokens fed to the cache) and its receipt
-        (kvcache.paged.Receipt as a dict)."""
+        (kvcache.sequence.Receipt as a dict)."""
         self.turns += 1
         self._turn_sizes.append(max(0, int(tokens_added)))
         self.tokens_evicted += int(receipt.get("evicted_tokens", 0))
@@ -62,10 +62,18 @@ class Ledger:
         """Tokens added by each of the latest turns (at most FORECAST_TURNS), oldest first: the forecast's input."""
         return tuple(self._turn_sizes)
 
-    def restore_turn_sizes(self, sizes: Iterable[int]) -> None:
-        """Continue a saved session's forecast: `sizes` as `turn_sizes` gave them."""
+    TOTALS = ("turns", "tokens_evicted", "tokens_quantized", "tokens_summarized", "activation_peak_bytes")
+
+    def totals(self) -> dict[str, Any]:
+        """The running totals as plain data (a saved session carries them), the forecast's turn sizes included."""
+        return {**{name: getattr(self, name) for name in self.TOTALS}, "turn_sizes": list(self._turn_sizes)}
+
+    def restore(self, totals: dict[str, Any]) -> None:
+        """Continue a saved session's totals and forecast (`totals()` of the original)."""
+        for name in self.TOTALS:
+            setattr(self, name, int(totals[name]))
         self._turn_sizes.clear()
-        self._turn_sizes.extend(max(0, int(size)) for size in sizes)
+        self._turn_sizes.extend(max(0, int(size)) for size in totals["turn_sizes"])
 
     @property
     def turn_size(self) -> float | None:

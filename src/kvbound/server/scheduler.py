@@ -1,12 +1,11 @@
 """The engine worker: the one thread that touches the model, the KV pool and the chats (none of them is
 thread-safe). It runs calls between steps and interleaves the active generations at token granularity, with
-continuous batching: `step()` advances every active generation to its next decode step (engine/batch.py: the
-generation yields a DecodeRequest instead of running it; a new one prefills on the way), then runs all those
-decode steps as one batched forward, so B concurrent clients cost about one forward per token, not B. A
-generation that never asks for a decode step (a plain iterator of pieces) advances one piece per round.
+continuous batching: a task starts by prefilling its turn (engine/generate.Turn), then each `step()` feeds the
+waiting token of every active turn in one batched forward (engine/batch.py), so B concurrent clients cost
+about one forward per token, not B.
 
 The async side sees a `Stream`: events arrive on an asyncio queue (through `loop.call_soon_threadsafe`), and
-`cancel()` makes the worker close the generator (a Chat rolls that turn back) before its next step."""
+`cancel()` makes the worker abort the turn (a Chat rolls it back) before its next step."""
 
 from __future__ import annotations
 
@@ -15,9 +14,10 @@ import logging
 import threading
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Protocol
 
-from kvbound.engine.batch import DecodeRequest, decode_requests, serve
+from kvbound.engine import batch
+from kvbound.engine.generate import Turn
 from kvbound.server.errors import ServerBusy
 
 logger = logging.getLogger("kvbound.server")
@@ -26,11 +26,11 @@ logger = logging.getLogger("kvbound.server")
 class Task(Protocol):
     """One generation, as the worker runs it. All three methods run on the worker thread."""
 
-    def start(self) -> Iterator[str]:
-        """Admit the work (may raise) and return its text pieces."""
+    def start(self) -> Turn:
+        """Admit the work and prefill it (may raise); the turn, ready to decode."""
 
-    def finish(self) -> Any:
-        """After the pieces are exhausted: the result (the `done` event's value)."""
+    def finish(self, result: Any) -> Any:
+        """After the turn committed (`result`: what its commit returned): the `done` event's value."""
 
     def release(self) -> None:
         """Always last, after success, error or cancel: give back what `start` took."""
@@ -49,8 +49,7 @@ class Stream:
         self.task, self.loop, self.worker = task, loop, worker
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = False
-        self.pieces: Iterator[str] | None = None  # set by the worker once started
-        self.decoding = False  # it has asked for a decode step: each round advances it to its next one
+        self.turn: Turn | None = None  # set by the worker once started
 
     def post(self, kind: str, value: Any) -> None:
         """From the worker thread: hand an event to the loop (dropped if the loop is gone)."""
@@ -175,7 +174,7 @@ class Worker:
         if stream.cancelled:
             return
         try:
-            stream.pieces = stream.task.start()
+            stream.turn = stream.task.start()
         except BaseException as e:  # noqa: BLE001
             self._end(stream, "error", e)
             return
@@ -183,57 +182,39 @@ class Worker:
         self.peak_active = max(self.peak_active, len(self._active))
 
     def step(self) -> None:
-        """One round: every active generation advances to its next decode step, in turn; then the steps
-        gathered run as one batched forward and each generation finds its logits when next advanced."""
+        """One round: the waiting token of every active turn, fed in one batched forward; each stream gets its
+        text, and a turn that finished commits."""
+        for stream in [s for s in self._active if s.cancelled]:
+            self._abort(stream, ServerBusy("the request was cancelled"))
         if not self._active:
             return
         self.steps += 1
-        requests = []
-        for stream in list(self._active):
-            if stream.cancelled:
-                self._close(stream)
+        streams = list(self._active)
+        outcomes, sizes = batch.step([s.turn.decoder for s in streams])
+        self.batch_sizes.update(sizes)
+        for stream, outcome in zip(streams, outcomes):
+            if outcome.error is not None:
+                self._abort(stream, outcome.error)
                 continue
-            request = self._advance(stream)
-            if request is not None:
-                requests.append(request)
-        if requests:
-            self.batch_sizes.update(serve(requests))
-
-    def _advance(self, stream: Stream) -> DecodeRequest | None:
-        """Post the pieces `stream` yields until it asks for a decode step (returned) or ends; one piece only
-        from a generation that never asks."""
-        while True:
-            try:
-                with decode_requests():
-                    item = next(stream.pieces)
-            except StopIteration:
+            if outcome.piece:
+                stream.post("piece", outcome.piece)
+            if stream.turn.decoder.done:
                 self._active.remove(stream)
                 try:
-                    result = stream.task.finish()
+                    result = stream.task.finish(stream.turn.commit())
                 except BaseException as e:  # noqa: BLE001
                     self._end(stream, "error", e)
                 else:
                     self._end(stream, "done", result)
-                return None
-            except BaseException as e:  # noqa: BLE001
-                self._active.remove(stream)
-                self._end(stream, "error", e)
-                return None
-            if isinstance(item, DecodeRequest):
-                stream.decoding = True
-                return item
-            stream.post("piece", item)
-            if not stream.decoding:
-                return None
 
-    def _close(self, stream: Stream) -> None:
-        """Cancel: closing the generator raises GeneratorExit inside it, so a Chat rolls the turn back."""
+    def _abort(self, stream: Stream, error: BaseException) -> None:
+        """Undo the turn (a Chat rolls it back) and end the stream with `error`."""
         self._active.remove(stream)
         try:
-            stream.pieces.close()
+            stream.turn.abort()
         except BaseException:  # noqa: BLE001
-            logger.exception("closing a cancelled generation failed")
-        self._end(stream, "error", ServerBusy("the request was cancelled"))
+            logger.exception("aborting a generation failed")
+        self._end(stream, "error", error)
 
     def _end(self, stream: Stream, kind: str, value: Any) -> None:
         try:
@@ -243,12 +224,8 @@ class Worker:
         stream.post(kind, value)
 
     def _shutdown(self) -> None:
-        for stream in self._active:
-            try:
-                stream.pieces.close()
-            except BaseException:  # noqa: BLE001
-                pass
-            self._end(stream, "error", ServerBusy("the server is shutting down"))
+        for stream in list(self._active):
+            self._abort(stream, ServerBusy("the server is shutting down"))
         for stream in self._pending:
             stream.post("error", ServerBusy("the server is shutting down"))
         for _, future, loop in self._calls:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from kvbound.chat.session import Chat, restore_room
+from kvbound.chat.restore import restore_room
+from kvbound.chat.session import Chat
 from kvbound.config import CacheConfig
 from kvbound.errors import KvboundError
 from kvbound.server.errors import ApiError, ServerBusy, SessionNotFound

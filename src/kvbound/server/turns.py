@@ -5,7 +5,7 @@ usage and session figures its response reports. The routes only submit these and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 from kvbound.config import CacheConfig
 from kvbound.errors import ContextOverflowError
@@ -13,7 +13,8 @@ from kvbound.server.protocol import finish_reason, new_id, usage
 
 if TYPE_CHECKING:
     from kvbound.chat.session import Reply
-    from kvbound.llm import LLM, Completion
+    from kvbound.engine.generate import Turn
+    from kvbound.llm import LLM
     from kvbound.server.admission import PoolAdmission
     from kvbound.server.sessions import Conversation, Plan, SessionRegistry
 
@@ -54,7 +55,7 @@ class ChatTurn:
         self._held = self._computed = 0
         self._answered = False
 
-    def start(self) -> Iterator[str]:
+    def start(self) -> Turn:
         self.plan = plan = self.registry.plan(self.conversation, self.session_id)
         session = plan.session
         self.registry.begin(session)
@@ -66,12 +67,11 @@ class ChatTurn:
         self._computed = self.registry.restore(session, reserve=message + 1)
         self._held = session.chat.context_tokens
         self.info = TurnInfo(session.id, plan.state, self._held - self._computed)
-        return session.chat.stream(plan.user, **self.sampling)
+        return session.chat.start(plan.user, **self.sampling)
 
-    def finish(self) -> TurnResult:
+    def finish(self, reply: "Reply") -> TurnResult:
         session = self.plan.session
         chat = session.chat
-        reply = chat.last_reply
         self.registry.answered(session, reply)
         self._answered = True
         if self.on_reply is not None:
@@ -106,14 +106,13 @@ class RawCompletion:
         self.max_context_tokens, self.kv_dtype, self.on_reply = max_context_tokens, kv_dtype, on_reply
         self.id = new_id("raw")  # its place in the admission's table
         self.info = TurnInfo()
-        self.completion: Completion | None = None
+        self.turn: Turn | None = None
 
     @property
     def kv_blocks(self) -> int:
-        cache = self.completion.cache if self.completion is not None else None
-        return cache.num_blocks if cache is not None else 0
+        return self.turn.decoder.cache.num_blocks if self.turn is not None else 0
 
-    def start(self) -> Iterator[str]:
+    def start(self) -> Turn:
         prompt_tokens = len(self.llm.tokenizer.encode(self.prompt, add_special=True))
         if prompt_tokens + 1 > self.max_context_tokens:
             raise ContextOverflowError(
@@ -123,12 +122,11 @@ class RawCompletion:
         max_tokens = self.sampling["max_new_tokens"]
         tokens = min(self.max_context_tokens, prompt_tokens + max_tokens)
         self.admission.admit(self, 0, prompt_tokens, max_tokens, queue=False)  # a retry is another completion
-        self.completion = self.llm.stream_raw(self.prompt, cache=CacheConfig(tokens=tokens, dtype=self.kv_dtype),
-                                              pool=self.admission.pool, **self.sampling)
-        return iter(self.completion)
+        self.turn = self.llm.start_raw(self.prompt, cache=CacheConfig(tokens=tokens, dtype=self.kv_dtype),
+                                       pool=self.admission.pool, **self.sampling)
+        return self.turn
 
-    def finish(self) -> TurnResult:
-        reply = self.completion.reply
+    def finish(self, reply: "Reply") -> TurnResult:
         if self.on_reply is not None:
             self.on_reply(reply)
         return TurnResult(reply.text, finish_reason(reply.finish_reason),
