@@ -6,7 +6,8 @@
 """
 
 from kvbound.chat.persistence import SessionStore
-from kvbound.chat.session import Chat, Reply
+from kvbound.chat.reply import Reply
+from kvbound.chat.session import Chat
 from kvbound.config import ModelConfig
 from kvbound.engine.sampler import SamplingParams
 from kvbound.errors import (ContextOverflowError, KvboundError, KVBudgetExceeded, MemoryBudgetExceeded,

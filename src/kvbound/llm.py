@@ -11,10 +11,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from kvbound.chat.session import Chat, Reply, sampling_params
+from kvbound.chat.reply import Reply
+from kvbound.chat.session import Chat
 from kvbound.config import CacheConfig, ModelConfig
 from kvbound.engine.generate import Decoder, Generation, Turn
 from kvbound.engine.runner import DEFAULT_CHUNK, Runner, prefill_chunk
+from kvbound.engine.sampler import sampling_params
 from kvbound.errors import ContextOverflowError, KVBudgetExceeded
 from kvbound.kvcache.factory import build_cache, build_pool, cache_spec, reserved_bytes
 from kvbound.kvcache.pool import BlockPool

@@ -1,5 +1,6 @@
 """Chat sessions: messages, the session's KV cache, and turn-by-turn prefill of only the new tokens."""
 
-from kvbound.chat.session import Chat, Reply
+from kvbound.chat.reply import Reply
+from kvbound.chat.session import Chat
 
 __all__ = ["Chat", "Reply"]

@@ -8,51 +8,23 @@ its own negative segment. The system prompt, the note and the current turn are a
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 from kvbound.chat import restore
 from kvbound.chat.memory import NOTE_PREFIX, summarize_evicted
 from kvbound.chat.transcript import Transcript, delta, system_ids
 from kvbound.engine.generate import Decoder, Generation, Turn
-from kvbound.engine.runner import prefill_chunk
-from kvbound.engine.sampler import SamplingParams
-from kvbound.errors import ContextOverflowError, KVBudgetExceeded
+from kvbound.chat.reply import Reply
+from kvbound.engine.sampler import sampling_params
 from kvbound.memory.devices import usage_bytes
-from kvbound.memory.guard import MemoryGuard, admit_turn, predict_turn_peak
+from kvbound.memory.guard import MemoryGuard, admit_chat_turn, predict_turn_peak
 from kvbound.memory.ledger import Ledger, MemoryReport
 
 if TYPE_CHECKING:
     from kvbound.kvcache.paged import PagedCache
     from kvbound.kvcache.pool import BlockPool
     from kvbound.llm import LLM
-
-
-@dataclass
-class Reply:
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int  # tokens prefilled this turn (the new ones only)
-    context_tokens: int  # tokens held in the KV cache after the turn
-    kv_bytes: int  # bytes of KV data held after the turn
-    elapsed_s: float
-    finish_reason: str
-    ttft_s: float = 0.0  # time to first token (the prefill)
-    decode_tokens_per_s: float = 0.0
-    reprefilled_tokens: int = 0  # history tokens fed again because the template rewrote earlier text
-    receipt: dict[str, Any] = field(default_factory=dict)  # what the KV cache did this turn (see Receipt)
-    mem_events: list[dict[str, Any]] = field(default_factory=list)  # thresholds crossed this turn
-    forecast: str = ""  # "≈N more turns until the KV budget is full ..."
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def sampling_params(**kwargs: Any) -> SamplingParams:
-    unknown = set(kwargs) - set(SamplingParams.__dataclass_fields__)
-    if unknown:
-        raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
-    return SamplingParams(**kwargs).validate()
 
 
 @dataclass
@@ -76,7 +48,7 @@ class Chat:
         self.llm, self.cache = llm, cache
         self.transcript = Transcript.with_system(system)
         self.last_reply: Reply | None = None
-        self.ledger = Ledger(kv_budget_bytes=cache.pool.nbytes + cache.spec.residual_bytes)
+        self.ledger = Ledger(kv_budget_bytes=cache.reserved_bytes)
         # KV thresholds are against what this session may hold: its pool (or its share) and residual window.
         self.kv_guard = MemoryGuard(self.ledger.kv_budget_bytes, llm.thresholds, what="KV")
         llm.track(self)  # counted in llm.memory(); its KV guard reports to llm.on_memory_event callbacks
@@ -139,7 +111,7 @@ class Chat:
             new_ids = new_ids[len(system):]
         reprefilled = len(log.fed_ids) - keep
         feed = len(system) + len(note_ids) + len(new_ids)
-        chunk = self._admit(len(system), len(new_ids), reprefilled, feed)
+        chunk = admit_chat_turn(llm, cache, cache.num_tokens - reprefilled, len(system), len(new_ids), feed)
         activation = predict_turn_peak(llm, cache, feed, used_bytes=0, chunk=chunk)  # the step's activations
         if reprefilled:
             cache.rollback(reprefilled)
@@ -183,27 +155,6 @@ class Chat:
             self.llm.runner.prefill(ids[shared:], cache, chunk)
         cache.publish_prefix(ids)
         return shared
-
-    def _admit(self, system: int, message: int, reprefilled: int, feed: int) -> int:
-        """Refuse, before any work, a turn that cannot fit; the prefill chunk it runs with."""
-        llm, cache = self.llm, self.cache
-        held = cache.num_tokens - reprefilled
-        if not cache.policy.evicts and held + system + message + 1 > cache.capacity:  # +1: the first reply token
-            raise ContextOverflowError(
-                f"this turn needs {held + system + message + 1} tokens of context and the KV cache holds "
-                f"{cache.capacity} ({cache.num_tokens} already used by the conversation); start a new chat, send a "
-                "shorter message, raise the KV budget or choose an evicting policy",
-                needed=held + system + message + 1, available=cache.capacity)
-        pinned = system or cache.segment_tokens(0)
-        if cache.policy.evicts and pinned + message + 1 > cache.capacity:
-            raise KVBudgetExceeded(
-                f"this message is {message} tokens; with the pinned system prompt ({pinned} tokens) it does not "
-                f"fit the KV budget of {cache.capacity} tokens even after evicting everything else; send a shorter "
-                "message or raise --kv-budget", needed=pinned + message + 1, available=cache.capacity)
-        chunk = prefill_chunk(llm.runner.chunk, cache.capacity, cache.policy.evicts)
-        if llm.guard is not None:  # refuse if this turn's predicted peak cannot fit the process budget
-            chunk, _ = admit_turn(llm.guard, llm, cache, feed, chunk)
-        return chunk
 
     def _pins(self, turn: int, room_for: int = 0) -> set[int]:
         """The system prompt, the note and the current turn; and the newest `recent_turns` turns while that leaves

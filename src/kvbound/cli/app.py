@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kvbound.chat.session import Chat, Reply
+from kvbound.chat.reply import Reply
+from kvbound.chat.session import Chat
 from kvbound.cli.estimate import estimate_command
 from kvbound.cli.options import (CacheOptions, DeviceOption, Dtype, DtypeOption, ModelOptions, SamplingOptions,
                                  Weights, WeightsOption, load_model, with_options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -77,3 +78,11 @@ class Sampler:
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def sampling_params(**kwargs: Any) -> SamplingParams:
+    """SamplingParams from keyword options, validated; TypeError names options it does not have."""
+    unknown = set(kwargs) - set(SamplingParams.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+    return SamplingParams(**kwargs).validate()

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kvbound.kvcache import native, state, storage
+from kvbound.kvcache import decode, state, storage
 from kvbound.kvcache.base import DecodePlan, KVCache, attention, step_mask
 from kvbound.kvcache.pool import BlockPool
 from kvbound.kvcache.sequence import Receipt, Sequence, SequenceView
@@ -52,7 +52,7 @@ class PagedCache(KVCache):
             shape = (s.num_layers, s.num_kv_heads, s.block_size, s.head_dim)  # (L, n_kv, B, D)
             self.res_k = torch.zeros(shape, dtype=FLOAT_DTYPES[s.compute_dtype], device=pool.device)
             self.res_v = torch.zeros(shape, dtype=FLOAT_DTYPES[s.compute_dtype], device=pool.device)
-        self._step: Step | None = None
+        self.step: Step | None = None  # the begun step (read by decode.py)
 
     # -- what it holds (read-only to everyone else) ---------------------------------------------------------------
     @property
@@ -70,6 +70,11 @@ class PagedCache(KVCache):
     @property
     def nbytes(self) -> int:
         return self.seq.nbytes
+
+    @property
+    def reserved_bytes(self) -> int:
+        """What this sequence may hold: its pool (or the shared pool it draws from) and its residual window."""
+        return self.pool.nbytes + self.spec.residual_bytes
 
     @property
     def num_blocks(self) -> int:
@@ -119,20 +124,21 @@ class PagedCache(KVCache):
         dev = seq.positions.device
         # the blocks the native decode kernel walks: a quantized cache's whole blocks, a float cache's every block
         held = (start + T) // B if self.spec.quantized else -(-(start + T) // B)
-        new_slots = None if self.spec.quantized else storage.slots(self.pool, table, start + T)[start:]
-        self._step = Step(start, T, mask, new_slots, torch.tensor(table[:held], dtype=torch.long, device=dev),
+        new_slots = None if self.spec.quantized else torch.tensor(
+            [table[i // B] * B + i % B for i in range(start, start + T)], dtype=torch.long, device=dev)
+        self.step = Step(start, T, mask, new_slots, torch.tensor(table[:held], dtype=torch.long, device=dev),
                           storage.consecutive(table))
         return positions
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        step, pool = self._step, self.pool
+        step, pool = self.step, self.pool
         end = step.start + step.count
         if self.spec.quantized:
             storage.write_quantized(pool, layer, self.seq.block_table, step.start, k[0], v[0], self.res_k[layer],
                                     self.res_v[layer])
         else:
             storage.write_float(pool, layer, step.new_slots, k[0], v[0])
-        if step.count == 1 and step.mask is None and (out := self._decode_native(layer, q, end)) is not None:
+        if step.count == 1 and step.mask is None and (out := decode.attend_native(self, layer, q, end)) is not None:
             return out
         keys, values = self._read(layer, end, step.run)
         keys, values = keys.unsqueeze(0), values.unsqueeze(0)  # (1, n_kv, S, D)
@@ -150,42 +156,8 @@ class PagedCache(KVCache):
             return storage.read_quantized(self.pool, layer, table, count, run, self.res_k[layer], self.res_v[layer])
         return storage.read_float(self.pool, layer, table, count, run)
 
-    def _decode_native(self, layer: int, q: torch.Tensor, count: int) -> torch.Tensor | None:
-        """A single-query step with the native kernel, reading the blocks in place (None: use the eager path)."""
-        pool, spec, blocks = self.pool, self.spec, self._step.blocks
-        observe = self.policy.needs_attention
-        if spec.quantized:
-            rest = count - blocks.numel() * spec.block_size
-            done = native.decode_attention(
-                q[0, :, 0], pool.k[layer], pool.k_scale[layer], pool.k_zero[layer], pool.v[layer],
-                pool.v_scale[layer], pool.v_zero[layer], block=spec.block_size, group=spec.group, bits=spec.bits,
-                table=blocks, res_k=self.res_k[layer, :, :rest], res_v=self.res_v[layer, :, :rest],
-                with_scores=observe)
-        else:
-            done = native.decode_attention_float(q[0, :, 0], pool.k[layer], pool.v[layer], block=spec.block_size,
-                                                 table=blocks, held=count, with_scores=observe)
-        if done is None:
-            return None
-        out, logits = done
-        if observe:
-            self.observe(layer, logits)
-        return out.view(1, -1, 1, q.shape[-1])
-
     def decode_plan(self) -> DecodePlan | None:
-        """The begun step as a native whole-model step sees it, when it is one token on the CPU with nothing masked;
-        None otherwise. A quantized cache's token goes into the residual window; the step that fills a block runs
-        eagerly (it quantizes the block)."""
-        step, pool, spec = self._step, self.pool, self.spec
-        if step is None or pool.device.type != "cpu" or step.count != 1 or step.mask is not None:
-            return None
-        observe, held = self.policy.needs_attention, step.start + 1
-        if not spec.quantized:
-            return DecodePlan(pool.k, pool.v, spec.block_size, int(step.new_slots[0]), step.blocks, held, observe)
-        rest = step.start % spec.block_size
-        if rest + 1 >= spec.block_size:
-            return None
-        return DecodePlan(pool.k, pool.v, spec.block_size, -1, step.blocks, held, observe, pool.k_scale, pool.k_zero,
-                          pool.v_scale, pool.v_zero, spec.bits, spec.group, self.res_k, self.res_v, rest)
+        return decode.plan(self)
 
     def _observe(self, layer: int, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None) -> None:
         """This layer's attention logits of the last queries, for the policy's scores."""
@@ -201,14 +173,14 @@ class PagedCache(KVCache):
     def observe(self, layer: int, logits: torch.Tensor) -> None:
         """Hand the sequence the softmax of scaled logits (n_kv, queries, S), averaged over heads and queries."""
         attn = torch.softmax(logits.float(), dim=-1).mean(dim=(0, 1))  # (S,)
-        self.seq.observe(layer, attn, self._step.count)
+        self.seq.observe(layer, attn, self.step.count)
 
     def end(self) -> None:
-        step, B = self._step, self.spec.block_size
+        step, B = self.step, self.spec.block_size
         if self.spec.quantized:
             self.seq.receipt_log.quantized_tokens += ((step.start + step.count) // B - step.start // B) * B
         self.seq.commit(step.count)
-        self._step = None
+        self.step = None
 
     # -- blocks ---------------------------------------------------------------------------------------------------------
     def _grow(self, total: int) -> None:
@@ -227,9 +199,9 @@ class PagedCache(KVCache):
     def rollback(self, num_tokens: int) -> None:
         """Drop the newest `num_tokens` tokens (a failed turn); 0 only abandons a begun step."""
         seq = self.seq
-        if self._step is not None:
+        if self.step is not None:
             self._release_tail(seq.n)
-            self._step = None
+            self.step = None
         if num_tokens <= 0:
             return
         keep = max(0, seq.n - num_tokens)
@@ -294,11 +266,11 @@ class PagedCache(KVCache):
 
     # -- state (swap a sequence out of the pool and back, or to disk: state.py) ---------------------------------------
     def export_state(self) -> dict[str, Any]:
-        if self._step is not None:
+        if self.step is not None:
             raise RuntimeError("a step is in progress; export the cache between steps")
         return state.export_state(self)
 
     def import_state(self, saved: dict[str, Any]) -> None:
-        if self.seq.n or self.seq.block_table or self._step is not None:
+        if self.seq.n or self.seq.block_table or self.step is not None:
             raise RuntimeError("import_state needs an empty cache; free() it first")
         state.import_state(self, saved)

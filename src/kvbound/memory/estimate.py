@@ -183,7 +183,7 @@ def _estimate(context: int | None, source: _Source, kv_dtype: str, kv_budget: in
                     else CacheConfig(tokens=context, dtype=kv_dtype, policy=policy))
     cache = _meta_cache(config, cache_config, compute)
     spec, pool = cache.spec, cache.pool
-    kv_session = pool.nbytes + spec.residual_bytes
+    kv_session = cache.reserved_bytes
     metadata = cache.metadata_bytes
     # Every read of a quantized cache dequantizes into the pool's scratch, allocated on first use and kept.
     workspace = scratch_bytes(spec, pool.num_blocks) if spec.quantized else 0

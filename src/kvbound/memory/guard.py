@@ -9,7 +9,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from kvbound.errors import MemoryBudgetExceeded
+from kvbound.engine.runner import prefill_chunk
+from kvbound.errors import ContextOverflowError, KVBudgetExceeded, MemoryBudgetExceeded
 from kvbound.kvcache.spec import format_bytes, parse_size
 from kvbound.memory import devices
 from kvbound.memory.estimate import activation_peak, scratch_bytes
@@ -152,3 +153,25 @@ def admit_turn(guard: MemoryGuard, llm: Any, cache: Any, new_tokens: int, chunk:
             predicted = predict_turn_peak(llm, cache, new_tokens, used, chunk)
     guard.admit(predicted, used_bytes=used, ladder=ladder)
     return chunk, predicted
+
+
+def admit_chat_turn(llm: Any, cache: Any, held: int, system: int, message: int, feed: int) -> int:
+    """Refuse, before any work, a chat turn that cannot fit `cache` (with `held` tokens kept, a `system` prompt and
+    a `message` to feed, `feed` tokens in all); the prefill chunk it runs with (smaller if the process budget
+    needs it). Every turn needs one token of room beyond its message: the first token of the reply."""
+    needed = held + system + message + 1
+    if not cache.policy.evicts and needed > cache.capacity:
+        raise ContextOverflowError(
+            f"this turn needs {needed} tokens of context and the KV cache holds {cache.capacity} "
+            f"({cache.num_tokens} already used by the conversation); start a new chat, send a shorter message, "
+            "raise the KV budget or choose an evicting policy", needed=needed, available=cache.capacity)
+    pinned = system or cache.segment_tokens(0)
+    if cache.policy.evicts and pinned + message + 1 > cache.capacity:
+        raise KVBudgetExceeded(
+            f"this message is {message} tokens; with the pinned system prompt ({pinned} tokens) it does not fit "
+            f"the KV budget of {cache.capacity} tokens even after evicting everything else; send a shorter message "
+            "or raise --kv-budget", needed=pinned + message + 1, available=cache.capacity)
+    chunk = prefill_chunk(llm.runner.chunk, cache.capacity, cache.policy.evicts)
+    if llm.guard is not None:  # refuse if this turn's predicted peak cannot fit the process budget
+        chunk, _ = admit_turn(llm.guard, llm, cache, feed, chunk)
+    return chunk

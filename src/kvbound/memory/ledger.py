@@ -92,13 +92,12 @@ class Ledger:
                        f"(~{size:.0f} tokens){then}")
 
     def report(self, llm: Any, cache: Any) -> MemoryReport:
-        spec = cache.spec
-        reserved = cache.pool.nbytes + spec.residual_bytes
+        reserved = cache.reserved_bytes
         device = devices.device_memory(llm.device)
         turns_left, text = self.forecast(cache.capacity - cache.num_tokens, cache.policy.name, cache.policy.evicts)
         return MemoryReport(
             weights_bytes=llm.model.weights_bytes(), kv_reserved_bytes=reserved,
-            kv_used_bytes=cache.nbytes, kv_dtype=spec.dtype, kv_budget_bytes=self.kv_budget_bytes,
+            kv_used_bytes=cache.nbytes, kv_dtype=cache.spec.dtype, kv_budget_bytes=self.kv_budget_bytes,
             tokens_held=cache.num_tokens, tokens_evicted=self.tokens_evicted, tokens_quantized=self.tokens_quantized,
             tokens_summarized=self.tokens_summarized, capacity_tokens=cache.capacity,
             activation_peak_bytes=self.activation_peak_bytes, rss_bytes=(rss := devices.rss_bytes()),

@@ -17,7 +17,7 @@ from sse_starlette import EventSourceResponse
 from starlette.routing import Match
 from starlette.types import Scope
 
-from kvbound.chat.session import sampling_params
+from kvbound.engine.sampler import sampling_params
 from kvbound.server import errors
 from kvbound.server.admission import PoolAdmission
 from kvbound.server.dashboard import mount_dashboard

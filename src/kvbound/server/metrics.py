@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 if TYPE_CHECKING:
-    from kvbound.chat.session import Reply
+    from kvbound.chat.reply import Reply
     from kvbound.memory.guard import MemoryEvent
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

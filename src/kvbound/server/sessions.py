@@ -20,7 +20,7 @@ from kvbound.server.errors import ApiError, ServerBusy, SessionNotFound
 from kvbound.server.protocol import SESSION_ID_PATTERN, new_id
 
 if TYPE_CHECKING:
-    from kvbound.chat.session import Reply
+    from kvbound.chat.reply import Reply
     from kvbound.kvcache.pool import BlockPool
     from kvbound.llm import LLM
     from kvbound.server.settings import ServerSettings

@@ -12,7 +12,7 @@ from kvbound.errors import ContextOverflowError
 from kvbound.server.protocol import finish_reason, new_id, usage
 
 if TYPE_CHECKING:
-    from kvbound.chat.session import Reply
+    from kvbound.chat.reply import Reply
     from kvbound.engine.generate import Turn
     from kvbound.llm import LLM
     from kvbound.server.admission import PoolAdmission
