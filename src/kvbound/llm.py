@@ -121,11 +121,18 @@ class LLM:
         return build_pool(self.config, config, self.dtype_name, self.device, capacity=capacity)
 
     def chat(self, system: str | None = None, *, cache: CacheConfig | None = None, pool: BlockPool | None = None,
-             **options: Any) -> Chat:
-        """A new conversation with its own KV cache. Options: budget='64MiB' | tokens=N, dtype, policy, ..."""
+             recall: str | bool = "auto", **options: Any) -> Chat:
+        """A new conversation with its own KV cache. Options: budget='64MiB' | tokens=N, dtype, policy, ...
+
+        `recall`: "auto" (on when the policy can evict), "on"/True or "off"/False: keep the text of evicted turns
+        and bring the best matches for each new message back into the cache for that turn (chat/archive.py)."""
         if system is not None and not isinstance(system, str):
             raise ValueError("system must be a string")
-        return Chat(self, self.new_cache(cache, pool=pool, **options), system=system or None)
+        if recall not in RECALL_CHOICES:
+            raise ValueError(f"recall must be one of auto, on, off (or True/False), got {recall!r}")
+        kv = self.new_cache(cache, pool=pool, **options)
+        on = kv.policy.evicts if recall == "auto" else RECALL_CHOICES[recall]
+        return Chat(self, kv, system=system or None, recall=on)
 
     def track(self, chat: Chat) -> None:
         """Count `chat` in `memory()` (until it is garbage) and send its KV guard's events to every
@@ -210,6 +217,9 @@ class LLM:
             kv_bytes_per_token=int(self.kv_spec.bytes_per_token),
             weights_bytes=self.model.weights_bytes(),
             file_tensor_types=dict(self.checkpoint.tensor_types))
+
+
+RECALL_CHOICES = {"auto": None, "on": True, "off": False, True: True, False: False}
 
 
 def _check_prompt(prompt: str) -> None:

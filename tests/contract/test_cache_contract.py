@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import kvbound
+from kvbound.chat.session import RECALL_SEGMENT
 from kvbound.config import CacheConfig
 from kvbound.kvcache import storage
 from kvbound.kvcache.contiguous import ContiguousCache
 from kvbound.kvcache.spec import KV_DTYPE_NAMES, KVSpec
-from kvbound.policies import make_policy, policy_names
+from kvbound.policies import policy_names
 from tests.helpers_tiny import random_ids, save_hf_dir, tiny_hf_model
 
 POLICIES = policy_names()  # every registered policy, and turns around each attention scorer
@@ -221,14 +222,17 @@ CHAT_WORDS = ["code", "is", "2128", "my", "name", "Anne", "tea", "rain", "hills"
 
 
 def chat_script(turns: int, seed: int) -> list[str]:
+    """Random messages, each with a word of its own (`ref7`); every fifth one also names an earlier turn's word,
+    which recall can find in the archive once that turn is evicted."""
     rng = random.Random(seed)
-    return [" ".join(rng.choice(CHAT_WORDS) for _ in range(rng.randint(3, 30))) for _ in range(turns)]
+    texts = [" ".join(rng.choice(CHAT_WORDS) for _ in range(rng.randint(3, 10))) + f" ref{i}" for i in range(turns)]
+    return [t + (f" ref{i - 8}" if i % 5 == 4 and i >= 8 else "") for i, t in enumerate(texts)]
 
 
 def room_for(policy: str) -> tuple[int, int]:
-    """(KV tokens, turns) that make a chat evict several times; a summary's prompt (the tiny tokenizer spells
-    it byte by byte) needs a third of a larger cache."""
-    return (1200, 25) if make_policy(policy).summarizes else (320, 30)
+    """(KV tokens, turns) that make a chat evict several times; the tiny tokenizer spells text byte by byte, so a
+    recalled turn (an eighth of the capacity at most) and a summary's prompt (a third) need a cache this large."""
+    return 960, 40
 
 
 @pytest.mark.parametrize("dtype", KV_DTYPE_NAMES)
@@ -239,13 +243,16 @@ def test_chat_evicts_and_summarizes_with_every_storage(llm, policy, dtype):
     tokens, turns = room_for(policy)
     chat = llm.chat(system="be brief", tokens=tokens, dtype=dtype, policy=policy)
     budget = chat.cache.pool.nbytes + chat.cache.spec.residual_bytes
-    evictions = summaries = 0
+    evictions = summaries = recalls = 0
     for turn, text in enumerate(chat_script(turns, seed=11)):
         reply = chat.send(text, max_new_tokens=6, temperature=1.0, seed=turn)
         assert reply.kv_bytes <= budget and reply.context_tokens <= tokens
+        assert chat.cache.segment_tokens(RECALL_SEGMENT) == 0
         evictions += reply.receipt["evictions"]
         summaries += bool(reply.receipt.get("summarized_turns"))
+        recalls += reply.recall["passages"] > 0
     assert evictions >= 3, "the chat was too short to evict several times"
+    assert recalls >= 2, "recall (on by default with an evicting policy) brought nothing back"
     assert chat.cache.segment_tokens(0) > 0, "the system prompt was evicted"
     if chat.cache.policy.summarizes:
         assert summaries >= 2 and chat.summary, "summarize wrote fewer than two notes"
@@ -273,5 +280,6 @@ def test_cli_converse_with_every_storage(model_dir, tmp_path, policy, dtype):
     done = [r for r in records if "turn" in r]
     assert len(done) == turns and all(r["context_tokens"] <= tokens for r in done)
     assert sum(r["receipt"]["evictions"] for r in done) >= 3
+    assert sum(r["recall"]["passages"] > 0 for r in done) >= 2
     if policy == "summarize":
         assert sum(bool(r["receipt"].get("summary")) for r in done) >= 2

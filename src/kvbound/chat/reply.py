@@ -21,6 +21,7 @@ class Reply:
     receipt: dict[str, Any] = field(default_factory=dict)  # what the KV cache did this turn (see Receipt)
     mem_events: list[dict[str, Any]] = field(default_factory=list)  # thresholds crossed this turn
     forecast: str = ""  # "≈N more turns until the KV budget is full ..."
+    recall: dict[str, Any] = field(default_factory=dict)  # recalled text this turn: turns, passages, tokens
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

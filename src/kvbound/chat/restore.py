@@ -35,7 +35,8 @@ def export_chat(chat: "Chat", cache_state: dict[str, Any]) -> dict[str, Any]:
                   summarized=sorted(log.summarized), unsummarized=sorted(log.unsummarized),
                   fed_ids=torch.tensor(log.fed_ids, dtype=torch.int32))
     return {"format": snapshot.SESSION_FORMAT, "model": snapshot.model_identity(chat.llm), **fields,
-            "ledger": chat.ledger.totals(), "cache": cache_state}
+            "ledger": chat.ledger.totals(), "cache": cache_state,
+            "archive": chat.archive.export() if chat.archive is not None else None}
 
 
 def transcript_of(state: dict[str, Any]) -> Transcript:
@@ -105,6 +106,7 @@ def rebuild(chat: "Chat", messages: list[dict[str, str]], reserve: int) -> None:
         cache.free()  # a shared pool gets its blocks back
         raise
     cache.forget(sum(map(len, pieces[:first])))  # left out: the next turn must not re-feed them
+    chat.archive_turns(list(range(1, first + 1)))  # recall can still bring them back
     log.fed_ids = system_ids + [i for piece in pieces[first:] for i in piece]
     log.fed_text = done
     cache.receipt()  # the rebuild is no turn's work

@@ -3,7 +3,11 @@ since the last turn (no re-prefill of the history) and decodes the reply into th
 
 Segments label the cache's tokens: 0 is the system prompt, turn k (user message + reply) is k, a summary note
 its own negative segment. The system prompt, the note and the current turn are always pinned; policies with
-`recent_turns` pin the newest turns too, while that leaves room for the current one."""
+`recent_turns` pin the newest turns too, while that leaves room for the current one.
+
+With recall on, the exact text of every turn the cache evicts goes into the session's archive (chat/archive.py);
+before a turn, the archive's best matches for the new message come back as a pinned note just before it (at most
+an eighth of the capacity, taking room by eviction like any tokens), and leave the cache again after the turn."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 from kvbound.chat import restore
+from kvbound.chat.archive import Archive, Passage
 from kvbound.chat.memory import NOTE_PREFIX, summarize_evicted
 from kvbound.chat.transcript import Transcript, delta, system_ids
 from kvbound.engine.generate import Decoder, Generation, Turn
@@ -25,6 +30,11 @@ if TYPE_CHECKING:
     from kvbound.kvcache.paged import PagedCache
     from kvbound.kvcache.pool import BlockPool
     from kvbound.llm import LLM
+
+
+RECALL_SEGMENT = -3  # recalled text: pinned during its turn, dropped after it
+RECALL_PREFIX = "Recalled from earlier in this conversation:\n"
+RECALL_SHARE = 8  # recalled text takes at most 1/RECALL_SHARE of the capacity
 
 
 @dataclass
@@ -41,12 +51,15 @@ class _Plan:
     activation: int
     started: float
     result: Generation
+    recall: dict[str, Any]  # {"turns": [...], "passages": n, "tokens": n}
+    unrecalled: str  # the rendering without the recalled note (what the transcript keeps)
 
 
 class Chat:
-    def __init__(self, llm: "LLM", cache: "PagedCache", system: str | None = None):
+    def __init__(self, llm: "LLM", cache: "PagedCache", system: str | None = None, recall: bool = False):
         self.llm, self.cache = llm, cache
         self.transcript = Transcript.with_system(system)
+        self.archive = Archive() if recall else None  # the text of evicted turns, for recall
         self.last_reply: Reply | None = None
         self.ledger = Ledger(kv_budget_bytes=cache.reserved_bytes)
         # KV thresholds are against what this session may hold: its pool (or its share) and residual window.
@@ -97,20 +110,28 @@ class Chat:
         started = time.perf_counter()
         user, turn = {"role": "user", "content": text}, log.turn + 1
         note = [{"role": "system", "content": NOTE_PREFIX + log.pending_note}] if log.pending_note else []
-        rendered = tokenizer.apply_chat_template(log.history + note + [user], add_generation_prompt=True)
+        recalled = self._recall(text)
+        recall = [{"role": "system", "content": RECALL_PREFIX + "\n\n".join(p.text for p in recalled)}] \
+            if recalled else []
+        unrecalled = tokenizer.apply_chat_template(log.history + note + [user], add_generation_prompt=True)
+        rendered = tokenizer.apply_chat_template(log.history + note + recall + [user], add_generation_prompt=True) \
+            if recall else unrecalled
         system = system_ids(tokenizer, log.messages, rendered) if not log.fed_ids else []
-        note_ids: list[int] = []
-        if note:  # the note is its own segment, so it stays pinned after this turn
-            note_text = tokenizer.apply_chat_template(log.history + note, add_generation_prompt=False)
-            if note_text.startswith(log.fed_text) and rendered.startswith(note_text):
-                note_ids = tokenizer.encode(note_text[len(log.fed_text):])
-        if note_ids:
-            new_ids, keep = tokenizer.encode(rendered[len(note_text):]), len(log.fed_ids)
+        # The note and the recalled text are their own segments (pinned; the note stays, the recall leaves after
+        # the turn), when the template renders each as a block appended after the history.
+        split = self._blocks([e for e in (note, recall) if e], rendered) if note or recall else None
+        if recall and split is None:  # the template does not take it as a block: no recall this turn
+            recalled, recall, rendered = [], [], unrecalled
+            split = self._blocks([note], rendered) if note else None
+        note_ids = split[0][0] if split is not None and note else []
+        recall_ids = split[0][-1] if split is not None and recall else []
+        if split is not None:
+            new_ids, keep = tokenizer.encode(rendered[len(split[1]):]), len(log.fed_ids)
         else:
             new_ids, keep = delta(tokenizer, log, rendered, evicted=cache.evicted_total > 0)
             new_ids = new_ids[len(system):]
         reprefilled = len(log.fed_ids) - keep
-        feed = len(system) + len(note_ids) + len(new_ids)
+        feed = len(system) + len(note_ids) + len(recall_ids) + len(new_ids)
         chunk = admit_chat_turn(llm, cache, cache.num_tokens - reprefilled, len(system), len(new_ids), feed)
         activation = predict_turn_peak(llm, cache, feed, used_bytes=0, chunk=chunk)  # the step's activations
         if reprefilled:
@@ -122,6 +143,7 @@ class Chat:
 
         def abort() -> None:  # leave the session usable: drop what this turn wrote (its tokens are the newest)
             cache.rollback(cache.segment_tokens(turn))
+            cache.rollback(cache.segment_tokens(RECALL_SEGMENT))
             if note_ids:
                 cache.rollback(cache.segment_tokens(log.note_segment))
                 log.note_segment = old_note
@@ -135,15 +157,57 @@ class Chat:
                 log.note_segment = -10 - turn
                 cache.set_segment(log.note_segment, pinned=self._pins(turn, room) - {old_note})
                 llm.runner.prefill(note_ids, cache, chunk)
-            cache.set_segment(turn, pinned=self._pins(turn, room))
+            if recall_ids:
+                cache.set_segment(RECALL_SEGMENT, pinned=self._pins(turn, room) | {RECALL_SEGMENT})
+                llm.runner.prefill(recall_ids, cache, chunk)
+            cache.set_segment(turn, pinned=self._pins(turn, room) | ({RECALL_SEGMENT} if recall_ids else set()))
             logits = llm.runner.prefill(new_ids, cache, chunk)
         except BaseException:
             abort()
             raise
+        receipt = {"turns": sorted(p.key for p in recalled), "passages": len(recalled), "tokens": len(recall_ids)}
         plan = _Plan(turn, user, note, rendered, system + note_ids + new_ids, len(system) + len(new_ids),
-                     reprefilled, activation, started, Generation(prefill_s=time.perf_counter() - started))
+                     reprefilled, activation, started, Generation(prefill_s=time.perf_counter() - started),
+                     receipt, unrecalled)
         decoder = Decoder(llm.runner, tokenizer, cache, logits, params, log.fed_ids + system + new_ids, plan.result)
         return Turn(decoder, lambda: self._commit(plan), abort)
+
+    def _blocks(self, extras: list[list[dict[str, str]]], rendered: str) -> tuple[list[list[int]], str] | None:
+        """Token ids of each extra message list rendered after the history, and the text up to the last; None
+        unless each is a clean append that the full rendering `rendered` starts with."""
+        tokenizer, log = self.llm.tokenizer, self.transcript
+        done, messages, out = log.fed_text, list(log.history), []
+        for extra in extras:
+            messages = messages + extra
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+            if not text.startswith(done) or not rendered.startswith(text):
+                return None
+            out.append(tokenizer.encode(text[len(done):]))
+            done = text
+        return out, done
+
+    def _recall(self, text: str) -> list[Passage]:
+        """The archive's best passages for `text` that fit the recall share of the capacity (none without an
+        archive, or when nothing matches)."""
+        if self.archive is None or not len(self.archive):
+            return []
+        tokenizer = self.llm.tokenizer
+        room = self.cache.capacity // RECALL_SHARE - len(tokenizer.encode(RECALL_PREFIX)) - 8  # 8: the role markup
+        chosen = []
+        for passage in self.archive.search(text, limit=3):
+            size = len(tokenizer.encode(passage.text)) + 2  # the blank line between passages
+            if size > room:
+                continue
+            chosen.append(passage)
+            room -= size
+        return chosen
+
+    def archive_turns(self, turns: list[int]) -> None:
+        """Keep the exact text of `turns` (evicted, or left out of a rebuilt cache) for recall."""
+        if self.archive is not None:
+            for turn in turns:
+                if turn > 0 and turn in self.transcript.turn_text:
+                    self.archive.add(turn, self.transcript.turn_text[turn])
 
     def prefill_system(self, ids: list[int], chunk: int) -> int:
         """Feed the system prompt as pinned segment 0, sharing blocks another session already holds; returns the
@@ -167,9 +231,10 @@ class Chat:
 
     def _commit(self, plan: _Plan) -> Reply:
         llm, tokenizer, cache, log, result = self.llm, self.llm.tokenizer, self.cache, self.transcript, plan.result
+        cache.drop_segment(RECALL_SEGMENT)  # recalled text stays for its turn only
         log.turn = plan.turn
         log.fed_ids += plan.fed + result.token_ids
-        log.fed_text = plan.rendered + tokenizer.decode(result.token_ids)
+        log.fed_text = plan.unrecalled + tokenizer.decode(result.token_ids)
         stopped = result.finish_reason == "stop" and result.token_ids and result.token_ids[-1] in tokenizer.stop_ids
         said = result.token_ids[:-1] if stopped else result.token_ids
         log.history += plan.note + [plan.user, {"role": "assistant", "content": tokenizer.decode(said)}]
@@ -180,6 +245,7 @@ class Chat:
         receipt = asdict(cache.receipt())
         if cache.policy.summarizes:
             summarize_evicted(self, receipt)
+        self.archive_turns([t for t in receipt["evicted_segments"] if t > 0])
         self.ledger.record_turn(len(plan.fed) + len(result.token_ids), receipt, plan.activation)
         events = self.kv_guard.check(cache.nbytes)
         if llm.guard is not None:
@@ -192,13 +258,13 @@ class Chat:
             finish_reason=result.finish_reason, ttft_s=result.prefill_s,
             decode_tokens_per_s=decoded / result.decode_s if result.decode_s > 0 else 0.0,
             reprefilled_tokens=plan.reprefilled, receipt=receipt, mem_events=[e.to_dict() for e in events],
-            forecast=forecast)
+            forecast=forecast, recall=plan.recall)
         return self.last_reply
 
     # -- the session --------------------------------------------------------------------------------------------------
     def memory(self) -> MemoryReport:
         """This session's memory: KV reserved/used, tokens held/evicted/quantized/summarized, forecast, RSS."""
-        return self.ledger.report(self.llm, self.cache)
+        return self.ledger.report(self.llm, self.cache, self.archive.nbytes if self.archive is not None else 0)
 
     def close(self) -> None:
         """Give the cache's blocks back to the pool."""
@@ -211,6 +277,8 @@ class Chat:
         self.cache.rollback(self.cache.num_tokens)
         system = next((m["content"] for m in self.messages if m["role"] == "system"), None)
         self.transcript = Transcript.with_system(system)
+        if self.archive is not None:
+            self.archive = Archive(self.archive.cap_bytes)
 
     @property
     def offloaded(self) -> bool:
@@ -249,15 +317,17 @@ class Chat:
         empty cache of the same KV layout and policy) if given, else into a cache like the original's over
         `pool` (a shared pool) or over a pool of its own. Raises SnapshotError for a state of another model,
         dtype or KV layout, KVBudgetExceeded (nothing allocated) when the pool lacks free blocks."""
-        chat = cls(llm, restore.restore_cache(llm, state, pool, cache))
+        chat = cls(llm, restore.restore_cache(llm, state, pool, cache), recall=state.get("archive") is not None)
         chat.transcript = restore.transcript_of(state)
+        if chat.archive is not None:
+            chat.archive.restore(state["archive"])
         chat.ledger.restore(state["ledger"])
         chat.restored_from = "snapshot"
         return chat
 
     @classmethod
     def from_messages(cls, llm: "LLM", messages: list[dict[str, str]], cache: "PagedCache",
-                      reserve: int = 0) -> "Chat":
+                      reserve: int = 0, recall: bool | None = None) -> "Chat":
         """A chat holding a saved conversation whose KV state is lost: the system prompt and the newest whole
         turns go through one prefill into `cache`, each turn its own segment (replies are not regenerated).
         Cost: prefill of every token of the conversation if it and `reserve` (tokens the next turn's message will
@@ -266,7 +336,7 @@ class Chat:
         note is not rebuilt. With a template that rewrites earlier turns nothing is fed now: the next turn
         prefills the conversation."""
         system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
-        chat = cls(llm, cache, system=system)
+        chat = cls(llm, cache, system=system, recall=cache.policy.evicts if recall is None else recall)
         chat.restored_from = "messages"
         restore.rebuild(chat, messages, reserve)
         return chat

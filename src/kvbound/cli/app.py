@@ -25,8 +25,8 @@ from rich.table import Table
 from kvbound.chat.reply import Reply
 from kvbound.chat.session import Chat
 from kvbound.cli.estimate import estimate_command
-from kvbound.cli.options import (CacheOptions, DeviceOption, Dtype, DtypeOption, ModelOptions, SamplingOptions,
-                                 Weights, WeightsOption, load_model, with_options)
+from kvbound.cli.options import (CacheOptions, DeviceOption, Dtype, DtypeOption, ModelOptions, Recall, RecallOption,
+                                 SamplingOptions, Weights, WeightsOption, load_model, with_options)
 from kvbound.errors import ContextOverflowError, KvboundError, ModelNotFoundError
 from kvbound.kvcache.spec import format_bytes
 from kvbound.loading.resolve import DEFAULT_MODEL, KNOWN_MODELS, known_model_path
@@ -65,11 +65,12 @@ CHAT_COMMANDS = "/reset forgets the conversation (keeps the system prompt) · /e
 
 @app.command()
 @with_options(load=ModelOptions, sampling=SamplingOptions, cache=CacheOptions)
-def chat(system: SystemOption = None, *, load: ModelOptions, sampling: SamplingOptions, cache: CacheOptions) -> None:
+def chat(system: SystemOption = None, recall: RecallOption = Recall.auto, *, load: ModelOptions,
+         sampling: SamplingOptions, cache: CacheOptions) -> None:
     """Chat in the terminal; the KV cache is reused across turns and its size shown after each reply."""
     params = sampling.kwargs()
     llm = load.load(err)
-    session = llm.chat(system=system, cache=cache.cache_config())
+    session = llm.chat(system=system, cache=cache.cache_config(), recall=recall.value)
     capacity: int = session.cache.capacity
     out.print(f"[bold]{escape(llm.config.name)}[/] · KV cache for {capacity:,} tokens · "
               f"{format_bytes(session.cache.spec.bytes_per_token)} per token\n[dim]{CHAT_COMMANDS}[/]")
@@ -146,6 +147,7 @@ def generate(
     system: SystemOption = None,
     raw: Annotated[bool, typer.Option("--raw", help="Complete the text as is, without the chat template.")] = False,
     json_output: JsonFlag = False,
+    recall: RecallOption = Recall.auto,
     *, load: ModelOptions, sampling: SamplingOptions, cache: CacheOptions,
 ) -> None:
     """Answer one prompt, streaming the text to stdout (statistics go to stderr)."""
@@ -154,8 +156,10 @@ def generate(
     cache_config = cache.cache_config()
     if raw and system is not None:
         raise ValueError("--raw completes the text as is, without the chat template, so it takes no --system")
+    if raw and recall == Recall.on:
+        raise ValueError("--recall brings back evicted chat turns; a --raw completion has none (leave --recall out)")
     llm = load.load(err)
-    session = None if raw else llm.chat(system=system, cache=cache_config)
+    session = None if raw else llm.chat(system=system, cache=cache_config, recall=recall.value)
     pieces = llm.stream_raw(text, cache=cache_config, **params) if session is None else session.stream(text, **params)
     try:
         for piece in pieces:
@@ -250,6 +254,7 @@ def converse(
     script: Annotated[Path, typer.Option("--script", "-s", help="Conversation script (JSON Lines).")],
     turns: Annotated[Optional[int], typer.Option("--turns", min=1, help="Stop after N turns.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per turn, then a summary.")] = False,
+    recall: RecallOption = Recall.auto,
     *, load: ModelOptions, sampling: SamplingOptions, cache: CacheOptions,
 ) -> None:
     """Replay a scripted conversation through one chat (one KV cache) and report memory and recall per turn."""
@@ -258,7 +263,7 @@ def converse(
     script_turns = script_turns[:turns]
     params = sampling.kwargs()
     llm = load.load(err)
-    session = llm.chat(system=system or None, cache=cache.cache_config())
+    session = llm.chat(system=system or None, cache=cache.cache_config(), recall=recall.value)
     process = psutil.Process()
     started = time.perf_counter()
     done = hits = asked = peak_rss = 0
@@ -284,7 +289,7 @@ def converse(
             "context_tokens": reply.context_tokens, "kv_bytes": reply.kv_bytes, "rss_bytes": rss,
             "elapsed_s": round(reply.elapsed_s, 4), "finish_reason": reply.finish_reason,
             "reprefilled_tokens": reply.reprefilled_tokens, "reply": reply.text, "receipt": reply.receipt,
-            "mem_events": reply.mem_events, "forecast": reply.forecast}
+            "recall": reply.recall, "mem_events": reply.mem_events, "forecast": reply.forecast}
         if turn.expect is not None:
             record["recalled"] = any(e.lower() in reply.text.lower() for e in turn.expect)
             asked += 1
@@ -390,6 +395,7 @@ def serve(
     address: Annotated[Optional[str], typer.Option("--address", help="With --ray: the Ray cluster to join (auto, "
                                                    "ray://head:10001); default: start a local one.",
                                                    rich_help_panel="Cluster")] = None,
+    recall: RecallOption = Recall.auto,
     *, load: ModelOptions, cache: CacheOptions,
 ) -> None:
     """Serve an OpenAI-compatible API; sessions keep their KV cache between requests in one shared KV budget."""
@@ -403,7 +409,7 @@ def serve(
 
     cache.cache_config()  # the cache flags are checked as the other commands check them, before the model loads
     settings = ServerSettings(kv_budget=cache.kv_budget, kv_tokens=cache.kv_tokens, kv_dtype=cache.kv_dtype.value,
-                              policy=cache.policy, session_tokens=session_tokens, api_key=api_key,
+                              policy=cache.policy, recall=recall.value, session_tokens=session_tokens, api_key=api_key,
                               max_body_bytes=parse_size(max_body), max_sessions=max_sessions, model_id=model_id,
                               data_dir=data_dir)
     if ray or replicas is not None or address is not None:  # Ray Serve: replicas of this server (kvbound.cluster)

@@ -132,6 +132,17 @@ class KVDtype(str, Enum):
     int4 = "int4"
 
 
+class Recall(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+RecallOption = Annotated[Recall, typer.Option(
+    "--recall", help="Keep the text of evicted turns and bring the best matches for each new message back for that "
+                     "turn: auto (on whenever the policy evicts), on, off.", rich_help_panel="KV cache")]
+
+
 @dataclass
 class CacheOptions:
     kv_budget: Annotated[Optional[str], typer.Option(

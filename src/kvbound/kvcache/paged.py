@@ -247,6 +247,17 @@ class PagedCache(KVCache):
         if short > 0:
             self._evict(short)
 
+    @torch.inference_mode()
+    def drop_segment(self, segment: int) -> int:
+        """Remove every token of `segment` (a transient one, e.g. recalled text after its turn): the tokens after
+        it move up and are re-rotated, as after an eviction, but no receipt counts them. Returns the tokens dropped."""
+        seq = self.seq
+        keep = (seq.segments[: seq.n] != segment).nonzero().flatten()
+        dropped = seq.n - int(keep.numel())
+        if dropped:
+            self._apply(seq.compact(keep, reposition=True))
+        return dropped
+
     def _evict(self, needed: int) -> None:
         self._apply(self.seq.choose_eviction(needed))
 

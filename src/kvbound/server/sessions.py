@@ -276,12 +276,14 @@ class SessionRegistry:
         elif session.turns:
             cache = self.llm.new_cache(self.cache_config, pool=self.pool)
             try:
-                session.chat = Chat.from_messages(self.llm, session.messages, cache, reserve=reserve)
+                session.chat = Chat.from_messages(self.llm, session.messages, cache, reserve=reserve,
+                                                  recall=self.settings.recall_on())
             except BaseException:
                 cache.free()
                 raise
         else:
-            session.chat = self.llm.chat(session.system, pool=self.pool, **self.settings.cache_options())
+            session.chat = self.llm.chat(session.system, pool=self.pool, recall=self.settings.recall_on(),
+                                         **self.settings.cache_options())
         chat = session.chat
         return 0 if chat.restored_from == "snapshot" else chat.context_tokens - chat.shared_prefix_tokens
 

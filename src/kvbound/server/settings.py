@@ -11,6 +11,7 @@ from typing import Any
 from kvbound.config import CacheConfig
 from kvbound.errors import KVBudgetExceeded
 from kvbound.kvcache.factory import cache_spec
+from kvbound.policies import make_policy
 from kvbound.kvcache.spec import KV_DTYPE_NAMES, format_bytes, parse_size
 
 DEFAULT_MAX_BODY = 4 << 20  # 4 MiB of JSON: ~1M characters of conversation, far past any model's context
@@ -24,6 +25,7 @@ class ServerSettings:
     kv_dtype: str = "auto"
     session_tokens: int | None = None  # the most KV tokens one session may hold (default: the whole pool)
     policy: str = "none"  # each session's eviction policy (kvbound.policies)
+    recall: str = "auto"  # auto (on when the policy evicts) | on | off: bring back evicted turns (chat/archive.py)
     api_key: str | None = None  # a bearer key every route but /health requires
     max_body_bytes: int = DEFAULT_MAX_BODY
     max_sessions: int = 256  # past this, the least recently used idle implicit session is dropped
@@ -44,9 +46,9 @@ class ServerSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if self.kv_dtype != "auto" and self.kv_dtype not in KV_DTYPE_NAMES:
             raise ValueError(f"unknown --kv-dtype '{self.kv_dtype}'; choose auto or one of {', '.join(KV_DTYPE_NAMES)}")
-        from kvbound.policies import make_policy
-
         make_policy(self.policy)  # an unknown name fails here, before the model loads
+        if self.recall not in ("auto", "on", "off"):
+            raise ValueError(f"--recall must be auto, on or off, got {self.recall!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key is empty; give a non-empty --api-key (or unset KVBOUND_API_KEY)")
         for name in ("max_body_bytes", "max_sessions", "max_active", "max_queued", "default_max_tokens"):
@@ -62,6 +64,10 @@ class ServerSettings:
         if self.session_tokens is not None:
             options["tokens"] = self.session_tokens
         return options
+
+    def recall_on(self) -> bool:
+        """Whether sessions keep and recall evicted turns."""
+        return make_policy(self.policy).evicts if self.recall == "auto" else self.recall == "on"
 
     def pool_budget(self, llm: Any) -> int:
         """Bytes of the shared pool: the budget given, or `kv_tokens` (or one full context) worth of blocks.

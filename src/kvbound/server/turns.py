@@ -87,6 +87,7 @@ class ChatTurn:
                            "context_tokens": reply.context_tokens, "kv_bytes": reply.kv_bytes,
                            "finish_reason": reply.finish_reason,
                            "evicted_tokens": reply.receipt.get("evicted_tokens", 0), "forecast": reply.forecast,
+                           "recall": reply.recall,
                            "memory_events": reply.mem_events})
 
     def release(self) -> None:
