@@ -87,7 +87,7 @@ class LLM:
         # the default GGUF) beside weights that are already materialized.
         self.checkpoint.close()
         gc.collect()
-        allocator.trim_heap(tune_allocator)
+        allocator.trim_heap()  # loading's freed temporaries go back to the OS (an action, not a setting)
         if compile:  # compiles on the first decode step (seconds), not here
             self.model.compile_decode()
         if self.guard is not None:  # loading may already cross a threshold
@@ -264,8 +264,9 @@ def load(model: str | Path | None = None, *, dtype: str = "auto", device: str = 
     `compile=True` compiles the decode step with torch.compile (CUDA graphs on GPU; models/compiled.py): the same
     tokens, a few seconds of compiling on the first step; measured 0.93-0.98x eager on CPU.
 
-    `tune_allocator=True` sets glibc's mmap threshold while loading and trims the heap after it (memory/allocator.py):
-    process-wide settings, so a library leaves it off and the process's owner turns it on (the CLI does). It keeps
-    117-146 MiB of fragmented heap out of the RSS of a chat with the default model (memory/allocator.py)."""
+    After loading, the heap's free pages go back to the OS (glibc's malloc_trim: it changes no setting); that keeps
+    ~145 MiB of loading's freed temporaries out of the RSS (memory/allocator.py). `tune_allocator=True` also sets
+    glibc's mmap threshold while loading (a process-wide setting, so a library leaves it off and the process's owner
+    turns it on: the CLI does)."""
     return LLM(model, dtype=dtype, device=device, chunk=chunk, memory_budget=memory_budget, weights=weights,
                compile=compile, tune_allocator=tune_allocator)

@@ -53,9 +53,10 @@ def libc_calls(monkeypatch) -> list[tuple]:
     return calls
 
 
-def test_load_leaves_the_allocator_alone_by_default(model_dir, libc_calls):
+def test_load_changes_no_allocator_setting_by_default(model_dir, libc_calls):
+    """Only the trim after loading (an action: free pages back to the OS), no mallopt."""
     llm = kvbound.load(model_dir, dtype="fp32", device="cpu")
-    assert libc_calls == [("load_model",)]
+    assert libc_calls == [("load_model",), ("malloc_trim", 0)]
     assert llm.generate("hi", max_new_tokens=2, temperature=0.0).token_ids  # the model loaded all the same
 
 
