@@ -134,6 +134,18 @@ def markdown(result: dict[str, Any]) -> str:
             f"reply. `ceiling`: each question right after its fact, full cache.\n\n{table}")
 
 
+def headlines(result: dict[str, Any]) -> list[str]:
+    runs = result["runs"]
+    parts = []
+    for name, r in runs.items():
+        qs = r["questions"]
+        parts.append(f"{name} {sum(q['answered'] for q in qs)}/{len(qs)}"
+                     + (f" (telling turn recalled {sum(q.get('recalled', False) for q in qs)}/{len(qs)})"
+                        if "recall on" in name else ""))
+    return [f"Facts told early and asked late in the {result['turns']}-turn dev chat, KV budget {result['budget']}, "
+            "answers right: " + "; ".join(parts) + "."]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--worker":

@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from benchmarks import (batch_decode, cluster, common, compression, decode, kv_kernel, load, long_chat, prefill_memory,
-                        quality, weights)
+                        quality, recall, revisions, weights)
 
 OUT = common.ROOT / "BENCHMARKS.md"
 ESTIMATE_COMMAND = "python benchmarks/estimate_accuracy.py [--device cuda] [--model DIR]"
@@ -54,6 +54,7 @@ SECTIONS = [  # (result name, title, markdown(result))
     ("decode", "Decode and prefill speed", decode.markdown),
     ("kv_kernel", "Attention per decode step: the native kernels against SDPA", kv_kernel.markdown),
     ("long_chat", "A long chat under a fixed KV budget", long_chat.markdown),
+    ("recall", "Recall: facts told early, asked late, under a small KV budget", recall.markdown),
     ("quality", "Quality under a KV budget (perplexity, passkey)", quality.markdown),
     ("kvpress", "Context compression against kvpress", compression.markdown),
     ("load", "Concurrent chat clients: kvbound serve against llama.cpp's server", load.markdown),
@@ -63,6 +64,7 @@ SECTIONS = [  # (result name, title, markdown(result))
      batch_decode.markdown),
     ("cluster", "kvbound on Ray Serve against the single-process server", cluster.markdown),
     ("estimate_accuracy", "Accuracy of `kvbound estimate`", estimate_markdown),
+    ("revisions", "Decode speed of two revisions in one run", revisions.markdown),
 ]
 
 
@@ -260,7 +262,8 @@ HEADLINES = {"decode": decode_headlines, "kv_kernel": kv_kernel_headlines, "long
              "quality": quality_headlines,
              "kvpress": kvpress_headlines, "load": load.headlines, "weights": weights_headlines,
              "prefill_memory": prefill_memory_headlines, "batch_decode": batch_decode_headlines,
-             "cluster": cluster_headlines, "estimate_accuracy": estimate_accuracy_headlines}
+             "cluster": cluster_headlines, "estimate_accuracy": estimate_accuracy_headlines,
+             "recall": recall.headlines, "revisions": revisions.headlines}
 
 
 SPEED_PEER_ROWS = {"decode": "rows", "weights": "rows", "load": "systems"}  # sections whose llama.cpp rows are speed figures

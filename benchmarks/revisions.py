@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks import common
 
@@ -75,6 +76,23 @@ class Revision:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows = [[r["level"], f"{r['context']:,}", f"{r['base_tok_s']:.1f}", f"{r['head_tok_s']:.1f}", f"{r['ratio']:.2f}x"]
+            for r in result["rows"]]
+    table = common.markdown_table(["level", "tokens of context", "base tok/s", "head tok/s", "head / base"], rows)
+    return (f"base `{result['base'][:10]}`, head `{result['head'][:10]}`, {result['threads']} thread(s), "
+            f"{result['decode_tokens']} greedy tokens, median of {result['repeats']} interleaved runs. `step`: "
+            "runner.prefill + runner.decode with argmax; `chat`: Chat.send (sampler, detokenizer, receipts).\n\n"
+            + table)
+
+
+def headlines(result: dict[str, Any]) -> list[str]:
+    ratios = [r["ratio"] for r in result["rows"]]
+    return [f"Decode of `{result['head'][:10]}` against `{result['base'][:10]}` (same run, interleaved): "
+            f"{min(ratios):.2f}x to {max(ratios):.2f}x over {len(ratios)} measurements (512 to "
+            f"{max(r['context'] for r in result['rows']):,} tokens, bare step and whole chat turn)."]
 
 
 def main(argv: list[str] | None = None) -> int:

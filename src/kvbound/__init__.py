@@ -5,6 +5,8 @@
     print(chat.send("Hello!").text)
 """
 
+import logging
+
 from kvbound.chat.persistence import SessionStore
 from kvbound.chat.reply import Reply
 from kvbound.chat.session import Chat
@@ -21,3 +23,7 @@ __all__ = [
     "SessionStore", "SnapshotError", "SessionNotFoundError",
 ]
 __version__ = "0.1.0"
+
+# A library's loggers stay silent until the application configures logging (Python's logging HOWTO): without this,
+# logging's last-resort handler printed each memory event to stderr beside the warning the CLI prints itself.
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -187,3 +187,13 @@ def test_pull_known_model_already_installed(smollm2_gguf: Path) -> None:
 def test_no_arguments_prints_help() -> None:
     result = kvbound()
     assert result.returncode == 0 and "converse" in result.stdout and "generate" in result.stdout
+
+
+@pytest.mark.model
+def test_a_memory_warning_is_printed_once_and_not_inside_the_reply() -> None:
+    result = kvbound("generate", "--prompt", "Write a long poem about the sea.", "--kv-tokens", "64", "--policy",
+                     "window", "--greedy", "--max-new-tokens", "40")
+    assert result.returncode == 0, result.stderr
+    assert "KV use" not in result.stdout, result.stdout  # the reply holds only the reply
+    lines = [line for line in result.stderr.splitlines() if "crossed 80%" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning:"), result.stderr

@@ -177,6 +177,8 @@ def generate(
     if not reply.text.endswith("\n"):
         write("\n")
     err.print(f"[dim]{reply_status(reply)} · {reply.finish_reason}[/]")
+    for event in reply.mem_events:  # after the reply, never inside it
+        err.print(f"[{'red' if event['kind'] == 'critical' else 'yellow'}]{event['kind']}:[/] {escape(event['message'])}")
 
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
