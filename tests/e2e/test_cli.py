@@ -120,6 +120,15 @@ def test_chat_reads_stdin_resets_and_exits() -> None:
 
 
 @pytest.mark.model
+def test_chat_memory_command_and_unknown_commands_stay_out_of_the_conversation() -> None:
+    result = kvbound("chat", "--greedy", "--max-tokens", "6", stdin="/memory\n/nosuch\nSay hello.\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert "KV used / reserved:" in result.stdout and "archive of evicted turns" in result.stdout
+    assert "unknown command /nosuch" in result.stdout
+    assert result.stdout.count("tokens in context") == 1  # only "Say hello." went to the model
+
+
+@pytest.mark.model
 def test_prompt_longer_than_the_context(tmp_path: Path) -> None:
     prompt = tmp_path / "long.txt"
     prompt.write_text(BOOK.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
@@ -155,6 +164,12 @@ BAD_INPUT: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "script_no_system": (["converse", "--script", "no_system.jsonl"], ("line 1", "system")),
     "script_line_without_user": (["converse", "--script", "no_user.jsonl"], ("line 3", '"user"')),
     "script_empty": (["converse", "--script", "empty.jsonl"], ("empty",)),
+    "chat_bad_budget": (["chat", "--kv-budget", "abc"], ("abc",)),  # refused before the model loads
+    "perplexity_missing_file": (["perplexity", "nowhere.txt"], ("nowhere.txt",)),
+    "perplexity_binary_file": (["perplexity", "garbage.gguf"], ("garbage.gguf", "utf-8")),
+    "info_two_models": (["info", "a.gguf", "--model", "b.gguf"], ("a.gguf", "b.gguf")),
+    "estimate_model_flag": (["estimate", "--model", "tinyllama"], ("tinyllama", "smollm2-135m")),
+    "raw_with_recall": (["generate", "-p", "hi", "--raw", "--recall", "on"], ("--recall", "--raw")),
 }
 
 

@@ -25,8 +25,9 @@ from rich.table import Table
 from kvbound.chat.reply import Reply
 from kvbound.chat.session import Chat
 from kvbound.cli.estimate import estimate_command
-from kvbound.cli.options import (CacheOptions, DeviceOption, Dtype, DtypeOption, ModelOptions, Recall, RecallOption,
-                                 SamplingOptions, Weights, WeightsOption, load_model, with_options)
+from kvbound.cli.options import (CacheOptions, DeviceOption, Dtype, DtypeOption, ModelFlag, ModelOptions, Recall,
+                                 RecallOption, SamplingOptions, Weights, WeightsOption, load_model, one_model,
+                                 with_options)
 from kvbound.errors import ContextOverflowError, KvboundError, ModelNotFoundError
 from kvbound.kvcache.spec import format_bytes
 from kvbound.loading.resolve import DEFAULT_MODEL, KNOWN_MODELS, known_model_path
@@ -60,7 +61,8 @@ def root(ctx: typer.Context) -> None:
 
 
 # -- chat ---------------------------------------------------------------------------------------------------------
-CHAT_COMMANDS = "/reset forgets the conversation (keeps the system prompt) · /exit or Ctrl-D quits"
+CHAT_COMMANDS = ("/memory shows where the memory goes · /reset forgets the conversation (keeps the system prompt) · "
+                 "/help · /exit or Ctrl-D quits")
 
 
 @app.command()
@@ -69,8 +71,9 @@ def chat(system: SystemOption = None, recall: RecallOption = Recall.auto, *, loa
          sampling: SamplingOptions, cache: CacheOptions) -> None:
     """Chat in the terminal; the KV cache is reused across turns and its size shown after each reply."""
     params = sampling.kwargs()
+    config = cache.cache_config()  # bad cache flags fail here, before the model loads
     llm = load.load(err)
-    session = llm.chat(system=system, cache=cache.cache_config(), recall=recall.value)
+    session = llm.chat(system=system, cache=config, recall=recall.value)
     capacity: int = session.cache.capacity
     out.print(f"[bold]{escape(llm.config.name)}[/] · KV cache for {capacity:,} tokens · "
               f"{format_bytes(session.cache.spec.bytes_per_token)} per token\n[dim]{CHAT_COMMANDS}[/]")
@@ -92,7 +95,29 @@ def chat(system: SystemOption = None, recall: RecallOption = Recall.auto, *, loa
         if command == "/help":
             out.print(f"[dim]{CHAT_COMMANDS}[/]")
             continue
+        if command == "/memory":
+            _print_memory(session)
+            continue
+        if command.startswith("/") and " " not in command:
+            out.print(f"[yellow]unknown command {escape(command)}[/] [dim]({CHAT_COMMANDS})[/]")
+            continue
         _chat_turn(session, text, params, capacity)
+
+
+def _print_memory(session: Chat) -> None:
+    """/memory: the session's memory report, one figure per line."""
+    report = session.memory()
+    out.print(memory_bar(session))
+    rows = [("weights", format_bytes(report.weights_bytes)),
+            ("KV used / reserved", f"{format_bytes(report.kv_used_bytes)} / {format_bytes(report.kv_reserved_bytes)} "
+                                   f"({report.kv_dtype})"),
+            ("tokens held / capacity", f"{report.tokens_held:,} / {report.capacity_tokens:,}"),
+            ("tokens evicted / quantized / summarized",
+             f"{report.tokens_evicted:,} / {report.tokens_quantized:,} / {report.tokens_summarized:,}"),
+            ("archive of evicted turns (for recall)", format_bytes(report.archive_bytes)),
+            ("process RSS (peak)", f"{format_bytes(report.rss_bytes)} ({format_bytes(report.peak_rss_bytes)})")]
+    for name, value in rows:
+        out.print(f"[dim]{name}:[/] {value}")
 
 
 def _chat_turn(session: Chat, text: str, params: dict[str, Any], capacity: int | None) -> None:
@@ -341,7 +366,13 @@ def perplexity(
     scored with what the cache still holds."""
     from kvbound.engine.perplexity import perplexity as run_perplexity
 
-    text = file.read_text(encoding="utf-8", errors="strict")
+    try:
+        text = file.read_text(encoding="utf-8", errors="strict")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file} is not UTF-8 text (byte {e.start:,} cannot be decoded); give a plain text file") \
+            from None
+    except OSError as e:
+        raise ValueError(f"cannot read {file}: {e.strerror or e}") from None
     config = cache.cache_config()
     llm = load.load(err)
     result = run_perplexity(llm, text, config, chunk=chunk, max_tokens=max_tokens)
@@ -441,9 +472,10 @@ def info(
     weights: WeightsOption = Weights["auto"],
     device: DeviceOption = "auto",
     json_output: JsonFlag = False,
+    model_flag: ModelFlag = None,
 ) -> None:
     """Describe a model: architecture, size, KV bytes per token, context, tensor types in the file."""
-    details = load_model(model, dtype, device, err, weights=weights).info()
+    details = load_model(one_model(model, model_flag), dtype, device, err, weights=weights).info()
     if json_output:
         write(json.dumps(asdict(details)) + "\n")
         return

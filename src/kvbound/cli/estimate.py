@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kvbound.engine.runner import DEFAULT_CHUNK
+from kvbound.cli.options import ModelFlag, one_model
 from kvbound.kvcache.spec import KV_DTYPE_NAMES, format_bytes
 
 KV_DTYPES = ("auto", *KV_DTYPE_NAMES)
@@ -39,10 +40,12 @@ def estimate_command(
     ] = "auto",
     device: Annotated[str, typer.Option(
         "--device", help="Device to predict for: auto, cpu or cuda (a GPU need not be present).")] = "auto",
+    model_flag: ModelFlag = None,
 ) -> None:
     """Predict memory before loading: weights, KV (per token, at the context), activations, baseline, total."""
     from kvbound.memory.estimate import estimate
 
+    model = one_model(model, model_flag)
     if kv_dtype not in KV_DTYPES:
         raise ValueError(f"--kv-dtype {kv_dtype}: choose one of {', '.join(KV_DTYPES)}")
     if turn_tokens is not None and memory_budget is None:

@@ -138,6 +138,17 @@ class Recall(str, Enum):
     off = "off"
 
 
+ModelFlag = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="The same as the MODEL argument (as the other commands take it).", rich_help_panel="Model")]
+
+
+def one_model(argument: str | None, flag: str | None) -> str | None:
+    """The model named by a command's MODEL argument or its --model flag (not both)."""
+    if argument is not None and flag is not None and argument != flag:
+        raise ValueError(f"two models given ({argument!r} and --model {flag!r}); give one")
+    return argument if argument is not None else flag
+
+
 RecallOption = Annotated[Recall, typer.Option(
     "--recall", help="Keep the text of evicted turns and bring the best matches for each new message back for that "
                      "turn: auto (on whenever the policy evicts), on, off.", rich_help_panel="KV cache")]
