@@ -25,6 +25,8 @@ CASES: dict[str, tuple[str, str, Any, int, tuple[str, ...]]] = {
     "json_string": ("POST", CHAT, "just text", 400, ("not valid JSON",)),
     "empty_body": ("POST", CHAT, None, 400, ("empty",)),
     "no_messages": ("POST", CHAT, {"model": "tiny"}, 400, ("messages", "required")),
+    "no_model": ("POST", CHAT, {"messages": USER}, 400, ("model is required",)),
+    "no_model_completion": ("POST", COMPLETIONS, {"prompt": "hi"}, 400, ("model is required",)),
     "messages_empty": ("POST", CHAT, chat(messages=[]), 400, ("messages", "at least 1")),
     "messages_not_list": ("POST", CHAT, chat(messages="hi"), 400, ("messages",)),
     "message_not_object": ("POST", CHAT, chat(messages=["hi"]), 400, ("messages.0",)),

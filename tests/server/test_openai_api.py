@@ -32,6 +32,8 @@ def test_chat_reply_usage_and_length(server) -> None:
     assert reply.object == "chat.completion" and reply.model == "tiny"
     assert choice.finish_reason == "length" and choice.message.role == "assistant"
     assert isinstance(choice.message.content, str) and choice.message.content
+    raw = choice.message.model_dump()  # the fields OpenAI's schema requires (refusal: nullable)
+    assert raw["refusal"] is None and raw["annotations"] == []
     usage = reply.usage
     assert usage.completion_tokens == 5 and usage.prompt_tokens > 5
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens

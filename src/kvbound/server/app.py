@@ -89,7 +89,10 @@ def _check_request(server: Server, body: ChatRequest | CompletionRequest, max_to
                    default_tokens: int, max_tokens_field: str = "max_tokens") -> dict[str, Any]:
     """Model, unsupported fields and max_tokens checked; the request's kvbound sampling options."""
     accepted = {server.model_id, "default", server.llm.config.name}
-    if body.model is not None and body.model not in accepted:
+    if body.model is None:  # OpenAI's API requires it; answering anyway would hide a client's mistake
+        raise ApiError(400, f"model is required; this server serves '{server.model_id}' (or say 'default')",
+                       param="model", code="missing_required_parameter")
+    if body.model not in accepted:
         raise ApiError(404, f"the model '{body.model}' does not exist; this server serves '{server.model_id}'",
                        param="model", code="model_not_found")
     unsupported = body.unsupported()

@@ -160,7 +160,8 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 
 def chat_response(id: str, model: str, text: str, finish_reason: str, usage: dict, extra: dict) -> dict[str, Any]:
     return {"id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None,
+                                                 "annotations": []}, "logprobs": None,
                          "finish_reason": finish_reason}],
             "usage": usage, "kvbound": extra}
 
