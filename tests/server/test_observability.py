@@ -68,6 +68,28 @@ def test_metrics_and_memory_document_agree_with_the_requests(serve) -> None:
     assert values[("kvbound_evicted_tokens_total", ())] == 0
 
 
+def test_a_client_that_closes_mid_body_is_not_a_server_error(serve) -> None:
+    """/metrics counts an abandoned request as 499 (client closed), never as a 500 the server did not have."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    server = serve()
+    where = urlparse(server.url)
+    for _ in range(3):
+        with socket.create_connection((where.hostname, where.port), timeout=5) as conn:
+            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 500\r\n\r\n{\"model\": \"tiny\", \"mess")
+    deadline = time.monotonic() + 10
+    while True:
+        values = samples(httpx.get(server.url + "/metrics").text)
+        closed = values.get(("kvbound_requests_total", (("route", "/v1/chat/completions"), ("status", "499"))), 0)
+        if closed == 3 or time.monotonic() > deadline:
+            break
+    assert closed == 3
+    assert ("kvbound_requests_total", (("route", "/v1/chat/completions"), ("status", "500"))) not in values
+
+
 def test_evictions_are_counted(serve) -> None:
     server = serve(kv_budget=4 * BLOCK_BYTES, policy="window")
     for turn in range(3):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 from typing import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -13,6 +14,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kvbound.kvcache.spec import format_bytes
 from kvbound.server.errors import error_response
 from kvbound.server.protocol import error_body
+
+logger = logging.getLogger("kvbound.server")
 
 
 async def send_error(send: Send, status: int, message: str, code: str, headers: list[tuple[bytes, bytes]] = ()):
@@ -23,8 +26,12 @@ async def send_error(send: Send, status: int, message: str, code: str, headers: 
     await send({"type": "http.response.body", "body": body})
 
 
+CLIENT_CLOSED = 499  # nginx's status for a request its client abandoned before any response: not a server error
+
+
 class RequestCounter:
-    """Counts `(route template, status)` of every HTTP request; an exception escaping the app counts as 500."""
+    """Counts `(route template, status)` of every HTTP request: an exception escaping the app counts as 500, a
+    request the client abandoned before any response (it closed mid-body) as 499."""
 
     def __init__(self, app: ASGIApp, count: Callable[[str, int], None], route_of: Callable[[Scope], str]):
         self.app, self.count, self.route_of = app, count, route_of
@@ -32,7 +39,7 @@ class RequestCounter:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = 500
+        status = CLIENT_CLOSED
 
         async def counting_send(message: Message) -> None:
             nonlocal status
@@ -42,7 +49,13 @@ class RequestCounter:
 
         try:
             await self.app(scope, receive, counting_send)
+        except BaseException:
+            status = 500 if status == CLIENT_CLOSED else status
+            raise
         finally:
+            if status == CLIENT_CLOSED:
+                logger.info("%s %s: the client closed the connection before a response", scope.get("method"),
+                            scope.get("path"))
             self.count(self.route_of(scope), status)
 
 
