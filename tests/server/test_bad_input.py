@@ -26,6 +26,9 @@ CASES: dict[str, tuple[str, str, Any, int, tuple[str, ...]]] = {
     "empty_body": ("POST", CHAT, None, 400, ("empty",)),
     "no_messages": ("POST", CHAT, {"model": "tiny"}, 400, ("messages", "required")),
     "no_model": ("POST", CHAT, {"messages": USER}, 400, ("model is required",)),
+    "too_many_messages": ("POST", CHAT, chat(messages=[{"role": "user", "content": "a"},
+                                                       {"role": "assistant", "content": "b"}] * 600 + USER), 400,
+                          ("1,201 messages", "at most 1,000")),
     "no_model_completion": ("POST", COMPLETIONS, {"prompt": "hi"}, 400, ("model is required",)),
     "messages_empty": ("POST", CHAT, chat(messages=[]), 400, ("messages", "at least 1")),
     "messages_not_list": ("POST", CHAT, chat(messages="hi"), 400, ("messages",)),
@@ -169,6 +172,26 @@ def test_body_size_limit(serve) -> None:
         chunked = http.post(CHAT, content=iter([big[:1500], big[1500:]]),  # no Content-Length: counted as it comes
                             headers={"content-type": "application/json"})
         assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
+        assert http.post(CHAT, json=chat(max_tokens=2)).status_code == 200
+
+
+def test_a_trickled_body_times_out_with_408(serve) -> None:
+    """A client that sends part of a body and stalls gets 408 when the body timeout passes; the connection is
+    released and the server keeps serving."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    server = serve(body_timeout_s=1.0)
+    where = urlparse(server.url)
+    started = time.monotonic()
+    with socket.create_connection((where.hostname, where.port), timeout=10) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 500\r\n\r\n{\"model\": ")
+        answer = conn.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 408") and "did not arrive within 1 s" in answer
+    assert time.monotonic() - started < 8
+    with server.http() as http:
         assert http.post(CHAT, json=chat(max_tokens=2)).status_code == 200
 
 

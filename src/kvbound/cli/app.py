@@ -409,6 +409,10 @@ def serve(
         "route but /health.", rich_help_panel="Server")] = None,
     max_body: Annotated[str, typer.Option("--max-body", help="Largest request body, e.g. 4MiB.",
                                           rich_help_panel="Server")] = "4MiB",
+    max_messages: Annotated[int, typer.Option("--max-messages", min=1, help="Most messages in one chat request.",
+                                              rich_help_panel="Server")] = 1000,
+    body_timeout: Annotated[float, typer.Option("--body-timeout", min=0.1, help="Seconds a request body may take to "
+                                                "arrive (then 408).", rich_help_panel="Server")] = 30.0,
     session_tokens: Annotated[Optional[int], typer.Option(
         "--session-tokens", min=1, help="Most KV tokens one session may hold (default: the whole pool).",
         rich_help_panel="Server")] = None,
@@ -443,7 +447,8 @@ def serve(
     cache.cache_config()  # the cache flags are checked as the other commands check them, before the model loads
     settings = ServerSettings(kv_budget=cache.kv_budget, kv_tokens=cache.kv_tokens, kv_dtype=cache.kv_dtype.value,
                               policy=cache.policy, recall=recall.value, session_tokens=session_tokens, api_key=api_key,
-                              max_body_bytes=parse_size(max_body), max_sessions=max_sessions, model_id=model_id,
+                              max_body_bytes=parse_size(max_body), max_messages=max_messages,
+                              body_timeout_s=body_timeout, max_sessions=max_sessions, model_id=model_id,
                               data_dir=data_dir)
     if ray or replicas is not None or address is not None:  # Ray Serve: replicas of this server (kvbound.cluster)
         if not ray:

@@ -66,7 +66,7 @@ def create_app(llm: "LLM", settings: ServerSettings | None = None, store: Sessio
     errors.install(app)
     _routes(app, server)
     mount_dashboard(app)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # the last added runs first
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s)  # runs first
     app.add_middleware(ApiKey, key=settings.api_key, is_public=server.is_public)
     app.add_middleware(CatchAll)
     app.add_middleware(RequestCounter, count=lambda route, status: server.metrics.requests.labels(
@@ -109,7 +109,11 @@ def _check_request(server: Server, body: ChatRequest | CompletionRequest, max_to
     return sampling
 
 
-def _check_conversation(conversation: list[dict[str, str]]) -> None:
+def _check_conversation(conversation: list[dict[str, str]], max_messages: int) -> None:
+    if len(conversation) > max_messages:
+        raise ApiError(400, f"the request has {len(conversation):,} messages and this server takes at most "
+                       f"{max_messages:,} in one request; send fewer (a session keeps the history: see session_id)",
+                       param="messages", code="too_many_messages")
     for index, message in enumerate(conversation[1:], start=1):
         if message["role"] == "system":
             raise ApiError(400, f"messages[{index}] is a system message; only the first message may be one",
@@ -223,7 +227,7 @@ def _routes(app: FastAPI, server: Server) -> None:
         sampling = _check_request(server, body, body.requested_tokens, settings.default_max_tokens,
                                   "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
         conversation = body.conversation()
-        _check_conversation(conversation)
+        _check_conversation(conversation, settings.max_messages)
         task = ChatTurn(registry, server.admission, conversation, body.session_id, sampling,
                         server.metrics.observe_reply)
         stream, first = await _first_event(server, task, request)

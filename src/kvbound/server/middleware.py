@@ -4,6 +4,7 @@ it). Answers in OpenAI's error JSON."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -103,10 +104,11 @@ class ApiKey:
 
 
 class BodyLimit:
-    """Refuse (413) a body over `limit` bytes, by its Content-Length or as it arrives; the app gets it whole."""
+    """Refuse (413) a body over `limit` bytes, by its Content-Length or as it arrives, and (408) one not whole within
+    `timeout_s` of the request's start; the app gets it whole."""
 
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, timeout_s: float = 30.0):
+        self.app, self.limit, self.timeout_s = app, limit, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -115,8 +117,14 @@ class BodyLimit:
         if length.isdigit() and int(length) > self.limit:
             return await self._refuse(send, f"{int(length):,} bytes")
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                return await send_error(send, 408, f"the request body did not arrive within {self.timeout_s:g} s "
+                                        f"({size:,} bytes came); send it whole", "request_timeout",
+                                        [(b"connection", b"close")])
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")

@@ -28,6 +28,8 @@ class ServerSettings:
     recall: str = "auto"  # auto (on when the policy evicts) | on | off: bring back evicted turns (chat/archive.py)
     api_key: str | None = None  # a bearer key every route but /health requires
     max_body_bytes: int = DEFAULT_MAX_BODY
+    max_messages: int = 1000  # messages in one chat request; a longer one is refused (400) before any work
+    body_timeout_s: float = 30.0  # a request body not whole by then is refused (408): a trickled body holds nothing
     max_sessions: int = 256  # past this, the least recently used idle implicit session is dropped
     max_active: int = 8  # generations interleaved at once; later ones wait in the queue
     max_queued: int = 64  # requests waiting for a generation slot; past this → 429
@@ -51,7 +53,10 @@ class ServerSettings:
             raise ValueError(f"--recall must be auto, on or off, got {self.recall!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key is empty; give a non-empty --api-key (or unset KVBOUND_API_KEY)")
-        for name in ("max_body_bytes", "max_sessions", "max_active", "max_queued", "default_max_tokens"):
+        if not isinstance(self.body_timeout_s, (int, float)) or self.body_timeout_s <= 0:
+            raise ValueError(f"body_timeout_s must be a positive number of seconds, got {self.body_timeout_s!r}")
+        for name in ("max_body_bytes", "max_messages", "max_sessions", "max_active", "max_queued",
+                     "default_max_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
