@@ -74,24 +74,46 @@ def test_reply_that_outgrows_a_full_conversation_is_413_then_usable(serve) -> No
     assert httpx.get(server.url + "/v1/sessions/long").json()["turns"] == 1
 
 
-def test_busy_pool_is_429_with_retry_after(serve) -> None:
-    server = serve(kv_budget="1MiB")  # 64 blocks; a 900-token reply reserves 29 of a session's 32-block capacity
+def hold_the_pool(server, holders: contextlib.ExitStack) -> None:
+    """Two streamed 900-token replies: each reserves 29 of the pool's 64 blocks until it ends."""
     body = {"model": "tiny", "messages": user("go on"), "max_tokens": 900, "stream": True, "temperature": 0,
             "logit_bias": NO_STOP}
+    for name in ("hold-1", "hold-2"):
+        http = holders.enter_context(server.http())
+        stream = holders.enter_context(http.stream("POST", "/v1/chat/completions", json={**body, "session_id": name}))
+        assert stream.status_code == 200
+        lines = stream.iter_lines()  # kept: a dropped line iterator closes the response
+        holders.callback(lines.close)
+        next(lines)  # generating now
+
+
+def test_a_busy_pool_queues_the_request_until_room_frees(serve) -> None:
+    """No refusal storm: a turn that cannot get room waits in the queue and is answered once a turn ends."""
+    server = serve(kv_budget="1MiB")
+    answers: list[httpx.Response] = []
     with contextlib.ExitStack() as holders:  # leaving it closes the clients: their generations are cancelled
-        for name in ("hold-1", "hold-2"):
-            http = holders.enter_context(server.http())
-            stream = holders.enter_context(http.stream("POST", "/v1/chat/completions",
-                                                       json={**body, "session_id": name}))
-            assert stream.status_code == 200
-            lines = stream.iter_lines()  # kept: a dropped line iterator closes the response
-            holders.callback(lines.close)
-            next(lines)  # generating now
+        hold_the_pool(server, holders)
+        waiter = threading.Thread(target=lambda: answers.append(post(server, user("me too"), max_tokens=200)))
+        waiter.start()
+        deadline = time.monotonic() + 20
+        while server.memory()["engine"]["queued"] != 1:  # waiting for room, not refused
+            assert time.monotonic() < deadline and not answers, answers and answers[0].text
+            time.sleep(0.02)
+    waiter.join(60)
+    assert answers[0].status_code == 200, answers[0].text
+
+
+def test_busy_pool_is_429_with_retry_after(serve) -> None:
+    server = serve(kv_budget="1MiB", queue_timeout_s=0.5)  # 64 blocks; a 900-token reply reserves 29 of 32
+    with contextlib.ExitStack() as holders:  # leaving it closes the clients: their generations are cancelled
+        hold_the_pool(server, holders)
+        started = time.monotonic()
         refused = post(server, user("me too"), max_tokens=200)
         assert refused.status_code == 429, refused.text
-        assert refused.headers["retry-after"] == "1"
+        assert time.monotonic() - started >= 0.5  # it waited its queue timeout first
+        assert int(refused.headers["retry-after"]) >= 1
         error = refused.json()["error"]
-        assert error["code"] == "server_busy" and "blocks" in error["message"]
+        assert error["code"] == "server_busy" and "blocks" in error["message"] and "waited" in error["message"]
         assert post(server, user("me too"), "hold-1").status_code == 429  # a session answering already
     deadline = time.monotonic() + 20
     while server.memory()["engine"]["active"]:

@@ -13,7 +13,7 @@ import httpx
 import torch
 
 from kvbound.engine.generate import Turn
-from kvbound.server.errors import ServerBusy
+from kvbound.server.errors import PoolBusy, ServerBusy
 from kvbound.server.scheduler import Worker
 from tests.server.conftest import NO_STOP
 
@@ -174,6 +174,48 @@ def test_failing_start_is_an_error_event_and_calls_run_between_steps() -> None:
     events, thread, error = run(main())
     assert events[0][0] == "error" and "cannot start" in str(events[0][1])
     assert task.released == 1 and thread == "kvbound-engine" and isinstance(error, ZeroDivisionError)
+
+
+class BusyTask(FakeTask):
+    """Admission says the pool is busy while `busy()` is true; then a turn like FakeTask's."""
+
+    def __init__(self, name: str, busy, log: list[str]):
+        super().__init__(name, 2, log)
+        self.busy, self.tries = busy, 0
+
+    def start(self) -> Turn:
+        self.tries += 1
+        if self.busy():
+            raise PoolBusy("the shared KV pool has 0 blocks free", needed=3, available=0)
+        return super().start()
+
+
+def test_a_request_the_pool_cannot_take_yet_waits_its_turn() -> None:
+    """PoolBusy sends a task back to the queue (released, its place kept) until a running turn ends; then it runs.
+    With a queue timeout of 0 the same task ends in a ServerBusy that says how long it waited."""
+    log: list[str] = []
+    long = FakeTask("long", 30, log)
+
+    async def main(timeout: float) -> list[Any]:
+        worker = Worker(max_active=4, queue_timeout_s=timeout)
+        first = worker.submit(long)
+        waiting = BusyTask("w", lambda: "long-closed" not in log, log)
+        second = worker.submit(waiting)
+        worker.start()
+        try:
+            return [await drain(first), await drain(second), waiting]
+        finally:
+            worker.stop()
+
+    _, events, waiting = run(main(60.0))
+    assert events == [("piece", "w0"), ("piece", "w1"), ("done", "w-done")]
+    assert waiting.tries >= 2 and waiting.released == waiting.tries  # released before each retry, and at the end
+    assert log.index("long-closed") < log.index("w0")
+    log.clear()
+    long = FakeTask("long", 30, log)
+    _, events, _ = run(main(0.0))
+    kind, error = events[-1]
+    assert kind == "error" and isinstance(error, ServerBusy) and "waited" in str(error) and error.retry_after_s > 0
 
 
 def test_full_queue_refuses() -> None:

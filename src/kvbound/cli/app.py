@@ -413,6 +413,8 @@ def serve(
                                               rich_help_panel="Server")] = 1000,
     body_timeout: Annotated[float, typer.Option("--body-timeout", min=0.1, help="Seconds a request body may take to "
                                                 "arrive (then 408).", rich_help_panel="Server")] = 30.0,
+    queue_timeout: Annotated[float, typer.Option("--queue-timeout", min=0.0, help="Seconds a request may wait for "
+                                                 "room in the KV pool (then 429).", rich_help_panel="Server")] = 60.0,
     session_tokens: Annotated[Optional[int], typer.Option(
         "--session-tokens", min=1, help="Most KV tokens one session may hold (default: the whole pool).",
         rich_help_panel="Server")] = None,
@@ -448,7 +450,8 @@ def serve(
     settings = ServerSettings(kv_budget=cache.kv_budget, kv_tokens=cache.kv_tokens, kv_dtype=cache.kv_dtype.value,
                               policy=cache.policy, recall=recall.value, session_tokens=session_tokens, api_key=api_key,
                               max_body_bytes=parse_size(max_body), max_messages=max_messages,
-                              body_timeout_s=body_timeout, max_sessions=max_sessions, model_id=model_id,
+                              body_timeout_s=body_timeout, queue_timeout_s=queue_timeout, max_sessions=max_sessions,
+                              model_id=model_id,
                               data_dir=data_dir)
     if ray or replicas is not None or address is not None:  # Ray Serve: replicas of this server (kvbound.cluster)
         if not ray:

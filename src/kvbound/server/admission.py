@@ -1,7 +1,7 @@
 """Admission to the shared KV pool: before a turn runs it reserves the blocks it may reach (its prompt plus
 max_tokens, within its cache's capacity), so interleaved turns never run the pool dry mid-reply. Room is made by
-offloading idle sessions, least recently used first; when the turns in progress hold the rest, the request is
-refused as busy (429). A turn that can never fit is left to the Chat's own refusal (413). Runs on the worker.
+offloading idle sessions, least recently used first; when the turns in progress hold the rest, admission raises
+PoolBusy and the engine worker keeps the request queued until room frees (scheduler.py). A turn that can never fit is left to the Chat's own refusal (413). Runs on the worker.
 
 Refused turns queue first come, first served: while the oldest refused turn still retries, a later turn is admitted
 only if the room it takes leaves enough for that one — otherwise small turns could take every block that frees up
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from kvbound.errors import ContextOverflowError
 from kvbound.kvcache.spec import format_bytes
-from kvbound.server.errors import ServerBusy
+from kvbound.server.errors import PoolBusy
 
 if TYPE_CHECKING:
     from kvbound.kvcache.pool import BlockPool
@@ -51,7 +51,7 @@ class PoolAdmission:
     def admit(self, session: "Session", held: int, feed: int, max_tokens: int, queue: bool = True) -> int:
         """Reserve room for a turn of `session` whose cache holds `held` tokens, feeds `feed` and generates up to
         `max_tokens`; return the blocks reserved. Raises ContextOverflowError if the prompt cannot fit the
-        session's capacity, ServerBusy if turns in progress (or an earlier refused turn) hold the room it needs.
+        session's capacity, PoolBusy if turns in progress (or an earlier refused turn) hold the room it needs.
         `queue`: whether a refusal keeps the turn's place (False when its retry would come as another session)."""
         spec, capacity = self.pool.spec, self.registry.capacity
         pinned = 0 if self.registry.evicts else held  # an evicting cache makes room within its capacity
@@ -72,7 +72,7 @@ class PoolAdmission:
         if short > 0 and others:
             if queue:
                 self._wait(session.id, need, now)
-            raise ServerBusy(
+            raise PoolBusy(
                 f"the shared KV pool has {max(self.available_blocks, 0)} blocks free for new work "
                 f"({max(self.available_blocks, 0) * spec.block_size:,} tokens) and this turn may need {need} "
                 f"({need * spec.block_size:,} tokens, {format_bytes(need * spec.bytes_per_block)}); "
@@ -82,7 +82,7 @@ class PoolAdmission:
         if head is not None and need > 0 and self.available_blocks - need < head.need:
             if queue:
                 self._wait(session.id, need, now)
-            raise ServerBusy(
+            raise PoolBusy(
                 f"an earlier request has waited {now - head.since:.0f} s for {head.need} blocks of the shared KV "
                 f"pool ({head.need * spec.block_size:,} tokens) and goes first; {max(self.available_blocks, 0)} "
                 f"are free and this turn may need {need}; retry shortly", needed=need,

@@ -48,7 +48,8 @@ def create_app(llm: "LLM", settings: ServerSettings | None = None, store: Sessio
     pool = llm.shared_pool(settings.pool_budget(llm), settings.kv_dtype)
     registry = SessionRegistry(llm, pool, settings, store)
     server = Server(llm, settings, registry, PoolAdmission(pool, registry),
-                    Worker(settings.max_active, settings.max_queued), Metrics(),
+                    Worker(settings.max_active, settings.max_queued, queue_timeout_s=settings.queue_timeout_s),
+                    Metrics(),
                     settings.model_id or default_model_id(llm))
     llm.on_memory_event(server.metrics.on_memory_event)
 

@@ -4,6 +4,8 @@ becomes a 500 without a traceback (which goes to the log instead) in middleware.
 
 from __future__ import annotations
 
+import math
+
 import logging
 from typing import Any
 
@@ -31,11 +33,17 @@ class ApiError(Exception):
 
 class ServerBusy(KvboundError):
     """The shared KV pool (or the generation queue, or a session) is taken by requests in progress; a retry
-    later can succeed. `needed` / `available` are in the unit the message names (blocks, requests)."""
+    later can succeed. `needed` / `available` are in the unit the message names (blocks, requests);
+    `retry_after_s` is the Retry-After the response carries."""
 
-    def __init__(self, message: str, *, needed: int = 0, available: int = 0):
+    def __init__(self, message: str, *, needed: int = 0, available: int = 0, retry_after_s: float = 1.0):
         super().__init__(message)
-        self.needed, self.available = needed, available
+        self.needed, self.available, self.retry_after_s = needed, available, retry_after_s
+
+
+class PoolBusy(ServerBusy):
+    """The shared KV pool's free blocks are reserved by turns in progress (or by an earlier waiting turn): the
+    engine worker keeps such a request queued until room frees or its wait passes the queue timeout."""
 
 
 class SessionNotFound(KvboundError):
@@ -48,7 +56,8 @@ def api_error(error: BaseException) -> ApiError:
         return error
     message = " ".join(str(error).split()) or type(error).__name__
     if isinstance(error, ServerBusy):
-        return ApiError(429, message, code="server_busy", type="server_busy", headers={"Retry-After": "1"})
+        return ApiError(429, message, code="server_busy", type="server_busy",
+                        headers={"Retry-After": str(max(1, math.ceil(error.retry_after_s)))})
     if isinstance(error, SessionNotFound):
         return ApiError(404, message, param="session_id", code="session_not_found")
     if isinstance(error, ContextOverflowError):  # KVBudgetExceeded included: the turn cannot fit the budget

@@ -4,23 +4,28 @@ continuous batching: a task starts by prefilling its turn (engine/generate.Turn)
 waiting token of every active turn in one batched forward (engine/batch.py), so B concurrent clients cost
 about one forward per token, not B.
 
-The async side sees a `Stream`: events arrive on an asyncio queue (through `loop.call_soon_threadsafe`), and
-`cancel()` makes the worker abort the turn (a Chat rolls it back) before its next step."""
+A task whose turn cannot get room in the shared KV pool yet (admission raises PoolBusy) waits in the queue, first
+come first served, and is tried again whenever a turn ends; past `queue_timeout_s` it is answered 429 with a
+Retry-After from the turns' measured length. The async side sees a `Stream`: events arrive on an asyncio queue
+(through `loop.call_soon_threadsafe`), and `cancel()` makes the worker abort the turn (a Chat rolls it back)
+before its next step."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
+import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from kvbound.engine import batch
 from kvbound.engine.generate import Turn
-from kvbound.server.errors import ServerBusy
+from kvbound.server.errors import PoolBusy, ServerBusy
 
 logger = logging.getLogger("kvbound.server")
+RETRY_S = 0.1  # with nothing running, how often the waiting are tried again
 
 
 class Task(Protocol):
@@ -50,7 +55,9 @@ class Stream:
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = False
         self.turn: Turn | None = None  # set by the worker once started
-
+        self.submitted = time.monotonic()
+        self.waits = 0  # times admission sent it back to the queue
+        self.busy: PoolBusy | None = None  # why it waits
     def post(self, kind: str, value: Any) -> None:
         """From the worker thread: hand an event to the loop (dropped if the loop is gone)."""
         try:
@@ -68,8 +75,13 @@ class Stream:
 
 
 class Worker:
-    def __init__(self, max_active: int = 8, max_queued: int = 64, name: str = "kvbound-engine"):
+    def __init__(self, max_active: int = 8, max_queued: int = 64, name: str = "kvbound-engine",
+                 queue_timeout_s: float = 60.0):
         self.max_active, self.max_queued, self.name = max_active, max_queued, name
+        self.queue_timeout_s = queue_timeout_s
+        self._waiting: deque[Stream] = deque()  # admitted to the queue, waiting for room in the KV pool
+        self._room_changed = True  # a turn ended since the waiting ones were last tried
+        self.mean_turn_s = 1.0  # running mean of how long a turn holds its room (Retry-After)
         self._cond = threading.Condition()
         self._calls: deque[tuple[Callable[[], Any], asyncio.Future, asyncio.AbstractEventLoop]] = deque()
         self._pending: deque[Stream] = deque()
@@ -105,7 +117,11 @@ class Worker:
 
     @property
     def queued(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._waiting)
+
+    def retry_after_s(self) -> float:
+        """When a refused client should try again: the turns ahead of it, over the slots, at the measured length."""
+        return self.mean_turn_s * (1 + self.queued / max(1, self.max_active))
 
     # -- the async side -----------------------------------------------------------------------------------------
     async def call(self, fn: Callable[[], Any]) -> Any:
@@ -125,9 +141,10 @@ class Worker:
         with self._cond:
             if self._stopping:
                 raise ServerBusy("the engine is shutting down; retry on the restarted server")
-            if len(self._pending) >= self.max_queued:
-                raise ServerBusy(f"{len(self._pending)} requests are already waiting for the engine (the queue "
-                                 f"holds {self.max_queued}); retry shortly", needed=1, available=0)
+            if self.queued >= self.max_queued:
+                raise ServerBusy(f"{self.queued} requests are already waiting for the engine (the queue holds "
+                                 f"{self.max_queued}); retry shortly", needed=1, available=0,
+                                 retry_after_s=self.retry_after_s())
             self._pending.append(stream)
             self._cond.notify()
         return stream
@@ -136,12 +153,21 @@ class Worker:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._stopping or self._calls or self._pending or self._active):
-                    self._cond.wait()
+                while not (self._stopping or self._calls or self._pending or self._active
+                           or (self._waiting and self._room_changed)):
+                    if not self._waiting:
+                        self._cond.wait()
+                    elif not self._cond.wait(RETRY_S):  # nothing runs: try the waiting again now and then
+                        self._room_changed = True
                 if self._stopping:
                     break
+                self._expire_waiting()
                 calls, self._calls = self._calls, deque()
                 starting = []
+                if self._room_changed or not self._active:  # the waiting go first, in order
+                    while self._waiting and len(self._active) + len(starting) < self.max_active:
+                        starting.append(self._waiting.popleft())
+                    self._room_changed = False
                 while self._pending and len(self._active) + len(starting) < self.max_active:
                     starting.append(self._pending.popleft())
             for fn, future, loop in calls:
@@ -172,14 +198,42 @@ class Worker:
 
     def _start(self, stream: Stream) -> None:
         if stream.cancelled:
+            self._end(stream, "error", ServerBusy("the request was cancelled"))
             return
         try:
             stream.turn = stream.task.start()
+        except PoolBusy as e:
+            self._wait_for_room(stream, e)
+            return
         except BaseException as e:  # noqa: BLE001
             self._end(stream, "error", e)
             return
         self._active.append(stream)
         self.peak_active = max(self.peak_active, len(self._active))
+
+    def _wait_for_room(self, stream: Stream, busy: PoolBusy) -> None:
+        """Back into the queue (its place kept) until a turn ends, or a 429 once it waited queue_timeout_s."""
+        try:
+            stream.task.release()
+        except BaseException:  # noqa: BLE001
+            logger.exception("releasing a waiting generation failed")
+        stream.waits += 1
+        stream.busy = busy
+        self._waiting.append(stream)
+
+    def _expire_waiting(self) -> None:
+        """A waiting request past queue_timeout_s (or cancelled) leaves the queue now, not when room frees."""
+        now = time.monotonic()
+        for stream in [s for s in self._waiting if s.cancelled or now - s.submitted >= self.queue_timeout_s]:
+            self._waiting.remove(stream)
+            if stream.cancelled:
+                stream.post("error", ServerBusy("the request was cancelled"))
+                continue
+            busy = stream.busy
+            stream.post("error", ServerBusy(
+                f"{busy} (waited {now - stream.submitted:.1f} s in the queue, the most a request waits: "
+                f"{self.queue_timeout_s:g} s)", needed=busy.needed, available=busy.available,
+                retry_after_s=self.retry_after_s()))
 
     def step(self) -> None:
         """One round: the waiting token of every active turn, fed in one batched forward; each stream gets its
@@ -200,6 +254,9 @@ class Worker:
                 stream.post("piece", outcome.piece)
             if stream.turn.decoder.done:
                 self._active.remove(stream)
+                self._room_changed = True
+                held = time.monotonic() - stream.submitted
+                self.mean_turn_s += 0.2 * (held - self.mean_turn_s)
                 try:
                     result = stream.task.finish(stream.turn.commit())
                 except BaseException as e:  # noqa: BLE001
@@ -210,6 +267,7 @@ class Worker:
     def _abort(self, stream: Stream, error: BaseException) -> None:
         """Undo the turn (a Chat rolls it back) and end the stream with `error`."""
         self._active.remove(stream)
+        self._room_changed = True
         try:
             stream.turn.abort()
         except BaseException:  # noqa: BLE001
@@ -226,11 +284,11 @@ class Worker:
     def _shutdown(self) -> None:
         for stream in list(self._active):
             self._abort(stream, ServerBusy("the server is shutting down"))
-        for stream in self._pending:
+        for stream in [*self._pending, *self._waiting]:
             stream.post("error", ServerBusy("the server is shutting down"))
         for _, future, loop in self._calls:
             self._settle(_shutting_down, future, loop)
-        self._active, self._pending, self._calls = [], deque(), deque()
+        self._active, self._pending, self._waiting, self._calls = [], deque(), deque(), deque()
 
 
 def _shutting_down() -> Any:

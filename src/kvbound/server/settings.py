@@ -32,7 +32,8 @@ class ServerSettings:
     body_timeout_s: float = 30.0  # a request body not whole by then is refused (408): a trickled body holds nothing
     max_sessions: int = 256  # past this, the least recently used idle implicit session is dropped
     max_active: int = 8  # generations interleaved at once; later ones wait in the queue
-    max_queued: int = 64  # requests waiting for a generation slot; past this → 429
+    max_queued: int = 64  # requests waiting for a generation slot or for room in the pool; past this → 429
+    queue_timeout_s: float = 60.0  # the longest a request waits for room in the KV pool before its 429
     default_max_tokens: int = 256  # reply length when a chat request gives none
     model_id: str | None = None  # the id /v1/models lists (default: the model file's name)
     data_dir: Path | None = None  # where a SessionStore keeps sessions (persistence)
@@ -53,6 +54,8 @@ class ServerSettings:
             raise ValueError(f"--recall must be auto, on or off, got {self.recall!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key is empty; give a non-empty --api-key (or unset KVBOUND_API_KEY)")
+        if not isinstance(self.queue_timeout_s, (int, float)) or self.queue_timeout_s < 0:
+            raise ValueError(f"queue_timeout_s must be >= 0 seconds, got {self.queue_timeout_s!r}")
         if not isinstance(self.body_timeout_s, (int, float)) or self.body_timeout_s <= 0:
             raise ValueError(f"body_timeout_s must be a positive number of seconds, got {self.body_timeout_s!r}")
         for name in ("max_body_bytes", "max_messages", "max_sessions", "max_active", "max_queued",

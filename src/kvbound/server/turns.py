@@ -91,9 +91,11 @@ class ChatTurn:
                            "memory_events": reply.mem_events})
 
     def release(self) -> None:
+        """Give back what `start` took (once: a turn sent back to the queue is released before it retries)."""
         if self.plan is not None:
-            self.admission.release(self.plan.session)
-            self.registry.end(self.plan, self._answered)
+            plan, self.plan = self.plan, None
+            self.admission.release(plan.session)
+            self.registry.end(plan, self._answered)
 
 
 class RawCompletion:
