@@ -42,3 +42,15 @@ def test_sessions_survive_a_restart(serve, tmp_path: Path) -> None:
     third = serve(store=open_store(tmp_path), kv_budget="256KiB")
     assert httpx.get(third.url + "/v1/sessions").json()["data"] == []
     assert httpx.get(third.url + "/v1/sessions/kept").status_code == 404
+
+
+def test_with_a_store_named_sessions_past_the_limit_move_to_disk(serve, tmp_path: Path) -> None:
+    """With --data-dir, the least recently used idle named session leaves memory (not the store) to make room:
+    more named sessions than --max-sessions all live, and the oldest continues where it was."""
+    server = serve(store=open_store(tmp_path), kv_budget="256KiB", max_sessions=3)
+    for i in range(6):
+        assert httpx.post(server.url + "/v1/sessions", json={"session_id": f"s{i}"}).status_code == 201
+        assert turn(server, f"hello {i}", f"s{i}").status_code == 200
+    assert len(httpx.get(server.url + "/v1/sessions").json()["data"]) >= 6
+    assert turn(server, "and again", "s0").status_code == 200
+    assert httpx.get(server.url + "/v1/sessions/s0").json()["turns"] == 2

@@ -139,3 +139,16 @@ def test_client_leaving_mid_stream_rolls_the_turn_back(server) -> None:
     assert headers["x-kvbound-session-state"] == "reused"
     assert int(headers["x-kvbound-reused-tokens"]) == before["kv_tokens"] == first.usage.total_tokens
     assert reply.usage.completion_tokens == 6
+
+
+def test_named_sessions_cannot_lock_out_chats_without_a_session_id(serve) -> None:
+    """Without a store, named sessions may take 7/8 of --max-sessions: past that, creating one is a 429 with the
+    numbers, and a chat without a session_id is still answered."""
+    server = serve(max_sessions=8)
+    codes = [httpx.post(server.url + "/v1/sessions", json={"session_id": f"n{i}"}).status_code for i in range(8)]
+    assert codes == [201] * 7 + [429]
+    refused = httpx.post(server.url + "/v1/sessions", json={"session_id": "n9"}).json()["error"]["message"]
+    assert "7 named sessions" in refused and "--data-dir" in refused
+    for text in ("anyone there?", "still there?"):
+        completion, _ = chat(server, [{"role": "user", "content": text}])
+        assert completion.choices[0].message.content

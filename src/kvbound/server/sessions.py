@@ -195,7 +195,17 @@ class SessionRegistry:
         self._forget(session or Session(session_id, None, [], None, True))
 
     def _add(self, session: Session) -> Session:
-        if len(self._sessions) >= self.settings.max_sessions:
+        limit = self.settings.max_sessions
+        if session.explicit and self.store is None:
+            # Named sessions cannot fill the server: an eighth of the slots stay for chats without a session id.
+            cap = limit - max(1, limit // 8)
+            named = sum(1 for s in self._sessions.values() if s.explicit)
+            if named >= cap:
+                raise ServerBusy(f"the server holds {named} named sessions, the most it keeps in memory ({cap} of "
+                                 f"--max-sessions {limit}; the rest stay for chats without a session_id); delete "
+                                 "some with DELETE /v1/sessions/{id}, or serve with --data-dir to keep idle ones on "
+                                 "disk", needed=1, available=0)
+        if len(self._sessions) >= limit:
             self._drop_one()
         self._sessions[session.id] = session
         return session
@@ -213,8 +223,17 @@ class SessionRegistry:
             session.chat = None
 
     def _drop_one(self) -> None:
-        """Make room for one more session: forget the least recently used idle session found by history."""
+        """Make room for one more session: forget the least recently used idle session found by history, else
+        (with a store) unload the least recently used idle named session from memory: the store keeps it, and its
+        next request loads it again."""
         idle = [s for s in self._sessions.values() if not s.explicit and not s.busy]
+        if not idle and self.store is not None:
+            named = [s for s in self._sessions.values() if s.explicit and not s.busy]
+            if named:
+                unloaded = min(named, key=lambda s: s.last_used)
+                self._release_kv(unloaded)
+                self._sessions.pop(unloaded.id, None)
+                return
         if not idle:
             raise ServerBusy(f"the server holds {len(self._sessions)} sessions, its limit; delete some with "
                              "DELETE /v1/sessions/{id}", needed=1, available=0)
