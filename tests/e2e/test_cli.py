@@ -206,9 +206,10 @@ def test_no_arguments_prints_help() -> None:
 
 @pytest.mark.model
 def test_a_memory_warning_is_printed_once_and_not_inside_the_reply() -> None:
-    result = kvbound("generate", "--prompt", "Write a long poem about the sea.", "--kv-tokens", "64", "--policy",
-                     "window", "--greedy", "--max-new-tokens", "40")
+    result = kvbound("generate", "--prompt", "Write a long poem about the sea.", "--kv-tokens", "64", "--greedy",
+                     "--max-new-tokens", "40")
     assert result.returncode == 0, result.stderr
     assert "KV use" not in result.stdout, result.stdout  # the reply holds only the reply
     lines = [line for line in result.stderr.splitlines() if "crossed 80%" in line]
     assert len(lines) == 1 and lines[0].startswith("warning:"), result.stderr
+    assert "the reply was cut: the KV cache is full" in result.stderr  # context_full says why

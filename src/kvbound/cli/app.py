@@ -50,8 +50,19 @@ def write(text: str) -> None:
 
 def reply_status(reply: Reply, capacity: int | None = None) -> str:
     held = f"{reply.context_tokens:,}" + (f" / {capacity:,}" if capacity else "")
+    recalled = (f" · recalled {reply.recall['passages']} earlier turn(s), {reply.recall['tokens']:,} tokens"
+                if reply.recall.get("passages") else "")
     return (f"{held} tokens in context · KV {format_bytes(reply.kv_bytes)} · {reply.prompt_tokens:,} prompt + "
-            f"{len(reply.token_ids):,} reply tokens · {reply.decode_tokens_per_s:.1f} tok/s")
+            f"{len(reply.token_ids):,} reply tokens · {reply.decode_tokens_per_s:.1f} tok/s{recalled}")
+
+
+def cut_reason(reply: Reply, in_chat: bool = False) -> str | None:
+    """Why a reply stopped early, for a person: only a full KV cache needs saying."""
+    if reply.finish_reason != "context_full":
+        return None
+    return (f"the reply was cut: the KV cache is full ({reply.context_tokens:,} tokens) and policy "
+            f"'{reply.receipt.get('policy', 'none')}' cannot free room; raise --kv-budget, choose an evicting "
+            "--policy (turns+h2o, window, ...)" + (" or /reset" if in_chat else ""))
 
 
 @app.callback(invoke_without_command=True)
@@ -141,6 +152,8 @@ def _chat_turn(session: Chat, text: str, params: dict[str, Any], capacity: int |
     out.print("" if started else "[bold magenta]bot ›[/] [dim](empty reply)[/]")
     reply = session.last_reply
     out.print(f"[dim]{reply_status(reply, capacity)}[/]")
+    if (reason := cut_reason(reply, in_chat=True)) is not None:
+        out.print(f"[yellow]{escape(reason)}[/]")
     out.print(memory_bar(session))
     for event in reply.mem_events:
         colour = "red" if event["kind"] == "critical" else "yellow"
@@ -202,6 +215,8 @@ def generate(
     if not reply.text.endswith("\n"):
         write("\n")
     err.print(f"[dim]{reply_status(reply)} · {reply.finish_reason}[/]")
+    if (reason := cut_reason(reply)) is not None:
+        err.print(f"[yellow]{escape(reason)}[/]")
     for event in reply.mem_events:  # after the reply, never inside it
         err.print(f"[{'red' if event['kind'] == 'critical' else 'yellow'}]{event['kind']}:[/] {escape(event['message'])}")
 
