@@ -21,7 +21,8 @@ from benchmarks import common, report
 SUITES = {"decode": "benchmarks.decode", "kv_kernel": "benchmarks.kv_kernel", "weights": "benchmarks.weights", "long_chat": "benchmarks.long_chat",
           "quality": "benchmarks.quality", "kvpress": "benchmarks.compression", "load": "benchmarks.load",
           "prefill_memory": "benchmarks.prefill_memory", "estimate_accuracy": "benchmarks.estimate_accuracy",
-          "batch_decode": "benchmarks.batch_decode", "cluster": "benchmarks.cluster", "recall": "benchmarks.recall"}
+          "batch_decode": "benchmarks.batch_decode", "cluster": "benchmarks.cluster", "recall": "benchmarks.recall",
+          "passkey_after": "benchmarks.passkey_after"}
 PEERS = {"decode": ("llamacpp",), "weights": ("llamacpp",), "long_chat": ("llamacpp",), "quality": ("llamacpp",),
          "load": ("llamacpp",), "kvpress": ("kvpress",)}  # the peer venvs each suite runs
 BENCH_MODULES = ("matplotlib", "transformers", "accelerate", "optimum")  # the `bench` extra (optimum-quanto)

@@ -33,6 +33,20 @@ STEPS = [(16, [attention([10, 11, 12, 13, 30], 1), attention([10, 11, 12, 13, 30
          (1, [attention([20, 21, 22, 23], 5), attention([20, 21, 22, 23], 6)])]
 
 
+def make_keys() -> list[torch.Tensor]:
+    """Two layers of keys (n_kv=2, S, D=8): most tokens near one direction, a few (different per layer) elsewhere."""
+    gen = torch.Generator().manual_seed(7)
+    layers = []
+    for distinct in ([11, 19, 27, 35], [14, 22, 30, 38]):
+        keys = torch.tensor([1.0, 0.5, 0, 0, 0, 0, 0, 0]).repeat(2, S, 1) + 0.3 * torch.randn(2, S, 8, generator=gen)
+        keys[:, distinct] = torch.randn(2, len(distinct), 8, generator=gen) * 2
+        layers.append(keys)
+    return layers
+
+
+KEYS = make_keys()
+
+
 def pinned() -> torch.Tensor:
     mask = torch.zeros(S, dtype=torch.bool)
     mask[:8] = True  # the system prompt
@@ -80,6 +94,18 @@ def ref_tova(count: int) -> set[int]:
     return lowest(scores, count)
 
 
+def ref_keydiff(count: int) -> set[int]:
+    """KeyDiff: per layer and head, the cosine of each normalized key to the normalized mean key; the most
+    typical (highest cosine, averaged) go first."""
+    typical = torch.zeros(S)
+    for layer in KEYS:
+        for head in layer:
+            unit = head / head.norm(dim=-1, keepdim=True)
+            anchor = unit.mean(0) / unit.mean(0).norm()
+            typical += unit @ anchor / (len(layer) * len(KEYS))
+    return lowest(keep_window(-typical, RECENT), count)
+
+
 def ref_turns(inner):
     """Whole oldest turns first; inside a turn, the inner rule's order."""
     def pick(count: int) -> set[int]:
@@ -104,11 +130,13 @@ REFERENCES = {
     "h2o": ref_h2o,
     "snapkv": ref_snapkv,
     "tova": ref_tova,
+    "keydiff": ref_keydiff,
     "turns": ref_turns(ref_window),
     "summarize": ref_turns(ref_window),
     "turns+h2o": ref_turns(ref_h2o),
     "turns+snapkv": ref_turns(ref_snapkv),
     "turns+tova": ref_turns(ref_tova),
+    "turns+keydiff": ref_turns(ref_keydiff),
 }
 
 
@@ -119,7 +147,7 @@ def observed(policy) -> SequenceView:
             before, attn = scores.clone(), row.clone()
             scores = policy.observe(scores, row, layer, step_tokens)
             assert torch.equal(attn, row) and (scores is not before), "observe must not write its inputs"
-    return SequenceView(torch.arange(S), SEGMENTS.clone(), scores, pinned())
+    return SequenceView(torch.arange(S), SEGMENTS.clone(), scores, pinned(), lambda: iter(KEYS))
 
 
 def test_every_policy_has_a_reference():
@@ -144,5 +172,5 @@ def test_policy_evicts_what_its_rule_says(name, count):
 
 def test_the_rules_disagree_on_this_pattern():
     """The matrix separates the policies: on this pattern each attention rule keeps a different set."""
-    picks = {name: frozenset(REFERENCES[name](9)) for name in ("window", "h2o", "snapkv", "tova")}
-    assert len(set(picks.values())) == 4, picks
+    picks = {name: frozenset(REFERENCES[name](9)) for name in ("window", "h2o", "snapkv", "tova", "keydiff")}
+    assert len(set(picks.values())) == 5, picks

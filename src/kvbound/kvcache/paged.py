@@ -11,6 +11,7 @@ long the conversation runs (StreamingLLM assigns positions within the cache the 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,7 +260,14 @@ class PagedCache(KVCache):
         return dropped
 
     def _evict(self, needed: int) -> None:
-        self._apply(self.seq.choose_eviction(needed))
+        keys = self._key_layers if self.policy.needs_keys else None
+        self._apply(self.seq.choose_eviction(needed, keys))
+
+    def _key_layers(self) -> Iterator[torch.Tensor]:
+        """Each layer's held keys, (n_kv, n, D) float (dequantized for int8/int4), one layer at a time."""
+        n, run = self.seq.n, storage.consecutive(self.seq.block_table)
+        for layer in range(self.spec.num_layers):
+            yield self._read(layer, n, run)[0][:, :n].float()
 
     def _apply(self, plan) -> None:
         """Move the K/V of the tokens the sequence kept to the front of its blocks, re-rotating moved keys."""

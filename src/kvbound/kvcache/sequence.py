@@ -5,6 +5,7 @@ choice. No KV tensors live here: the paged store (paged.py) holds them and appli
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,8 @@ class SequenceView:
     segments: torch.Tensor  # (n,) 0 system prompt, k turn k, negative: notes and scratch, -1 unlabeled
     scores: torch.Tensor  # (n,) what the policy's `observe` rule accumulated from attention
     pinned: torch.Tensor  # (n,) bool: never evicted
+    # For policies that score keys (needs_keys): each layer's held keys in turn, (n_kv, n, D) float, post-RoPE.
+    key_layers: Callable[[], Iterator[torch.Tensor]] | None = None
 
     @property
     def n(self) -> int:
@@ -109,9 +112,9 @@ class Sequence:
         seg = self.segments[: self.n]
         return torch.isin(seg, torch.tensor(sorted(self.pinned_segments), dtype=seg.dtype, device=seg.device))
 
-    def view(self) -> SequenceView:
+    def view(self, key_layers: Callable[[], Iterator[torch.Tensor]] | None = None) -> SequenceView:
         n = self.n
-        return SequenceView(self.positions[:n], self.segments[:n], self.scores[:n], self.pinned_mask())
+        return SequenceView(self.positions[:n], self.segments[:n], self.scores[:n], self.pinned_mask(), key_layers)
 
     # -- steps ----------------------------------------------------------------------------------------------------
     def append(self, num_tokens: int) -> torch.Tensor:
@@ -139,11 +142,13 @@ class Sequence:
         self.scores[:S] = self.policy.observe(self.scores[:S], attn, layer, step_tokens)
 
     # -- eviction ----------------------------------------------------------------------------------------------------
-    def choose_eviction(self, needed: int) -> Compaction:
+    def choose_eviction(self, needed: int, key_layers: Callable[[], Iterator[torch.Tensor]] | None = None
+                        ) -> Compaction:
         """Pick at least `needed` unpinned tokens to evict (more, up to evict_fraction of the capacity, so a
         compaction is not paid every step), record them, and relabel what stays: kept tokens move to the front
-        with positions 0..K-1. Raises KVBudgetExceeded, changing nothing, when the policy cannot free enough."""
-        view, policy = self.view(), self.policy
+        with positions 0..K-1. Raises KVBudgetExceeded, changing nothing, when the policy cannot free enough.
+        `key_layers` reads the held keys, for a policy that scores them."""
+        view, policy = self.view(key_layers), self.policy
         evictable = int((~view.pinned).sum())
         if not policy.evicts or evictable < needed:
             why = (f"policy '{policy.name}' does not evict" if not policy.evicts else

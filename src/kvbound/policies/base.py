@@ -33,6 +33,7 @@ class Policy:
     name = "none"
     evicts = False
     needs_attention = False  # whether `observe` wants each layer's attention (it costs a softmax per layer)
+    needs_keys = False  # whether `score` reads the held keys (view.key_layers; read only when evicting)
     recent_turns = 0  # newest whole turns a chat pins besides the current one (while they leave room)
     summarizes = False  # whether a chat writes a pinned note about the turns this policy evicts
 

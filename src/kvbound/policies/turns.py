@@ -23,6 +23,7 @@ class TurnsPolicy(Policy):
     def __post_init__(self) -> None:
         self.name = f"{type(self).name}+{self.inner.name}" if self.inner.name != "window" else type(self).name
         self.needs_attention = self.inner.needs_attention
+        self.needs_keys = self.inner.needs_keys
 
     def observe(self, scores, attn, layer, step_tokens):
         return self.inner.observe(scores, attn, layer, step_tokens)
