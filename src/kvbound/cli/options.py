@@ -168,8 +168,9 @@ class CacheOptions:
                            "both decode about as fast as bf16 from 2k tokens of context on.",
         rich_help_panel="KV cache")] = KVDtype.auto
     policy: Annotated[str, typer.Option(
-        "--policy", help="What happens when the budget is full: none (refuse), window, h2o, snapkv, tova, turns, "
-                         "turns+h2o, turns+snapkv, turns+tova, summarize.", rich_help_panel="KV cache")] = "none"
+        "--policy", help="What happens when the budget is full: none (refuse), window, h2o, snapkv, tova, keydiff, "
+                         "turns, turns+h2o, turns+snapkv, turns+tova, turns+keydiff, summarize.",
+        rich_help_panel="KV cache")] = "none"
 
     def cache_config(self) -> CacheConfig:
         """The `cache=` argument of `LLM.chat`/`LLM.stream_raw`: the only place the cache flags become API
