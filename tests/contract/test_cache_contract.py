@@ -222,11 +222,11 @@ CHAT_WORDS = ["code", "is", "2128", "my", "name", "Anne", "tea", "rain", "hills"
 
 
 def chat_script(turns: int, seed: int) -> list[str]:
-    """Random messages, each with a word of its own (`ref7`); every fifth one also names an earlier turn's word,
+    """Random messages, each with a word of its own (`ref7`); every fifth one also names the word of the turn 15 back,
     which recall can find in the archive once that turn is evicted."""
     rng = random.Random(seed)
     texts = [" ".join(rng.choice(CHAT_WORDS) for _ in range(rng.randint(3, 10))) + f" ref{i}" for i in range(turns)]
-    return [t + (f" ref{i - 8}" if i % 5 == 4 and i >= 8 else "") for i, t in enumerate(texts)]
+    return [t + (f" ref{i - 15}" if i % 5 == 4 and i >= 15 else "") for i, t in enumerate(texts)]
 
 
 def room_for(policy: str) -> tuple[int, int]:

@@ -24,6 +24,8 @@ def test_archive_ranks_the_turn_that_holds_the_fact_first():
     hits = archive.search("What is my locker code?")
     assert hits and hits[0].key == 1
     assert archive.search("what is my") == []  # only stopwords: nothing to look for
+    # a long message that shares one word with a turn by chance recalls nothing
+    assert archive.search("Tell me about the locker room by the river, the gym and the stadium") == []
     assert archive.search('"NEAR( locker* OR -code') and archive.search("") == []  # FTS syntax is quoted away
 
 

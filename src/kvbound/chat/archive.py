@@ -15,6 +15,11 @@ if in is it its me my of on or our please she so that the their them then there 
 what when where which who why will with would you your""".split())
 
 
+def _stem(word: str) -> str:
+    """A crude stem for counting which query words a passage holds (FTS5's Porter stemmer ranks; this only counts)."""
+    return word[:5]
+
+
 @dataclass(frozen=True)
 class Passage:
     key: int  # the turn (chat) or passage number (raw prompt) it came from
@@ -61,10 +66,12 @@ class Archive:
             self._db.execute("DELETE FROM passages WHERE rowid = ?", (rowid,))
             self._bytes -= len(old.encode("utf-8"))
 
-    def search(self, query: str, limit: int = 3) -> list[Passage]:
+    def search(self, query: str, limit: int = 3, coverage: float = 0.5) -> list[Passage]:
         """The best `limit` passages for `query` by BM25 over its distinctive words: not stopwords, and found in at
         most a quarter of the archive (words every turn shares, like "passage" in a chat about passages, would
-        recall arbitrary turns). No such word: no passage."""
+        recall arbitrary turns). A passage must contain at least `coverage` of those words: a question about a
+        fact ("my locker code") matches the turn that stated it on every word, while a long message shares a few
+        words with many turns by chance. No such word or passage: nothing."""
         words = sorted({w for w in re.findall(r"\w+", query.lower()) if w not in STOPWORDS and len(w) > 1})
         if not words or limit < 1:
             return []
@@ -74,8 +81,11 @@ class Archive:
             return []
         match = " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
         rows = self._db.execute("SELECT key, text, bm25(passages) FROM passages WHERE passages MATCH ? "
-                                "ORDER BY bm25(passages) LIMIT ?", (match, limit)).fetchall()
-        return [Passage(int(key), text, -score) for key, text, score in rows]
+                                "ORDER BY bm25(passages) LIMIT ?", (match, limit * 4)).fetchall()
+        stems = {_stem(w) for w in words}
+        found = [Passage(int(key), text, -score) for key, text, score in rows
+                 if len(stems & {_stem(w) for w in re.findall(r"\w+", text.lower())}) >= coverage * len(stems)]
+        return found[:limit]
 
     def _frequency(self, word: str) -> int:
         """Entries that contain `word` (after stemming)."""
