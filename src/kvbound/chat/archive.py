@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import sqlite3
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_CAP_BYTES = 4 << 20  # 4 MiB of text: ~40,000 short turns
 # Words that carry no fact: a question's "what is my" must not pull in every turn that says "my".
@@ -86,6 +87,16 @@ class Archive:
         found = [Passage(int(key), text, -score) for key, text, score in rows
                  if len(stems & {_stem(w) for w in re.findall(r"\w+", text.lower())}) >= coverage * len(stems)]
         return found[:limit]
+
+    def recall(self, query: str, tokenizer: Any, room: int, limit: int = 3) -> list[Passage]:
+        """The best passages for `query` that fit `room` tokens together (a blank line between them)."""
+        chosen = []
+        for passage in self.search(query, limit) if len(self) else []:
+            size = len(tokenizer.encode(passage.text)) + 2
+            if size <= room:
+                chosen.append(passage)
+                room -= size
+        return chosen
 
     def _frequency(self, word: str) -> int:
         """Entries that contain `word` (after stemming)."""

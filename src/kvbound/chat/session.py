@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 from kvbound.chat import restore
-from kvbound.chat.archive import Archive, Passage
+from kvbound.chat.archive import Archive
 from kvbound.chat.memory import NOTE_PREFIX, summarize_evicted
-from kvbound.chat.transcript import Transcript, delta, system_ids
+from kvbound.chat.transcript import Transcript, blocks, delta, system_ids
 from kvbound.engine.generate import Decoder, Generation, Turn
 from kvbound.chat.reply import Reply
 from kvbound.engine.sampler import sampling_params
@@ -110,7 +110,8 @@ class Chat:
         started = time.perf_counter()
         user, turn = {"role": "user", "content": text}, log.turn + 1
         note = [{"role": "system", "content": NOTE_PREFIX + log.pending_note}] if log.pending_note else []
-        recalled = self._recall(text)
+        recalled = [] if self.archive is None else self.archive.recall(
+            text, tokenizer, self.cache.capacity // RECALL_SHARE - len(tokenizer.encode(RECALL_PREFIX)) - 8)
         recall = [{"role": "system", "content": RECALL_PREFIX + "\n\n".join(p.text for p in recalled)}] \
             if recalled else []
         unrecalled = tokenizer.apply_chat_template(log.history + note + [user], add_generation_prompt=True)
@@ -119,10 +120,10 @@ class Chat:
         system = system_ids(tokenizer, log.messages, rendered) if not log.fed_ids else []
         # The note and the recalled text are their own segments (pinned; the note stays, the recall leaves after
         # the turn), when the template renders each as a block appended after the history.
-        split = self._blocks([e for e in (note, recall) if e], rendered) if note or recall else None
+        split = blocks(tokenizer, log, [e for e in (note, recall) if e], rendered) if note or recall else None
         if recall and split is None:  # the template does not take it as a block: no recall this turn
             recalled, recall, rendered = [], [], unrecalled
-            split = self._blocks([note], rendered) if note else None
+            split = blocks(tokenizer, log, [note], rendered) if note else None
         note_ids = split[0][0] if split is not None and note else []
         recall_ids = split[0][-1] if split is not None and recall else []
         if split is not None:
@@ -171,36 +172,6 @@ class Chat:
                      receipt, unrecalled)
         decoder = Decoder(llm.runner, tokenizer, cache, logits, params, log.fed_ids + system + new_ids, plan.result)
         return Turn(decoder, lambda: self._commit(plan), abort)
-
-    def _blocks(self, extras: list[list[dict[str, str]]], rendered: str) -> tuple[list[list[int]], str] | None:
-        """Token ids of each extra message list rendered after the history, and the text up to the last; None
-        unless each is a clean append that the full rendering `rendered` starts with."""
-        tokenizer, log = self.llm.tokenizer, self.transcript
-        done, messages, out = log.fed_text, list(log.history), []
-        for extra in extras:
-            messages = messages + extra
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
-            if not text.startswith(done) or not rendered.startswith(text):
-                return None
-            out.append(tokenizer.encode(text[len(done):]))
-            done = text
-        return out, done
-
-    def _recall(self, text: str) -> list[Passage]:
-        """The archive's best passages for `text` that fit the recall share of the capacity (none without an
-        archive, or when nothing matches)."""
-        if self.archive is None or not len(self.archive):
-            return []
-        tokenizer = self.llm.tokenizer
-        room = self.cache.capacity // RECALL_SHARE - len(tokenizer.encode(RECALL_PREFIX)) - 8  # 8: the role markup
-        chosen = []
-        for passage in self.archive.search(text, limit=3):
-            size = len(tokenizer.encode(passage.text)) + 2  # the blank line between passages
-            if size > room:
-                continue
-            chosen.append(passage)
-            room -= size
-        return chosen
 
     def archive_turns(self, turns: list[int]) -> None:
         """Keep the exact text of `turns` (evicted, or left out of a rebuilt cache) for recall."""

@@ -60,6 +60,21 @@ def delta(tokenizer: Tokenizer, log: Transcript, rendered: str, evicted: bool) -
     return full[_common(full, log.fed_ids):], _common(full, log.fed_ids)
 
 
+def blocks(tokenizer: Tokenizer, log: Transcript, extras: list[list[dict[str, str]]], rendered: str
+           ) -> tuple[list[list[int]], str] | None:
+    """Token ids of each extra message list (a note, recalled text) rendered after the history, and the text up to
+    the last; None unless each is a clean append that the full rendering `rendered` starts with."""
+    done, messages, out = log.fed_text, list(log.history), []
+    for extra in extras:
+        messages = messages + extra
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+        if not text.startswith(done) or not rendered.startswith(text):
+            return None
+        out.append(tokenizer.encode(text[len(done):]))
+        done = text
+    return out, done
+
+
 def _common(a, b) -> int:
     n = 0
     for x, y in zip(a, b):
