@@ -7,6 +7,7 @@ interpreter + torch start-up, and are then checked one test each.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -92,7 +93,9 @@ def test_converse_ends_cleanly_when_the_context_is_full(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert "context full at turn 3" in result.stderr and "bounded-cache flags" in result.stderr
-    assert "summary: 2 turns · recalled 0/1" in result.stdout or "summary: 2 turns · recalled 1/1" in result.stdout
+    # what this checks: the run stops cleanly after 2 turns and counts the one question asked (whether the model
+    # answered it is the recall suite's business, not this test's)
+    assert re.search(r"summary: 2 turns · recalled [01]/1", result.stdout), result.stdout
 
 
 @pytest.mark.model

@@ -213,7 +213,8 @@ def test_rebuild_from_messages(llm):
     small = Chat.from_messages(llm, original.messages, llm.new_cache(CacheConfig(tokens=128)))
     assert small.messages == original.messages and 0 < small.cache.num_tokens <= 96
     assert small.cache.segment_tokens(0) > 0 and small.cache.segment_tokens(4) > 0  # system + newest turn
-    assert small.send("tea", **GREEDY).text is not None
+    after = small.send("tea", **GREEDY)  # the next turn continues the cut conversation without re-feeding it
+    assert after.reprefilled_tokens == 0 and after.prompt_tokens < 20 and after.context_tokens <= 128
 
 
 @pytest.mark.cuda
