@@ -235,7 +235,7 @@ class Chat:
     # -- the session --------------------------------------------------------------------------------------------------
     def memory(self) -> MemoryReport:
         """This session's memory: KV reserved/used, tokens held/evicted/quantized/summarized, forecast, RSS."""
-        return self.ledger.report(self.llm, self.cache, self.archive.nbytes if self.archive is not None else 0)
+        return self.ledger.report(self.llm, self.cache, self.archive.memory_bytes if self.archive is not None else 0)
 
     def close(self) -> None:
         """Give the cache's blocks back to the pool."""

@@ -32,7 +32,7 @@ class MemoryReport:
     device_free_bytes: int  # CUDA: free on the device; 0 on CPU
     turns_left_forecast: int | None  # None: no turn yet, or an evicting cache that is full
     forecast: str
-    archive_bytes: int = 0  # text of evicted turns kept for recall (outside the KV)
+    archive_bytes: int = 0  # the archive of evicted turns kept for recall (outside the KV): its SQLite pages
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
