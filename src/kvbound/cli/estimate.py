@@ -79,6 +79,7 @@ def _table(result, turns: int | None) -> Table:
         ("KV cache", format_bytes(r.kv_bytes), f"{r.capacity_tokens:,} tokens{each}, when full"),
         ("cache metadata", format_bytes(r.cache_metadata_bytes), "positions, segments, scores"),
         ("workspace", format_bytes(r.workspace_bytes), "dequantize scratch"),
+        ("recall archive", format_bytes(r.archive_bytes), "evicted turns' text, full (recall on)"),
         ("activations", format_bytes(r.activation_peak_bytes), f"{r.chunk}-token prefill chunk"),
         ("baseline", format_bytes(r.baseline_bytes), "runtime + tokenizer"),
         ("loading", format_bytes(r.loader_bytes), "metadata + conversion, until loaded"),

@@ -52,6 +52,10 @@ HEAP_FRAGMENTATION_BYTES: dict[str, int] = {"cpu": 18 << 20, "cuda": 0}
 DEVICE_TYPES = ("cpu", "cuda")
 
 
+# A full recall archive (chat/archive.py) under its default 1 MiB cap of text: its SQLite pages (text, index,
+# reused free pages). benchmarks/archive.py measures 3.37 MiB after 100,000 archived turns.
+ARCHIVE_BYTES = 7 << 19  # 3.5 MiB
+
 @dataclass
 class Estimate:
     """Predicted bytes of one process that loads the model and runs `sessions` chats of `context` tokens."""
@@ -73,13 +77,14 @@ class Estimate:
     kv_bytes_per_session: int
     cache_metadata_bytes: int  # per-token positions, segments and scores of every session
     workspace_bytes: int  # each pool's gather/dequantize scratch (quantized KV)
+    archive_bytes: int  # the recall archives of evicted turns, full (recall is on with an evicting policy)
     activation_peak_bytes: int  # one prefill chunk at full context, allocator slack included
     runtime_bytes: int  # the runtime itself (see RUNTIME_BASELINE_BYTES)
     tokenizer_bytes: int  # what loading leaves besides the weights: the tokenizer
     baseline_bytes: int  # runtime_bytes + tokenizer_bytes: resident before any session
     loader_bytes: int  # held only while loading: parsed checkpoint metadata, the file's mapped pages
     load_peak_bytes: int  # baseline + loader + weights: the peak while loading
-    run_peak_bytes: int  # baseline + weights + KV + cache metadata + workspace + activations: the peak of a turn
+    run_peak_bytes: int  # baseline + weights + KV + cache metadata + workspace + archives + activations: a turn's peak
     total_peak_bytes: int  # the larger of the two
     max_context_tokens: int  # longest context the budget allows (KV budget, memory budget, or the model's limit)
     kv_budget_bytes: int | None = None
@@ -187,6 +192,7 @@ def _estimate(context: int | None, source: _Source, kv_dtype: str, kv_budget: in
     metadata = cache.metadata_bytes
     # Every read of a quantized cache dequantizes into the pool's scratch, allocated on first use and kept.
     workspace = scratch_bytes(spec, pool.num_blocks) if spec.quantized else 0
+    archive = ARCHIVE_BYTES if cache.policy.evicts else 0  # recall's default: on when the policy evicts
     held = min(context, cache.capacity)
     chunk = prefill_chunk(chunk, cache.capacity, cache.policy.evicts)  # the step the chat will use
     activation = activation_peak(config, spec, min(chunk, held), held, device, cache.policy.needs_attention)
@@ -202,13 +208,14 @@ def _estimate(context: int | None, source: _Source, kv_dtype: str, kv_budget: in
             loader += plan.load_transient_bytes(config)
     baseline = runtime + tokenizer
     load_peak = baseline + loader + weights
-    run_peak = baseline + weights + sessions * (kv_session + metadata + workspace) + activation
+    run_peak = baseline + weights + sessions * (kv_session + metadata + workspace + archive) + activation
     return Estimate(
         model=config.name, format=source.format, device=device, dtype=compute, weights=plan.mode,
         weights_storage=plan.counts(), kv_dtype=spec.dtype, context=context,
         capacity_tokens=cache.capacity, chunk=chunk, sessions=sessions, weights_bytes=weights,
         kv_bytes=sessions * kv_session, kv_bytes_per_token=spec.bytes_per_token, kv_bytes_per_session=kv_session,
         cache_metadata_bytes=sessions * metadata, workspace_bytes=sessions * workspace,
+        archive_bytes=sessions * archive,
         activation_peak_bytes=activation, runtime_bytes=runtime, tokenizer_bytes=tokenizer, baseline_bytes=baseline,
         loader_bytes=loader, load_peak_bytes=load_peak, run_peak_bytes=run_peak,
         total_peak_bytes=max(load_peak, run_peak), max_context_tokens=cache.capacity,
