@@ -10,8 +10,8 @@ import json
 import sys
 from typing import Any
 
-from benchmarks import (batch_decode, cluster, common, compression, decode, kv_kernel, load, long_chat, passkey_after,
-                        prefill_memory, quality, recall, revisions, weights)
+from benchmarks import (archive, batch_decode, cluster, common, compression, decode, kv_kernel, load, long_chat,
+                        passkey_after, prefill_memory, quality, recall, revisions, weights)
 
 OUT = common.ROOT / "BENCHMARKS.md"
 ESTIMATE_COMMAND = "python benchmarks/estimate_accuracy.py [--device cuda] [--model DIR]"
@@ -56,6 +56,7 @@ SECTIONS = [  # (result name, title, markdown(result))
     ("long_chat", "A long chat under a fixed KV budget", long_chat.markdown),
     ("recall", "Recall: facts told early, asked late, under a small KV budget", recall.markdown),
     ("passkey_after", "Passkey with the question after compression", passkey_after.markdown),
+    ("archive", "The recall archive at 100,000 evicted turns", archive.markdown),
     ("quality", "Quality under a KV budget (perplexity, passkey)", quality.markdown),
     ("kvpress", "Context compression against kvpress", compression.markdown),
     ("load", "Concurrent chat clients: kvbound serve against llama.cpp's server", load.markdown),
@@ -264,7 +265,8 @@ HEADLINES = {"decode": decode_headlines, "kv_kernel": kv_kernel_headlines, "long
              "kvpress": kvpress_headlines, "load": load.headlines, "weights": weights_headlines,
              "prefill_memory": prefill_memory_headlines, "batch_decode": batch_decode_headlines,
              "cluster": cluster_headlines, "estimate_accuracy": estimate_accuracy_headlines,
-             "recall": recall.headlines, "revisions": revisions.headlines, "passkey_after": passkey_after.headlines}
+             "recall": recall.headlines, "revisions": revisions.headlines, "passkey_after": passkey_after.headlines,
+             "archive": archive.headlines}
 
 
 SPEED_PEER_ROWS = {"decode": "rows", "weights": "rows", "load": "systems"}  # sections whose llama.cpp rows are speed figures
