@@ -22,7 +22,8 @@ SUITES = {"decode": "benchmarks.decode", "kv_kernel": "benchmarks.kv_kernel", "w
           "quality": "benchmarks.quality", "kvpress": "benchmarks.compression", "load": "benchmarks.load",
           "prefill_memory": "benchmarks.prefill_memory", "estimate_accuracy": "benchmarks.estimate_accuracy",
           "batch_decode": "benchmarks.batch_decode", "cluster": "benchmarks.cluster", "recall": "benchmarks.recall",
-          "passkey_after": "benchmarks.passkey_after", "archive": "benchmarks.archive"}
+          "passkey_after": "benchmarks.passkey_after", "archive": "benchmarks.archive",
+          "revisions": "benchmarks.revisions"}
 PEERS = {"decode": ("llamacpp",), "weights": ("llamacpp",), "long_chat": ("llamacpp",), "quality": ("llamacpp",),
          "load": ("llamacpp",), "kvpress": ("kvpress",)}  # the peer venvs each suite runs
 BENCH_MODULES = ("matplotlib", "transformers", "accelerate", "optimum")  # the `bench` extra (optimum-quanto)

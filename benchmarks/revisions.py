@@ -6,7 +6,7 @@ Two levels: the bare step (`runner.prefill` + `runner.decode` with argmax) and a
 greedy: sampler, detokenizer, receipts), each after N tokens of context. Reported: median tok/s and the ratio
 head / base.
 
-    python -m benchmarks.revisions --base REV [--head WORKTREE] [--contexts 512 2048 8000] [--repeats 3]
+    python -m benchmarks.revisions [--base REV] [--contexts 512 2048 8000] [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -97,11 +97,15 @@ def headlines(result: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", required=True, help="git revision to compare against (e.g. HEAD~5)")
+    parser.add_argument("--base", default="HEAD~1", help="git revision to compare against (default: the previous "
+                                                           "commit)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8000])  # 8000 + decode < 8192
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="512 and 2,048 tokens, one repeat")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.contexts, args.repeats = [512, 2048], 1
     common.pin_threads(args.threads)
     book = common.data_file("texts/prideprejudice.txt")
     base_sha = subprocess.check_output(["git", "rev-parse", args.base], cwd=ROOT, text=True).strip()
