@@ -33,11 +33,13 @@ def cases(llm, max_tokens: int) -> list[dict[str, Any]]:
 def answer(llm, case: dict[str, Any], tokens: int | None, policy: str) -> str:
     import torch
     from kvbound.config import CacheConfig
+    from kvbound.engine.runner import prefill_chunk
 
     cache = llm.new_cache(CacheConfig(tokens=tokens, policy=policy) if tokens else CacheConfig())
+    chunk = prefill_chunk(llm.runner.chunk, cache.capacity, cache.policy.evicts)  # what eviction can make room for
     try:
-        llm.runner.prefill(case["context"], cache)  # compressed before the question exists
-        logits = llm.runner.prefill(case["question"], cache)
+        llm.runner.prefill(case["context"], cache, chunk)  # compressed before the question exists
+        logits = llm.runner.prefill(case["question"], cache, chunk)
         out = []
         for _ in range(8):
             token = int(torch.argmax(logits))
