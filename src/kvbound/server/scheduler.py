@@ -81,7 +81,7 @@ class Worker:
         self.queue_timeout_s = queue_timeout_s
         self._waiting: deque[Stream] = deque()  # admitted to the queue, waiting for room in the KV pool
         self._room_changed = True  # a turn ended since the waiting ones were last tried
-        self.mean_turn_s = 1.0  # running mean of a request from submission to its end, queue wait included (Retry-After)
+        self.mean_turn_s = 1.0  # mean time from submission to end, queue wait included (Retry-After)
         self._cond = threading.Condition()
         self._calls: deque[tuple[Callable[[], Any], asyncio.Future, asyncio.AbstractEventLoop]] = deque()
         self._pending: deque[Stream] = deque()
