@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from kvbound.chat import passages
 from kvbound.chat.reply import Reply
 from kvbound.chat.session import Chat
 from kvbound.config import CacheConfig, ModelConfig
@@ -128,11 +129,9 @@ class LLM:
         and bring the best matches for each new message back into the cache for that turn (chat/archive.py)."""
         if system is not None and not isinstance(system, str):
             raise ValueError("system must be a string")
-        if recall not in RECALL_CHOICES:
-            raise ValueError(f"recall must be one of auto, on, off (or True/False), got {recall!r}")
+        recall_on = _recall_choice(recall)
         kv = self.new_cache(cache, pool=pool, **options)
-        on = kv.policy.evicts if recall == "auto" else RECALL_CHOICES[recall]
-        return Chat(self, kv, system=system or None, recall=on)
+        return Chat(self, kv, system=system or None, recall=kv.policy.evicts if recall_on is None else recall_on)
 
     def track(self, chat: Chat) -> None:
         """Count `chat` in `memory()` (until it is garbage) and send its KV guard's events to every
@@ -156,29 +155,35 @@ class LLM:
         return fn
 
     def generate(self, prompt: str, *, system: str | None = None, raw: bool = False,
-                 cache: CacheConfig | None = None, **sampling: Any) -> Reply:
+                 cache: CacheConfig | None = None, recall: str | bool = "auto", **sampling: Any) -> Reply:
         """One user message through the chat template (or `raw` text completion) in a fresh cache."""
         if raw:
-            completion = self.stream_raw(prompt, cache=cache, **sampling)
+            completion = self.stream_raw(prompt, cache=cache, recall=recall, **sampling)
             for _ in completion:
                 pass
             return completion.reply
-        return self.chat(system=system, cache=cache).send(prompt, **sampling)
+        return self.chat(system=system, cache=cache, recall=recall).send(prompt, **sampling)
 
     def stream_raw(self, prompt: str, *, cache: CacheConfig | None = None, pool: BlockPool | None = None,
-                   **sampling: Any) -> "Completion":
+                   recall: str | bool = "auto", **sampling: Any) -> "Completion":
         """A plain-text completion (no chat template): iterate it for text pieces; `.reply` holds the Reply after."""
         _check_prompt(prompt)
+        _recall_choice(recall)
         sampling_params(**sampling)  # bad options fail here, not at the first piece
         completion = Completion()
-        completion.pieces = completion.run(lambda: self.start_raw(prompt, cache=cache, pool=pool, **sampling))
+        completion.pieces = completion.run(
+            lambda: self.start_raw(prompt, cache=cache, pool=pool, recall=recall, **sampling))
         return completion
 
     def start_raw(self, prompt: str, *, cache: CacheConfig | None = None, pool: BlockPool | None = None,
-                  **sampling: Any) -> Turn:
+                  recall: str | bool = "auto", **sampling: Any) -> Turn:
         """Prefill `prompt` (no chat template) into a fresh cache and return the completion ready to decode; its
-        `commit()` returns the Reply and frees the cache, as `abort()` does."""
+        `commit()` returns the Reply and frees the cache, as `abort()` does.
+
+        `recall` ("auto": on when the policy can evict): passages of the prompt the cache evicts are searched with
+        the prompt's last sentences and the best come back just before them (chat/passages.py)."""
         _check_prompt(prompt)
+        recall_on = _recall_choice(recall)
         params = sampling_params(**sampling)
         started = time.perf_counter()
         ids = self.tokenizer.encode(prompt, add_special=True)
@@ -188,7 +193,12 @@ class LLM:
                 raise ContextOverflowError(f"the prompt is {len(ids)} tokens and the KV cache holds {kv.capacity}; "
                                            "shorten the prompt, raise the KV budget or choose an evicting policy",
                                            needed=len(ids) + 1, available=kv.capacity)
-            logits = self.runner.prefill(ids, kv, prefill_chunk(self.runner.chunk, kv.capacity, kv.policy.evicts))
+            chunk = prefill_chunk(self.runner.chunk, kv.capacity, kv.policy.evicts)
+            if recall_on or (recall_on is None and kv.policy.evicts):  # a no-op unless the prompt gets evicted
+                logits, recalled = passages.prefill(self.runner, self.tokenizer, kv, prompt, ids, chunk,
+                                                    reserve=params.max_new_tokens)
+            else:
+                logits, recalled = self.runner.prefill(ids, kv, chunk), {}
         except BaseException:
             kv.free()
             raise
@@ -201,7 +211,7 @@ class LLM:
                 kv_bytes=kv.nbytes, elapsed_s=time.perf_counter() - started,
                 finish_reason=result.finish_reason, ttft_s=result.prefill_s,
                 decode_tokens_per_s=decoded / result.decode_s if result.decode_s > 0 else 0.0,
-                receipt=asdict(kv.receipt()))
+                receipt=asdict(kv.receipt()), recall=recalled)
             kv.free()
             return reply
 
@@ -220,6 +230,13 @@ class LLM:
 
 
 RECALL_CHOICES = {"auto": None, "on": True, "off": False, True: True, False: False}
+
+
+def _recall_choice(recall: str | bool) -> bool | None:
+    """True/False, or None for "auto" (on when the cache's policy can evict)."""
+    if not isinstance(recall, (str, bool)) or recall not in RECALL_CHOICES:
+        raise ValueError(f"recall must be one of auto, on, off (or True/False), got {recall!r}")
+    return RECALL_CHOICES[recall]
 
 
 def _check_prompt(prompt: str) -> None:

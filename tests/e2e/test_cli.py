@@ -172,7 +172,6 @@ BAD_INPUT: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "perplexity_binary_file": (["perplexity", "garbage.gguf"], ("garbage.gguf", "utf-8")),
     "info_two_models": (["info", "a.gguf", "--model", "b.gguf"], ("a.gguf", "b.gguf")),
     "estimate_model_flag": (["estimate", "--model", "tinyllama"], ("tinyllama", "smollm2-135m")),
-    "raw_with_recall": (["generate", "-p", "hi", "--raw", "--recall", "on"], ("--recall", "--raw")),
 }
 
 

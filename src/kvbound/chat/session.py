@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from kvbound.chat import restore
 from kvbound.chat.archive import Archive
 from kvbound.chat.memory import NOTE_PREFIX, summarize_evicted
+from kvbound.chat.passages import RECALL_SEGMENT, RECALL_SHARE
 from kvbound.chat.transcript import Transcript, blocks, delta, system_ids
 from kvbound.engine.generate import Decoder, Generation, Turn
 from kvbound.chat.reply import Reply
@@ -32,9 +33,7 @@ if TYPE_CHECKING:
     from kvbound.llm import LLM
 
 
-RECALL_SEGMENT = -3  # recalled text: pinned during its turn, dropped after it
 RECALL_PREFIX = "Recalled from earlier in this conversation:\n"
-RECALL_SHARE = 8  # recalled text takes at most 1/RECALL_SHARE of the capacity
 
 
 @dataclass

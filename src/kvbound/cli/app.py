@@ -50,7 +50,8 @@ def write(text: str) -> None:
 
 def reply_status(reply: Reply, capacity: int | None = None) -> str:
     held = f"{reply.context_tokens:,}" + (f" / {capacity:,}" if capacity else "")
-    recalled = (f" · recalled {reply.recall['passages']} earlier turn(s), {reply.recall['tokens']:,} tokens"
+    what = "passage(s) of the prompt" if "spans" in reply.recall else "earlier turn(s)"
+    recalled = (f" · recalled {reply.recall['passages']} {what}, {reply.recall['tokens']:,} tokens"
                 if reply.recall.get("passages") else "")
     return (f"{held} tokens in context · KV {format_bytes(reply.kv_bytes)} · {reply.prompt_tokens:,} prompt + "
             f"{len(reply.token_ids):,} reply tokens · {reply.decode_tokens_per_s:.1f} tok/s{recalled}")
@@ -194,11 +195,10 @@ def generate(
     cache_config = cache.cache_config()
     if raw and system is not None:
         raise ValueError("--raw completes the text as is, without the chat template, so it takes no --system")
-    if raw and recall == Recall.on:
-        raise ValueError("--recall brings back evicted chat turns; a --raw completion has none (leave --recall out)")
     llm = load.load(err)
     session = None if raw else llm.chat(system=system, cache=cache_config, recall=recall.value)
-    pieces = llm.stream_raw(text, cache=cache_config, **params) if session is None else session.stream(text, **params)
+    pieces = (llm.stream_raw(text, cache=cache_config, recall=recall.value, **params) if session is None
+              else session.stream(text, **params))
     try:
         for piece in pieces:
             if not json_output:

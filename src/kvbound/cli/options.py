@@ -150,8 +150,9 @@ def one_model(argument: str | None, flag: str | None) -> str | None:
 
 
 RecallOption = Annotated[Recall, typer.Option(
-    "--recall", help="Keep the text of evicted turns and bring the best matches for each new message back for that "
-                     "turn: auto (on whenever the policy evicts), on, off.", rich_help_panel="KV cache")]
+    "--recall", help="Keep the text the cache evicts (chat turns; passages of a --raw prompt) and bring the best "
+                     "matches for the new message (the prompt's last sentences) back for that turn: auto (on "
+                     "whenever the policy evicts), on, off.", rich_help_panel="KV cache")]
 
 
 @dataclass

@@ -202,6 +202,10 @@ class Tokenizer:
         ids = self._backend.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_special and self.add_bos and self.bos_id is not None else ids
 
+    def char_ends(self, text: str) -> list[int]:
+        """For each token of `encode(text)` (no bos), the offset in `text` where its characters end."""
+        return [end for _, end in self._backend.encode(text, add_special_tokens=False).offsets]
+
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special)
 
