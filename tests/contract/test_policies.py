@@ -174,3 +174,16 @@ def test_the_rules_disagree_on_this_pattern():
     """The matrix separates the policies: on this pattern each attention rule keeps a different set."""
     picks = {name: frozenset(REFERENCES[name](9)) for name in ("window", "h2o", "snapkv", "tova", "keydiff")}
     assert len(set(picks.values())) == 5, picks
+
+
+@pytest.mark.parametrize("name", [n for n in policy_names() if n != "none"])
+def test_policy_never_picks_a_pinned_token_when_only_protected_ones_are_left(name):
+    """Pins in the middle (recalled text before a question) leave only the newest tokens evictable: those a policy
+    protects itself (its recent window) must go before a pinned one does."""
+    policy = make_policy(name, **OPTIONS)
+    view = observed(policy)
+    middle = torch.zeros(S, dtype=torch.bool)
+    middle[: S - 3] = True  # everything but the 3 newest tokens is pinned
+    view = SequenceView(view.positions, view.segments, view.scores, middle, view.key_layers)
+    chosen = set(policy.select(view, 3).tolist())
+    assert chosen == {S - 3, S - 2, S - 1}, f"{name} picked {sorted(chosen)}"

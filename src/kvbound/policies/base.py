@@ -47,10 +47,10 @@ class Policy:
         return torch.arange(view.n, dtype=torch.float32, device=view.positions.device)
 
     def select(self, view: "SequenceView", count: int) -> torch.Tensor:
-        """Indices of the `count` lowest-scoring unpinned tokens."""
-        scores = self.score(view).clone()
-        scores[view.pinned] = float("inf")
-        return torch.topk(scores, count, largest=False).indices
+        """Indices of the `count` lowest-scoring unpinned tokens. Only unpinned tokens compete: a policy's own
+        protected tokens (an infinite score) go before a pinned one can, when nothing else is left."""
+        free = (~view.pinned).nonzero().flatten()
+        return free[torch.topk(self.score(view)[free], count, largest=False).indices]
 
 
 def protect(scores: torch.Tensor, recent: int = 0, sinks: int = 0) -> torch.Tensor:
