@@ -132,6 +132,33 @@ def test_chat_memory_command_and_unknown_commands_stay_out_of_the_conversation()
 
 
 @pytest.mark.model
+def test_chat_set_save_load_multiline_and_bye(tmp_path: Path) -> None:
+    """/set changes sampling and the policy, /save and /load carry the session over, a quoted block is one
+    message, bad /set values are one error line, and the budget's rounding to whole blocks is shown."""
+    script = "\n".join([
+        "My name is Ada.", "/set max_tokens 3", "/set temperature hot", "/set colour blue", '"""', "Line one.",
+        "Line two.", '"""', "/save saved.kvb", "/reset", "/load saved.kvb", "/set policy window", "/set policy nosuch",
+        "/load nowhere.kvb", "Say hi.", "/bye", "Never sent."]) + "\n"
+    result = kvbound("chat", "--greedy", "--max-tokens", "8", "--kv-budget", "8MiB", "--policy", "turns",
+                     cwd=tmp_path, stdin=script)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "KV budget 8.0 MiB → 7.7 MiB usable, 352 tokens (whole blocks of 32 tokens" in result.stdout, result.stdout
+    assert "max_tokens = 3" in result.stdout
+    assert "/set temperature needs a number, got 'hot'" in result.stderr
+    assert "/set takes one of temperature" in result.stderr
+    assert "no such file" in result.stderr and "nowhere.kvb" in result.stderr
+    assert "nosuch" in result.stderr and "window" in result.stderr  # an unknown policy lists the known ones
+    assert (tmp_path / "saved.kvb").stat().st_size > 0
+    assert "loaded 2 turns from saved.kvb" in result.stdout
+    assert "policy = window; the conversation was rebuilt" in result.stdout
+    statuses = [line for line in result.stdout.splitlines() if "tokens in context" in line]
+    assert len(statuses) == 3  # Ada, the two-line block, "Say hi." ; nothing after /bye
+    assert all("+ 3 reply tokens" in line or "+ 2 reply tokens" in line or "+ 1 reply tokens" in line
+               for line in statuses[1:]), statuses  # /set max_tokens 3 held
+
+
+@pytest.mark.model
 def test_prompt_longer_than_the_context(tmp_path: Path) -> None:
     prompt = tmp_path / "long.txt"
     prompt.write_text(BOOK.read_text(encoding="utf-8")[:40_000], encoding="utf-8")

@@ -3,7 +3,6 @@ everything it runs goes through the public API (`kvbound.load`, `LLM.chat`, `Cha
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import dataclasses
 import json
@@ -18,52 +17,24 @@ from typing import Annotated, Any, Optional
 
 import psutil
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from kvbound.chat.reply import Reply
-from kvbound.chat.session import Chat
+from kvbound.cli import repl
+from kvbound.cli.display import budget_line, cut_reason, err, one_line, out, reply_status, write
 from kvbound.cli.estimate import estimate_command
 from kvbound.cli.options import (CacheOptions, DeviceOption, Dtype, DtypeOption, ModelFlag, ModelOptions, Recall,
                                  RecallOption, SamplingOptions, Weights, WeightsOption, load_model, one_model,
                                  with_options)
 from kvbound.errors import ContextOverflowError, KvboundError, ModelNotFoundError
-from kvbound.kvcache.spec import format_bytes
+from kvbound.kvcache.spec import format_bytes, parse_size
 from kvbound.loading.resolve import DEFAULT_MODEL, KNOWN_MODELS, known_model_path
 
 app = typer.Typer(name="kvbound", help="LLM chat whose memory never blows up, and that tells you where the memory "
                   "goes.", pretty_exceptions_enable=False, add_completion=False, rich_markup_mode="rich")
-# Rich must never rewrite model text: no line breaks of its own (soft_wrap), no ':name:' emoji, no highlighting.
-out = Console(soft_wrap=True, highlight=False, emoji=False)
-err = Console(stderr=True, soft_wrap=True, highlight=False, emoji=False)
-
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of text.")]
 SystemOption = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
-
-
-def write(text: str) -> None:
-    """Model text and JSON go to stdout verbatim (not through rich markup), flushed so it streams."""
-    out.file.write(text)
-    out.file.flush()
-
-
-def reply_status(reply: Reply, capacity: int | None = None) -> str:
-    held = f"{reply.context_tokens:,}" + (f" / {capacity:,}" if capacity else "")
-    what = "passage(s) of the prompt" if "spans" in reply.recall else "earlier turn(s)"
-    recalled = (f" · recalled {reply.recall['passages']} {what}, {reply.recall['tokens']:,} tokens"
-                if reply.recall.get("passages") else "")
-    return (f"{held} tokens in context · KV {format_bytes(reply.kv_bytes)} · {reply.prompt_tokens:,} prompt + "
-            f"{len(reply.token_ids):,} reply tokens · {reply.decode_tokens_per_s:.1f} tok/s{recalled}")
-
-
-def cut_reason(reply: Reply, in_chat: bool = False) -> str | None:
-    """Why a reply stopped early, for a person: only a full KV cache needs saying."""
-    if reply.finish_reason != "context_full":
-        return None
-    return (f"the reply was cut: the KV cache is full ({reply.context_tokens:,} tokens) and policy "
-            f"'{reply.receipt.get('policy', 'none')}' cannot free room; raise --kv-budget, choose an evicting "
-            "--policy (turns+h2o, window, ...)" + (" or /reset" if in_chat else ""))
 
 
 @app.callback(invoke_without_command=True)
@@ -73,10 +44,6 @@ def root(ctx: typer.Context) -> None:
 
 
 # -- chat ---------------------------------------------------------------------------------------------------------
-CHAT_COMMANDS = ("/memory shows where the memory goes · /reset forgets the conversation (keeps the system prompt) · "
-                 "/help · /exit or Ctrl-D quits")
-
-
 @app.command()
 @with_options(load=ModelOptions, sampling=SamplingOptions, cache=CacheOptions)
 def chat(system: SystemOption = None, recall: RecallOption = Recall.auto, *, load: ModelOptions,
@@ -86,94 +53,9 @@ def chat(system: SystemOption = None, recall: RecallOption = Recall.auto, *, loa
     config = cache.cache_config()  # bad cache flags fail here, before the model loads
     llm = load.load(err)
     session = llm.chat(system=system, cache=config, recall=recall.value)
-    capacity: int = session.cache.capacity
-    out.print(f"[bold]{escape(llm.config.name)}[/] · KV cache for {capacity:,} tokens · "
-              f"{format_bytes(session.cache.spec.bytes_per_token)} per token\n[dim]{CHAT_COMMANDS}[/]")
-    while True:
-        try:
-            text = out.input("[bold cyan]you ›[/] ")
-        except (EOFError, KeyboardInterrupt):
-            out.print()
-            return
-        command = text.strip()
-        if not command:
-            continue
-        if command in ("/exit", "/quit"):
-            return
-        if command == "/reset":
-            session.reset()
-            out.print("[dim]conversation forgotten; the system prompt is kept[/]")
-            continue
-        if command == "/help":
-            out.print(f"[dim]{CHAT_COMMANDS}[/]")
-            continue
-        if command == "/memory":
-            _print_memory(session)
-            continue
-        if command.startswith("/") and " " not in command:
-            out.print(f"[yellow]unknown command {escape(command)}[/] [dim]({CHAT_COMMANDS})[/]")
-            continue
-        _chat_turn(session, text, params, capacity)
-
-
-def _print_memory(session: Chat) -> None:
-    """/memory: the session's memory report, one figure per line."""
-    report = session.memory()
-    out.print(memory_bar(session))
-    rows = [("weights", format_bytes(report.weights_bytes)),
-            ("KV used / reserved", f"{format_bytes(report.kv_used_bytes)} / {format_bytes(report.kv_reserved_bytes)} "
-                                   f"({report.kv_dtype})"),
-            ("tokens held / capacity", f"{report.tokens_held:,} / {report.capacity_tokens:,}"),
-            ("tokens evicted / quantized / summarized",
-             f"{report.tokens_evicted:,} / {report.tokens_quantized:,} / {report.tokens_summarized:,}"),
-            ("archive of evicted turns (for recall)", format_bytes(report.archive_bytes)),
-            ("process RSS (peak)", f"{format_bytes(report.rss_bytes)} ({format_bytes(report.peak_rss_bytes)})")]
-    for name, value in rows:
-        out.print(f"[dim]{name}:[/] {value}")
-
-
-def _chat_turn(session: Chat, text: str, params: dict[str, Any], capacity: int | None) -> None:
-    """One streamed reply; an error or Ctrl-C ends the turn (the session rolls it back), never the chat."""
-    started = False
-    try:
-        with contextlib.closing(session.stream(text, **params)) as pieces:
-            for piece in pieces:
-                if not started:
-                    out.print("[bold magenta]bot ›[/] ", end="")
-                    started = True
-                write(piece)
-    except KeyboardInterrupt:
-        out.print("\n[yellow]reply interrupted; this turn was dropped[/]")
-        return
-    except (KvboundError, ValueError) as e:
-        if started:
-            out.print()
-        err.print(f"[red]error:[/] {escape(_one_line(e))}")
-        return
-    out.print("" if started else "[bold magenta]bot ›[/] [dim](empty reply)[/]")
-    reply = session.last_reply
-    out.print(f"[dim]{reply_status(reply, capacity)}[/]")
-    if (reason := cut_reason(reply, in_chat=True)) is not None:
-        out.print(f"[yellow]{escape(reason)}[/]")
-    out.print(memory_bar(session))
-    for event in reply.mem_events:
-        colour = "red" if event["kind"] == "critical" else "yellow"
-        out.print(f"[{colour}]{event['kind']}:[/] {escape(event['message'])}")
-    evicted = reply.receipt.get("evicted_tokens", 0)
-    if evicted:
-        out.print(f"[dim]this turn the cache evicted {evicted:,} tokens (policy {reply.receipt['policy']})[/]")
-
-
-def memory_bar(session: Chat, width: int = 30) -> str:
-    """A one-line gauge of the session's KV use against its budget, with the process RSS and the forecast."""
-    report = session.memory()
-    budget = report.kv_budget_bytes or report.kv_reserved_bytes
-    fraction = min(1.0, report.kv_used_bytes / budget) if budget else 0.0
-    colour = "red" if fraction >= 0.95 else "yellow" if fraction >= 0.8 else "green"
-    filled = round(fraction * width)
-    return (f"[{colour}]{'█' * filled}[/][dim]{'░' * (width - filled)}[/] KV {format_bytes(report.kv_used_bytes)}"
-            f" / {format_bytes(budget)} ({fraction:.0%}) · RSS {format_bytes(report.rss_bytes)} · "
-            f"[dim]{escape(report.forecast)}[/]")
+    requested = parse_size(cache.kv_budget) if cache.kv_budget else None
+    out.print(f"[bold]{escape(llm.config.name)}[/] · {budget_line(requested, session)}\n[dim]{repl.HELP}[/]")
+    repl.Repl(llm, session, config, params).run(out.input)
 
 
 # -- generate -----------------------------------------------------------------------------------------------------
@@ -459,8 +341,6 @@ def serve(
     except ImportError as e:
         raise KvboundError(f"kvbound serve needs the server packages ({e.name} is missing); install them with "
                            "pip install 'kvbound[serve]'") from None
-    from kvbound.kvcache.spec import parse_size
-
     cache.cache_config()  # the cache flags are checked as the other commands check them, before the model loads
     settings = ServerSettings(kv_budget=cache.kv_budget, kv_tokens=cache.kv_tokens, kv_dtype=cache.kv_dtype.value,
                               policy=cache.policy, recall=recall.value, session_tokens=session_tokens, api_key=api_key,
@@ -551,10 +431,6 @@ def pull(name: Annotated[str, typer.Argument(help="A known model name.")] = DEFA
 
 
 # -- entry point --------------------------------------------------------------------------------------------------
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _fail(message: str) -> int:
     err.print(f"[red]error:[/] {escape(message)}")
     return 2
@@ -576,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KvboundError, ValueError, OSError) as e:
         if os.environ.get("KVBOUND_DEBUG"):
             raise
-        return _fail(_one_line(e))
+        return _fail(one_line(e))
     except typer.Abort:
         return 1
     return code if isinstance(code, int) else 0
