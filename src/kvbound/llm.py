@@ -169,7 +169,7 @@ class LLM:
         """A plain-text completion (no chat template): iterate it for text pieces; `.reply` holds the Reply after."""
         _check_prompt(prompt)
         _recall_choice(recall)
-        sampling_params(**sampling)  # bad options fail here, not at the first piece
+        sampling_params(self.config.vocab_size, **sampling)  # bad options fail here, not at the first piece
         completion = Completion()
         completion.pieces = completion.run(
             lambda: self.start_raw(prompt, cache=cache, pool=pool, recall=recall, **sampling))
@@ -184,7 +184,7 @@ class LLM:
         the prompt's last sentences and the best come back just before them (chat/passages.py)."""
         _check_prompt(prompt)
         recall_on = _recall_choice(recall)
-        params = sampling_params(**sampling)
+        params = sampling_params(self.config.vocab_size, **sampling)
         started = time.perf_counter()
         ids = self.tokenizer.encode(prompt, add_special=True)
         kv = self.new_cache(cache, pool=pool)
@@ -199,10 +199,11 @@ class LLM:
                                                     reserve=params.max_new_tokens)
             else:
                 logits, recalled = self.runner.prefill(ids, kv, chunk), {}
+            result = Generation(prefill_s=time.perf_counter() - started)
+            decoder = Decoder(self.runner, self.tokenizer, kv, logits, params, ids, result)
         except BaseException:
             kv.free()
             raise
-        result = Generation(prefill_s=time.perf_counter() - started)
 
         def commit() -> Reply:
             decoded = max(len(result.token_ids) - 1, 0)
@@ -215,7 +216,7 @@ class LLM:
             kv.free()
             return reply
 
-        return Turn(Decoder(self.runner, self.tokenizer, kv, logits, params, ids, result), commit, kv.free)
+        return Turn(decoder, commit, kv.free)
 
     def info(self) -> ModelInfo:
         c = self.config

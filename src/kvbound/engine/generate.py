@@ -1,6 +1,7 @@
 """The decode loop as an object the caller drives: a `Decoder` holds the token it sampled until someone feeds it
 to the cache (alone, or in a batch with other sequences: engine/batch.py) and hands back the logits after it;
-a `Turn` is a decoder plus what ends its work (commit, or roll back on failure or cancel)."""
+a `Turn` is a decoder plus what ends its work (commit, or roll back on failure or cancel). A generation with a
+`json_schema` samples only the tokens its grammar allows and stops when the document is whole."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator
 
 import torch
 
+from kvbound.engine.constraint import JsonConstraint
 from kvbound.engine.sampler import Sampler, SamplingParams
 from kvbound.errors import ContextOverflowError
 from kvbound.kvcache.base import KVCache
@@ -25,7 +27,8 @@ class Generation:
 
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str = ""  # "stop" (stop token/string) | "length" (max_new_tokens) | "context_full"
+    # "stop" (stop token/string, a json_schema document complete) | "length" (max_new_tokens) | "context_full"
+    finish_reason: str = ""
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
@@ -43,6 +46,7 @@ class Decoder:
         self.runner, self.cache, self.params = runner, cache, params
         self.result = result if result is not None else Generation()
         self._sampler = Sampler(params, device=logits.device)
+        self._constraint = JsonConstraint(params.json_schema, tokenizer) if params.json_schema is not None else None
         self._detok = StreamDecoder(tokenizer, skip_special=True)
         self._stop_ids = set(tokenizer.stop_ids) | set(params.stop_token_ids)
         self._holdback = max((len(s) for s in params.stop), default=1) - 1  # a stop string may still be forming
@@ -57,8 +61,10 @@ class Decoder:
         return self.token is None
 
     def _sample(self, logits: torch.Tensor) -> None:
-        result, params = self.result, self.params
-        token = self._sampler(logits, self._seen)
+        result, params, constraint = self.result, self.params, self._constraint
+        token = self._sampler(logits if constraint is None else constraint.mask(logits), self._seen)
+        if constraint is not None:
+            constraint.advance(token)
         result.token_ids.append(token)
         self._seen.append(token)
         if token in self._stop_ids:
@@ -68,6 +74,9 @@ class Decoder:
             cut = _find_stop(self._text, params.stop)
             if cut is not None:
                 self._text, result.finish_reason = self._text[:cut], "stop"
+            elif constraint is not None and constraint.complete:  # the document is whole: nothing may follow
+                self._text += self._detok.flush()
+                result.finish_reason = "stop"
             elif len(result.token_ids) == params.max_new_tokens:
                 self._text += self._detok.flush()
                 result.finish_reason = "length"

@@ -1,4 +1,5 @@
-"""Sampling parameters (validated) and the next-token sampler: greedy, temperature, top-k/p, min-p, repetition."""
+"""Sampling parameters (validated) and the next-token sampler: greedy, temperature, top-k/p, min-p, repetition.
+A `json_schema` is carried here and checked here; the Decoder applies it (engine/constraint.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from kvbound.engine.constraint import check_schema
 
 
 @dataclass
@@ -20,12 +23,15 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id → added to its logit (-inf bans it)
+    # Only JSON this schema accepts (llguidance masks each step); the generation stops once the document is whole.
+    json_schema: dict[str, Any] | None = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def validate(self) -> "SamplingParams":
+    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
+        """Raise ValueError naming the first bad option; with `vocab_size`, logit_bias ids must be below it."""
         checks = [
             (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be an integer >= 1"),
             (self.temperature >= 0.0, "temperature must be >= 0 (0 means greedy)"),
@@ -39,6 +45,12 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        outside = sorted(k for k in self.logit_bias if vocab_size is not None and k >= vocab_size)
+        if outside:
+            raise ValueError(f"logit_bias names token {outside[0]}, outside the vocabulary of {vocab_size:,} tokens "
+                             f"(ids 0 to {vocab_size - 1:,})")
+        if self.json_schema is not None:
+            check_schema(self.json_schema)
         return self
 
 
@@ -57,6 +69,8 @@ class Sampler:
             for token, bias in p.logit_bias.items():
                 if token < logits.numel():
                     logits[token] += bias
+            if not torch.isfinite(logits).any():
+                raise ValueError("logit_bias bans every token that may come next; ban fewer")
         if p.repetition_penalty != 1.0 and history:
             seen = torch.tensor(sorted(set(history)), device=logits.device)
             picked = logits[seen]
@@ -80,9 +94,10 @@ class Sampler:
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
-def sampling_params(**kwargs: Any) -> SamplingParams:
-    """SamplingParams from keyword options, validated; TypeError names options it does not have."""
+def sampling_params(vocab_size: int | None = None, **kwargs: Any) -> SamplingParams:
+    """SamplingParams from keyword options, validated (logit_bias ids against `vocab_size` when given); TypeError
+    names options it does not have."""
     unknown = set(kwargs) - set(SamplingParams.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
-    return SamplingParams(**kwargs).validate()
+    return SamplingParams(**kwargs).validate(vocab_size)

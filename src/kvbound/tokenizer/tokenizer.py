@@ -217,6 +217,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
+    def to_json(self) -> str:
+        """The pipeline as HF tokenizer.json text (what other tokenizer consumers, such as llguidance, read)."""
+        return self._backend.to_str()
+
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             **extra: Any) -> str:
         """Prompt text for a conversation; ChatML when the model ships no template."""
