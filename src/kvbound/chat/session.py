@@ -41,7 +41,7 @@ class _Plan:
     """One turn between its prefill and its end."""
 
     turn: int
-    user: dict[str, str]
+    user: list[dict[str, str]]  # the user's message, or none (a reply to the system prompt alone)
     note: list[dict[str, str]]
     rendered: str
     fed: list[int]  # system prompt, note and message tokens fed this turn
@@ -89,32 +89,40 @@ class Chat:
         return self.cache.num_tokens
 
     # -- a turn -------------------------------------------------------------------------------------------------------
-    def send(self, text: str, **sampling: Any) -> Reply:
+    def send(self, text: str | None, **sampling: Any) -> Reply:
+        """The reply to `text` (None: to the system prompt alone, in a chat that holds nothing else). Sampling
+        options are SamplingParams' fields: temperature, max_new_tokens, stop, json_schema={...} (only JSON that
+        schema accepts; {"type": "object"} for any object), ..."""
         for _ in self.stream(text, **sampling):
             pass
         return self.last_reply
 
-    def stream(self, text: str, **sampling: Any) -> Iterator[str]:
+    def stream(self, text: str | None, **sampling: Any) -> Iterator[str]:
         """Yield the reply in text pieces; `last_reply` holds the Reply once the iterator is exhausted."""
         yield from self.start(text, **sampling).run()
 
-    def start(self, text: str, **sampling: Any) -> Turn:
+    def start(self, text: str | None, **sampling: Any) -> Turn:
         """Prefill the new message and return the turn ready to decode (alone with `run()`, or batched with other
-        sequences: engine/batch.py). Its `commit()` records the turn and returns the Reply; `abort()` rolls back."""
-        if not isinstance(text, str) or not text.strip():
+        sequences: engine/batch.py). Its `commit()` records the turn and returns the Reply; `abort()` rolls back.
+        `text` None answers the system prompt alone (as OpenAI does a request of only a system message)."""
+        if text is None:
+            if [m["role"] for m in self.messages] != ["system"]:
+                raise ValueError("there is no message to answer; send the user's text (a reply without one is only "
+                                 "for a chat that holds nothing but its system prompt)")
+        elif not isinstance(text, str) or not text.strip():
             raise ValueError("the message is empty; type some text to send")
-        params = sampling_params(**sampling)
+        params = sampling_params(self.llm.config.vocab_size, **sampling)
         self.reload()  # an offloaded session swaps back in on demand
         llm, tokenizer, cache, log = self.llm, self.llm.tokenizer, self.cache, self.transcript
         started = time.perf_counter()
-        user, turn = {"role": "user", "content": text}, log.turn + 1
+        user, turn = [] if text is None else [{"role": "user", "content": text}], log.turn + 1
         note = [{"role": "system", "content": NOTE_PREFIX + log.pending_note}] if log.pending_note else []
-        recalled = [] if self.archive is None else self.archive.recall(
+        recalled = [] if self.archive is None or text is None else self.archive.recall(
             text, tokenizer, self.cache.capacity // RECALL_SHARE - len(tokenizer.encode(RECALL_PREFIX)) - 8)
         recall = [{"role": "system", "content": RECALL_PREFIX + "\n\n".join(p.text for p in recalled)}] \
             if recalled else []
-        unrecalled = tokenizer.apply_chat_template(log.history + note + [user], add_generation_prompt=True)
-        rendered = tokenizer.apply_chat_template(log.history + note + recall + [user], add_generation_prompt=True) \
+        unrecalled = tokenizer.apply_chat_template(log.history + note + user, add_generation_prompt=True)
+        rendered = tokenizer.apply_chat_template(log.history + note + recall + user, add_generation_prompt=True) \
             if recall else unrecalled
         system = system_ids(tokenizer, log.messages, rendered) if not log.fed_ids else []
         # The note and the recalled text are their own segments (pinned; the note stays, the recall leaves after
@@ -162,14 +170,14 @@ class Chat:
                 llm.runner.prefill(recall_ids, cache, chunk)
             cache.set_segment(turn, pinned=self._pins(turn, room) | ({RECALL_SEGMENT} if recall_ids else set()))
             logits = llm.runner.prefill(new_ids, cache, chunk)
+            result = Generation(prefill_s=time.perf_counter() - started)
+            decoder = Decoder(llm.runner, tokenizer, cache, logits, params, log.fed_ids + system + new_ids, result)
         except BaseException:
             abort()
             raise
         receipt = {"turns": sorted(p.key for p in recalled), "passages": len(recalled), "tokens": len(recall_ids)}
         plan = _Plan(turn, user, note, rendered, system + note_ids + new_ids, len(system) + len(new_ids),
-                     reprefilled, activation, started, Generation(prefill_s=time.perf_counter() - started),
-                     receipt, unrecalled)
-        decoder = Decoder(llm.runner, tokenizer, cache, logits, params, log.fed_ids + system + new_ids, plan.result)
+                     reprefilled, activation, started, result, receipt, unrecalled)
         return Turn(decoder, lambda: self._commit(plan), abort)
 
     def archive_turns(self, turns: list[int]) -> None:
@@ -207,9 +215,10 @@ class Chat:
         log.fed_text = plan.unrecalled + tokenizer.decode(result.token_ids)
         stopped = result.finish_reason == "stop" and result.token_ids and result.token_ids[-1] in tokenizer.stop_ids
         said = result.token_ids[:-1] if stopped else result.token_ids
-        log.history += plan.note + [plan.user, {"role": "assistant", "content": tokenizer.decode(said)}]
-        log.messages += [plan.user, {"role": "assistant", "content": result.text}]
-        log.turn_text[plan.turn] = f"User: {plan.user['content']}\nAssistant: {result.text}"
+        log.history += plan.note + plan.user + [{"role": "assistant", "content": tokenizer.decode(said)}]
+        log.messages += plan.user + [{"role": "assistant", "content": result.text}]
+        asked = plan.user[0]["content"] if plan.user else ""
+        log.turn_text[plan.turn] = f"User: {asked}\nAssistant: {result.text}"
         if plan.note:
             log.pending_note = ""
         receipt = asdict(cache.receipt())
