@@ -310,6 +310,8 @@ def serve(
                                               rich_help_panel="Server")] = 1000,
     body_timeout: Annotated[float, typer.Option("--body-timeout", min=0.1, help="Seconds a request body may take to "
                                                 "arrive (then 408).", rich_help_panel="Server")] = 30.0,
+    header_timeout: Annotated[float, typer.Option("--header-timeout", min=0.1, help="Seconds a request's headers may "
+                                                  "take to arrive (then 408).", rich_help_panel="Server")] = 10.0,
     queue_timeout: Annotated[float, typer.Option("--queue-timeout", min=0.0, help="Seconds a request may wait for "
                                                  "room in the KV pool (then 429).", rich_help_panel="Server")] = 60.0,
     session_tokens: Annotated[Optional[int], typer.Option(
@@ -337,6 +339,7 @@ def serve(
     """Serve an OpenAI-compatible API; sessions keep their KV cache between requests in one shared KV budget."""
     try:
         from kvbound.server import ServerSettings, create_app, run
+        from kvbound.server.http import bind
         from kvbound.server.sessions import open_store
     except ImportError as e:
         raise KvboundError(f"kvbound serve needs the server packages ({e.name} is missing); install them with "
@@ -354,16 +357,17 @@ def serve(
         from kvbound.cluster.launch import serve_cluster
 
         return serve_cluster(load, settings, replicas=replicas, address=address, host=host, port=port, console=err)
+    sock = bind(host, port)  # a busy port is an error before the model loads
     store = open_store(data_dir) if data_dir is not None else None
     llm = load.load(err)
     server_app = create_app(llm, settings, store)
     server = server_app.state.kvbound
     pool = server.registry.pool
-    where = f" on http://{host}:{port}" if port else ""  # port 0: uvicorn's own line names the port it got
+    where = f" on http://{host}:{sock.getsockname()[1]}"
     err.print(f"[bold]{escape(server.model_id)}[/]{escape(where)} · KV pool {format_bytes(pool.nbytes)} "
               f"({pool.num_blocks * pool.spec.block_size:,} tokens, {pool.spec.dtype}) shared by all sessions · "
               f"policy {escape(settings.policy)}{' · API key required' if api_key else ''}")
-    run(server_app, host=host, port=port, log_level=log_level.value)
+    run(server_app, log_level=log_level.value, header_timeout_s=header_timeout, sock=sock)
 
 
 # -- info, pull ---------------------------------------------------------------------------------------------------
