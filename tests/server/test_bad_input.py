@@ -42,7 +42,8 @@ CASES: dict[str, tuple[str, str, Any, int, tuple[str, ...]]] = {
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]), 400, ("messages.0.content",)),
     "last_is_assistant": ("POST", CHAT, chat(messages=[{"role": "user", "content": "a"},
                                                       {"role": "assistant", "content": "b"}]), 400, ("last message",)),
-    "only_system": ("POST", CHAT, chat(messages=[{"role": "system", "content": "s"}]), 400, ("last message",)),
+    "only_system_empty": ("POST", CHAT, chat(messages=[{"role": "system", "content": " "}]), 400,
+                          ("system message is empty",)),
     "system_in_the_middle": ("POST", CHAT, chat(messages=[{"role": "user", "content": "a"},
                                                          {"role": "system", "content": "b"},
                                                          {"role": "user", "content": "c"}]), 400, ("system",)),
@@ -74,6 +75,28 @@ CASES: dict[str, tuple[str, str, Any, int, tuple[str, ...]]] = {
     "presence_penalty": ("POST", CHAT, chat(presence_penalty=1.0), 400, ("presence_penalty",)),
     "tools": ("POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, ("tools",)),
     "logprobs": ("POST", CHAT, chat(logprobs=True), 400, ("logprobs",)),
+    "tool_choice": ("POST", CHAT, chat(tool_choice="auto"), 400, ("tool_choice", "not supported")),
+    "tool_choice_function": ("POST", CHAT, chat(tool_choice={"type": "function", "function": {"name": "f"}}), 400,
+                             ("tool_choice",)),
+    "functions": ("POST", CHAT, chat(functions=[{"name": "f", "parameters": {}}]), 400, ("functions",)),
+    "function_call": ("POST", CHAT, chat(function_call="auto"), 400, ("function_call",)),
+    "parallel_tool_calls": ("POST", CHAT, chat(parallel_tool_calls=False), 400, ("parallel_tool_calls",)),
+    "logit_bias_outside_vocabulary": ("POST", CHAT, chat(logit_bias={"128": 5}), 400,
+                                      ("token 128", "vocabulary of 128")),
+    "response_format_unknown": ("POST", CHAT, chat(response_format={"type": "xml"}), 400, ("response_format.type",)),
+    "response_format_string": ("POST", CHAT, chat(response_format="json"), 400, ("response_format",)),
+    "json_schema_missing": ("POST", CHAT, chat(response_format={"type": "json_schema"}), 400,
+                            ("json_schema", "needs")),
+    "json_schema_no_name": ("POST", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
+        "schema": {"type": "object"}}}), 400, ("response_format.json_schema.name",)),
+    "json_schema_invalid": ("POST", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "wat"}}}), 400, ("not a valid JSON schema", "wat")),
+    "json_schema_bad_pattern": ("POST", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "string", "pattern": "(("}}}), 400, ("not a valid JSON schema",)),
+    "json_schema_not_object": ("POST", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": "object"}}), 400, ("schema",)),
+    "completion_json_schema_invalid": ("POST", COMPLETIONS, {"model": "tiny", "prompt": "a", "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wat"}}}}, 400, ("wat",)),
     "top_k_negative": ("POST", CHAT, chat(top_k=-1), 400, ("top_k",)),
     "min_p_one": ("POST", CHAT, chat(min_p=1.0), 400, ("min_p",)),
     "repetition_penalty_zero": ("POST", CHAT, chat(repetition_penalty=0), 400, ("repetition_penalty",)),

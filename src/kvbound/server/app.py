@@ -17,6 +17,7 @@ from sse_starlette import EventSourceResponse
 from starlette.routing import Match
 from starlette.types import Scope
 
+from kvbound.engine.constraint import check_schema
 from kvbound.engine.sampler import sampling_params
 from kvbound.server import errors
 from kvbound.server.admission import PoolAdmission
@@ -106,7 +107,18 @@ def _check_request(server: Server, body: ChatRequest | CompletionRequest, max_to
         raise ApiError(400, f"{max_tokens_field} is {max_tokens:,} but the model's context holds {context:,} tokens; "
                        f"ask for at most {context:,}", param=max_tokens_field)
     sampling = body.sampling(max_tokens or min(default_tokens, context))
-    sampling_params(**sampling)  # kvbound's own checks (ValueError → 400)
+    vocab = server.llm.config.vocab_size
+    outside = sorted(int(k) for k in body.logit_bias or {} if int(k) >= vocab)
+    if outside:
+        raise ApiError(400, f"logit_bias names token {outside[0]}, outside the model's vocabulary of {vocab:,} "
+                       f"tokens (ids 0 to {vocab - 1:,})", param="logit_bias", code="invalid_logit_bias")
+    if "json_schema" in sampling:
+        try:
+            check_schema(sampling["json_schema"])
+        except ValueError as e:
+            raise ApiError(400, f"response_format: {e}", param="response_format.json_schema.schema",
+                           code="invalid_json_schema") from None
+    sampling_params(vocab, **sampling)  # kvbound's own checks (ValueError → 400)
     return sampling
 
 
@@ -119,13 +131,13 @@ def _check_conversation(conversation: list[dict[str, str]], max_messages: int) -
         if message["role"] == "system":
             raise ApiError(400, f"messages[{index}] is a system message; only the first message may be one",
                            param=f"messages.{index}.role")
-    last = conversation[-1]
-    if last["role"] != "user":
+    last, at = conversation[-1], f"messages.{len(conversation) - 1}"
+    alone = len(conversation) == 1 and last["role"] == "system"  # a system (or developer) message alone: answered
+    if last["role"] != "user" and not alone:
         raise ApiError(400, f"the last message is from '{last['role']}'; a chat request ends with the user's "
-                       "message to answer", param=f"messages.{len(conversation) - 1}.role")
+                       "message to answer (or is a system message alone)", param=f"{at}.role")
     if not last["content"].strip():
-        raise ApiError(400, "the last user message is empty; send some text",
-                       param=f"messages.{len(conversation) - 1}.content")
+        raise ApiError(400, f"the last {last['role']} message is empty; send some text", param=f"{at}.content")
 
 
 # -- waiting on the worker --------------------------------------------------------------------------------------------

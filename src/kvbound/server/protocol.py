@@ -2,7 +2,9 @@
 error JSON the routes send. Knows nothing of sessions or the model; turns a request into plain Python values.
 
 Beyond OpenAI's fields a chat request may carry `session_id` (keep the conversation's KV cache between requests)
-and vLLM-style `top_k`, `min_p`, `repetition_penalty`; responses carry a `kvbound` object (session, reuse, KV)."""
+and vLLM-style `top_k`, `min_p`, `repetition_penalty`; responses carry a `kvbound` object (session, reuse, KV).
+`response_format` (text, json_object, json_schema) becomes kvbound's `json_schema` sampling option; fields this
+server cannot honour (tools, logprobs, n > 1, ...) are refused by name, never ignored."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from kvbound.engine.constraint import ANY_JSON_OBJECT
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 SessionId = Annotated[str, StringConstraints(pattern=SESSION_ID_PATTERN)]
@@ -44,6 +48,32 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Strict):
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # none: any JSON value
+    strict: bool | None = None  # the schema is always enforced, strict or not
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a json_schema object: {\"name\": ..., \"schema\": {...}}")
+        return self
+
+    def reply_schema(self) -> dict[str, Any] | None:
+        """The JSON schema a reply must satisfy (kvbound's `json_schema` option), or None for plain text."""
+        if self.type == "json_object":
+            return dict(ANY_JSON_OBJECT)
+        if self.type == "json_schema":
+            return self.json_schema.schema_ if self.json_schema.schema_ is not None else {}
+        return None
+
+
 class _Sampling(_Strict):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -61,6 +91,7 @@ class _Sampling(_Strict):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0.0, lt=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -95,6 +126,8 @@ class _Sampling(_Strict):
                  "repetition_penalty": self.repetition_penalty}
         if self.logit_bias:  # OpenAI: -100 bans a token
             given["logit_bias"] = {int(k): (-math.inf if v <= -100 else v) for k, v in self.logit_bias.items()}
+        if self.response_format is not None:
+            given["json_schema"] = self.response_format.reply_schema()
         return {k: v for k, v in given.items() if v is not None}
 
 
@@ -103,8 +136,15 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     session_id: SessionId | None = None
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
     logprobs: bool | None = None
-    HONOURED: ClassVar[dict[str, tuple]] = {**_Sampling.HONOURED, "tools": (None, []), "logprobs": (None, False)}
+    # No tools are offered, so a choice of none is honoured; anything that asks for a tool call is not.
+    HONOURED: ClassVar[dict[str, tuple]] = {**_Sampling.HONOURED, "tools": (None, []), "tool_choice": (None, "none"),
+                                            "functions": (None, []), "function_call": (None, "none"),
+                                            "parallel_tool_calls": (None,), "logprobs": (None, False)}
 
     @property
     def requested_tokens(self) -> int | None:

@@ -96,7 +96,7 @@ class Plan:
     """How a request continues: its session, the new user message, and how the session's KV is found."""
 
     session: Session
-    user: str
+    user: str | None  # None: the reply answers the system prompt alone
     state: str  # "reused" (KV kept), "restored" (after an offload), "new", "rebuilt" (the client's history differs)
     created: bool = False
 
@@ -107,14 +107,15 @@ def split_system(conversation: Conversation) -> tuple[str | None, Conversation]:
     return None, conversation
 
 
-def split_request(conversation: Conversation) -> tuple[str | None, Conversation, str]:
+def split_request(conversation: Conversation) -> tuple[str | None, Conversation, str | None]:
     """(system prompt, earlier turns, the new user message) of a chat request. A Chat takes one user message per
-    turn, so user messages in a row at the end are sent as one, joined by a blank line."""
+    turn, so user messages in a row at the end are sent as one, joined by a blank line; None when there is none
+    (a system message alone, which the reply answers)."""
     system, turns = split_system(conversation)
     start = len(turns)
     while start and turns[start - 1]["role"] == "user":
         start -= 1
-    return system, turns[:start], "\n\n".join(m["content"] for m in turns[start:])
+    return system, turns[:start], "\n\n".join(m["content"] for m in turns[start:]) if start < len(turns) else None
 
 
 class SessionRegistry:
@@ -314,13 +315,13 @@ class SessionRegistry:
         self.offload(min(idle, key=lambda s: s.last_used))
         return True
 
-    def turn_tokens(self, session: Session, user: str) -> tuple[int, int, int]:
+    def turn_tokens(self, session: Session, user: str | None) -> tuple[int, int, int]:
         """(tokens the session's cache holds now, tokens its next turn will feed for `user`, of which the new
         message's): what the new message adds to a chat that holds KV, else its conversation as `restore` feeds it
         (all of it, or the newest turns when it and the message would overflow the capacity)."""
         tokenizer = self.llm.tokenizer
         render = tokenizer.apply_chat_template
-        message = [{"role": "user", "content": user}]
+        message = [] if user is None else [{"role": "user", "content": user}]
         if session.chat is not None and session.chat.context_tokens:
             chat = session.chat
             full = len(tokenizer.encode(render(chat.messages + message, add_generation_prompt=True)))
