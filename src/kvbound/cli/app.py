@@ -27,6 +27,7 @@ from kvbound.cli.estimate import estimate_command
 from kvbound.cli.options import (CacheOptions, DeviceOption, Dtype, DtypeOption, ModelFlag, ModelOptions, Recall,
                                  RecallOption, SamplingOptions, Weights, WeightsOption, load_model, one_model,
                                  with_options)
+from kvbound.engine.constraint import ANY_JSON_OBJECT, check_schema
 from kvbound.errors import ContextOverflowError, KvboundError, ModelNotFoundError
 from kvbound.kvcache.spec import format_bytes, parse_size
 from kvbound.loading.resolve import DEFAULT_MODEL, KNOWN_MODELS, known_model_path
@@ -68,12 +69,20 @@ def generate(
     system: SystemOption = None,
     raw: Annotated[bool, typer.Option("--raw", help="Complete the text as is, without the chat template.")] = False,
     json_output: JsonFlag = False,
+    json_schema: Annotated[Optional[Path], typer.Option(
+        "--json-schema", metavar="FILE", help="Answer only with JSON that this JSON schema (a .json file) accepts.",
+        rich_help_panel="Structured output")] = None,
+    json_object: Annotated[bool, typer.Option("--json-object", help="Answer only with a JSON object.",
+                                              rich_help_panel="Structured output")] = False,
     recall: RecallOption = Recall.auto,
     *, load: ModelOptions, sampling: SamplingOptions, cache: CacheOptions,
 ) -> None:
     """Answer one prompt, streaming the text to stdout (statistics go to stderr)."""
     text = _read_prompt(prompt, prompt_file)
     params = sampling.kwargs()
+    schema = _read_schema(json_schema, json_object)
+    if schema is not None:
+        params["json_schema"] = schema
     cache_config = cache.cache_config()
     if raw and system is not None:
         raise ValueError("--raw completes the text as is, without the chat template, so it takes no --system")
@@ -99,8 +108,32 @@ def generate(
     err.print(f"[dim]{reply_status(reply)} · {reply.finish_reason}[/]")
     if (reason := cut_reason(reply)) is not None:
         err.print(f"[yellow]{escape(reason)}[/]")
+    elif schema is not None and reply.finish_reason == "length":
+        err.print(f"[yellow]the JSON was cut at {len(reply.token_ids):,} tokens, before it was complete; raise "
+                  "--max-tokens[/]")
     for event in reply.mem_events:  # after the reply, never inside it
         err.print(f"[{'red' if event['kind'] == 'critical' else 'yellow'}]{event['kind']}:[/] {escape(event['message'])}")
+
+
+def _read_schema(path: Path | None, json_object: bool) -> dict[str, Any] | None:
+    """The JSON schema a reply must satisfy (checked now, before a model loads), or None."""
+    if path is not None and json_object:
+        raise ValueError("--json-object is the schema {\"type\": \"object\"}; give it or --json-schema FILE, not both")
+    if json_object:
+        return dict(ANY_JSON_OBJECT)
+    if path is None:
+        return None
+    if not path.is_file():
+        raise FileNotFoundError(f"--json-schema {path}: no such file")
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--json-schema {path} is not JSON ({e}); give a JSON schema file") from None
+    try:
+        check_schema(schema)
+    except ValueError as e:
+        raise ValueError(f"--json-schema {path}: {e}") from None
+    return schema
 
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
