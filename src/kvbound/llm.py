@@ -7,7 +7,7 @@ import time
 import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Generator, Iterator
 
 import torch
 
@@ -16,7 +16,7 @@ from kvbound.chat.reply import Reply
 from kvbound.chat.session import Chat
 from kvbound.config import CacheConfig, ModelConfig
 from kvbound.engine.generate import Decoder, Generation, Turn
-from kvbound.engine.runner import DEFAULT_CHUNK, Runner, prefill_chunk
+from kvbound.engine.runner import DEFAULT_CHUNK, Runner, complete, prefill_chunk
 from kvbound.engine.sampler import sampling_params
 from kvbound.errors import ContextOverflowError, KVBudgetExceeded
 from kvbound.kvcache.factory import build_cache, build_pool, cache_spec, reserved_bytes
@@ -182,9 +182,19 @@ class LLM:
 
         `recall` ("auto": on when the policy can evict): passages of the prompt the cache evicts are searched with
         the prompt's last sentences and the best come back just before them (chat/passages.py)."""
+        return complete(self.begin_raw(prompt, cache=cache, pool=pool, recall=recall, **sampling))
+
+    def begin_raw(self, prompt: str, *, cache: CacheConfig | None = None, pool: BlockPool | None = None,
+                  recall: str | bool = "auto", **sampling: Any) -> Generator[None, None, Turn]:
+        """`start_raw` one prefill chunk per step (a scheduler interleaves it with other sequences' decode steps).
+        The arguments are checked now; the cache is made at the first step and freed if it is closed midway."""
         _check_prompt(prompt)
         recall_on = _recall_choice(recall)
         params = sampling_params(self.config.vocab_size, **sampling)
+        return self._prefill_raw(prompt, cache, pool, recall_on, params)
+
+    def _prefill_raw(self, prompt: str, cache: CacheConfig | None, pool: BlockPool | None, recall_on: bool | None,
+                     params: Any) -> Generator[None, None, Turn]:
         started = time.perf_counter()
         ids = self.tokenizer.encode(prompt, add_special=True)
         kv = self.new_cache(cache, pool=pool)
@@ -195,10 +205,10 @@ class LLM:
                                            needed=len(ids) + 1, available=kv.capacity)
             chunk = prefill_chunk(self.runner.chunk, kv.capacity, kv.policy.evicts)
             if recall_on or (recall_on is None and kv.policy.evicts):  # a no-op unless the prompt gets evicted
-                logits, recalled = passages.prefill(self.runner, self.tokenizer, kv, prompt, ids, chunk,
-                                                    reserve=params.max_new_tokens)
+                logits, recalled = yield from passages.prefill(self.runner, self.tokenizer, kv, prompt, ids, chunk,
+                                                               reserve=params.max_new_tokens)
             else:
-                logits, recalled = self.runner.prefill(ids, kv, chunk), {}
+                logits, recalled = (yield from self.runner.prefill_steps(ids, kv, chunk)), {}
             result = Generation(prefill_s=time.perf_counter() - started)
             decoder = Decoder(self.runner, self.tokenizer, kv, logits, params, ids, result)
         except BaseException:

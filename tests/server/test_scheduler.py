@@ -261,3 +261,70 @@ def test_concurrent_clients_all_progress_and_get_their_own_replies(server) -> No
     last = {p: max(t for t, q in arrivals if q == p) for p in prompts}
     assert max(first.values()) < min(last.values())  # every client got text before any finished
     assert server.memory()["engine"]["peak_active"] >= 2
+
+
+class SteppedTask(FakeTask):
+    """A task whose prefill runs in `chunks` steps (as Chat.begin does), logging each chunk; closed midway it logs
+    `<name>-rolled-back` (as a Chat rolls the turn back)."""
+
+    def __init__(self, name: str, chunks: int, pieces: int, log: list[str], gate: threading.Event | None = None):
+        super().__init__(name, pieces, log)
+        self.chunks, self.gate = chunks, gate
+
+    def start(self):
+        turn = super().start()
+
+        def prefill():
+            try:
+                for chunk in range(self.chunks):
+                    self.log.append(f"{self.name}-chunk{chunk}")
+                    if self.gate is not None and chunk == 2:
+                        self.gate.wait(30)  # the chunk "takes" until the test lets it end
+                    yield
+            except GeneratorExit:
+                self.log.append(f"{self.name}-rolled-back")
+                raise
+            return turn
+        return prefill()
+
+
+def test_a_long_prefill_is_interleaved_with_the_other_decodes() -> None:
+    log: list[str] = []
+    long, short = SteppedTask("L", chunks=4, pieces=1, log=log), FakeTask("s", 4, log)
+
+    async def main() -> None:
+        worker = Worker(max_active=8)
+        streams = [worker.submit(long), worker.submit(short)]
+        worker.start()
+        try:
+            await asyncio.gather(*(drain(s) for s in streams))
+        finally:
+            worker.stop()
+
+    run(main())
+    # one chunk of the long prompt per round, the short turn's tokens in between (not after all four chunks)
+    assert log[:8] == ["L-chunk0", "s0", "L-chunk1", "s1", "L-chunk2", "s2", "L-chunk3", "s3"], log
+    assert log.index("L0") > log.index("L-chunk3") and long.released == 1 and short.released == 1
+
+
+def test_a_cancelled_prefill_is_rolled_back_and_released() -> None:
+    log: list[str] = []
+    gate = threading.Event()
+    long = SteppedTask("L", chunks=10, pieces=1, log=log, gate=gate)
+
+    async def main() -> list[Any]:
+        worker = Worker(max_active=8)
+        stream = worker.submit(long)
+        worker.start()
+        try:
+            while "L-chunk2" not in log:
+                await asyncio.sleep(0.001)
+            stream.cancel()
+            gate.set()
+            return await drain(stream)
+        finally:
+            worker.stop()
+
+    events = run(main())
+    assert events[-1][0] == "error" and isinstance(events[-1][1], ServerBusy)
+    assert "L-rolled-back" in log and "L0" not in log and long.released == 1

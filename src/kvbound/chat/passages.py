@@ -11,6 +11,7 @@ The archive lives for the one completion. Without eviction nothing is lost and t
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -72,18 +73,18 @@ def split(n: int, ends: list[int], tail_tokens: int = TAIL_TOKENS
 
 
 def prefill(runner: "Runner", tokenizer: "Tokenizer", cache: "PagedCache", text: str, ids: list[int],
-            chunk: int, reserve: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Prefill `ids` (the tokens of `text`) with recall; returns the logits after the last token and the recall
-    receipt {"turns": [], "passages": n, "tokens": n, "spans": [[start, stop], ...]} (token spans of the prompt
+            chunk: int, reserve: int = 0) -> Generator[None, None, tuple[torch.Tensor, dict[str, Any]]]:
+    """Prefill `ids` (the tokens of `text`) with recall, one chunk per step (runner.prefill_steps); returns the
+    logits after the last token and the recall receipt {"turns": [], "passages": n, "tokens": n, "spans": [[start, stop], ...]} (token spans of the prompt
     that were recalled). `reserve`: tokens the caller will still add (the reply), for the tail's pin."""
     none = {"turns": [], "passages": 0, "tokens": 0, "spans": []}
     if len(ids) <= cache.capacity or not cache.policy.evicts:  # nothing will be evicted
-        return runner.prefill(ids, cache, chunk), none
+        return (yield from runner.prefill_steps(ids, cache, chunk)), none
     tail_tokens = min(TAIL_TOKENS, cache.capacity // 4)
     segments, passages, tail = split(len(ids), sentence_ends(tokenizer, text, ids), tail_tokens)
     for number, (start, stop) in enumerate(segments, start=1):
         cache.set_segment(number, pinned=set())
-        runner.prefill(ids[start:stop], cache, chunk)
+        yield from runner.prefill_steps(ids[start:stop], cache, chunk)
     tail_ids, room = ids[tail:], cache.capacity // RAW_RECALL_SHARE
     cache.make_room(min(room + len(tail_ids), cache.capacity))  # evict now what recall and tail need: archived
     archive, spans = Archive(cap_bytes=max(len(text.encode("utf-8")), 1)), []
@@ -100,8 +101,8 @@ def prefill(runner: "Runner", tokenizer: "Tokenizer", cache: "PagedCache", text:
         pins.add(TAIL_SEGMENT)  # the question stays in view while the reply is written
     if recall_ids:
         cache.set_segment(RECALL_SEGMENT, pinned=pins)
-        runner.prefill(recall_ids, cache, chunk)
+        yield from runner.prefill_steps(recall_ids, cache, chunk)
     cache.set_segment(TAIL_SEGMENT, pinned=pins)
-    logits = runner.prefill(tail_ids, cache, chunk)
+    logits = yield from runner.prefill_steps(tail_ids, cache, chunk)
     recalled = sorted(spans[p.key] for p in found)
     return logits, {"turns": [], "passages": len(found), "tokens": len(recall_ids), "spans": recalled}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Generator, Iterator
 
 from kvbound.chat import restore
 from kvbound.chat.archive import Archive
@@ -21,6 +21,7 @@ from kvbound.chat.memory import NOTE_PREFIX, summarize_evicted
 from kvbound.chat.passages import RECALL_SEGMENT, RECALL_SHARE
 from kvbound.chat.transcript import Transcript, blocks, delta, system_ids
 from kvbound.engine.generate import Decoder, Generation, Turn
+from kvbound.engine.runner import complete
 from kvbound.chat.reply import Reply
 from kvbound.engine.sampler import sampling_params
 from kvbound.memory.devices import usage_bytes
@@ -105,6 +106,11 @@ class Chat:
         """Prefill the new message and return the turn ready to decode (alone with `run()`, or batched with other
         sequences: engine/batch.py). Its `commit()` records the turn and returns the Reply; `abort()` rolls back.
         `text` None answers the system prompt alone (as OpenAI does a request of only a system message)."""
+        return complete(self.begin(text, **sampling))
+
+    def begin(self, text: str | None, **sampling: Any) -> Generator[None, None, Turn]:
+        """`start` one prefill chunk per step: a scheduler interleaves a long message's prefill with other
+        sequences' decode steps. Closing it midway rolls the turn back."""
         if text is None:
             if [m["role"] for m in self.messages] != ["system"]:
                 raise ValueError("there is no message to answer; send the user's text (a reply without one is only "
@@ -160,16 +166,16 @@ class Chat:
 
         try:
             if system:
-                log.shared_prefix_tokens = self.prefill_system(system, chunk)
+                log.shared_prefix_tokens = yield from self.prefill_system_steps(system, chunk)
             if note_ids:
                 log.note_segment = -10 - turn
                 cache.set_segment(log.note_segment, pinned=self._pins(turn, room) - {old_note})
-                llm.runner.prefill(note_ids, cache, chunk)
+                yield from llm.runner.prefill_steps(note_ids, cache, chunk)
             if recall_ids:
                 cache.set_segment(RECALL_SEGMENT, pinned=self._pins(turn, room) | {RECALL_SEGMENT})
-                llm.runner.prefill(recall_ids, cache, chunk)
+                yield from llm.runner.prefill_steps(recall_ids, cache, chunk)
             cache.set_segment(turn, pinned=self._pins(turn, room) | ({RECALL_SEGMENT} if recall_ids else set()))
-            logits = llm.runner.prefill(new_ids, cache, chunk)
+            logits = yield from llm.runner.prefill_steps(new_ids, cache, chunk)
             result = Generation(prefill_s=time.perf_counter() - started)
             decoder = Decoder(llm.runner, tokenizer, cache, logits, params, log.fed_ids + system + new_ids, result)
         except BaseException:
@@ -190,11 +196,14 @@ class Chat:
     def prefill_system(self, ids: list[int], chunk: int) -> int:
         """Feed the system prompt as pinned segment 0, sharing blocks another session already holds; returns the
         tokens found in the pool."""
+        return complete(self.prefill_system_steps(ids, chunk))
+
+    def prefill_system_steps(self, ids: list[int], chunk: int) -> Generator[None, None, int]:
         cache = self.cache
         cache.set_segment(0, pinned={0})
         shared = cache.attach_prefix(ids)
         if shared < len(ids):
-            self.llm.runner.prefill(ids[shared:], cache, chunk)
+            yield from self.llm.runner.prefill_steps(ids[shared:], cache, chunk)
         cache.publish_prefix(ids)
         return shared
 

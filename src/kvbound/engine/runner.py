@@ -3,12 +3,25 @@ decode step of several sequences at once (continuous batching: engine/batch.py).
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from typing import TypeVar
+
 import torch
 
 from kvbound.kvcache.base import KVCache
 from kvbound.models.llama import LlamaModel
 
 DEFAULT_CHUNK = 512
+T = TypeVar("T")
+
+
+def complete(steps: Generator[None, None, T]) -> T:
+    """Run a stepwise computation (a prefill, a turn's start) to its end and return its value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def prefill_chunk(chunk: int, capacity: int, evicts: bool) -> int:
@@ -26,11 +39,18 @@ class Runner:
 
     def prefill(self, token_ids: list[int], cache: KVCache, chunk: int | None = None) -> torch.Tensor:
         """Feed `token_ids` after what the cache holds; return the logits (V,) after the last one."""
+        return complete(self.prefill_steps(token_ids, cache, chunk))
+
+    def prefill_steps(self, token_ids: list[int], cache: KVCache, chunk: int | None = None
+                      ) -> Generator[None, None, torch.Tensor]:
+        """`prefill` one chunk per step: it yields after each chunk (a scheduler runs other sequences' steps in
+        between) and returns the logits after the last token."""
         chunk = chunk or self.chunk
         logits = None
         for offset in range(0, len(token_ids), chunk):
             ids = torch.tensor([token_ids[offset:offset + chunk]], device=self.device)  # (1, T)
             logits = self.model(ids, cache)
+            yield
         return logits[0, -1]
 
     def score(self, token_ids: list[int], cache: KVCache) -> torch.Tensor:

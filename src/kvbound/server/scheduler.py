@@ -2,7 +2,9 @@
 thread-safe). It runs calls between steps and interleaves the active generations at token granularity, with
 continuous batching: a task starts by prefilling its turn (engine/generate.Turn), then each `step()` feeds the
 waiting token of every active turn in one batched forward (engine/batch.py), so B concurrent clients cost
-about one forward per token, not B.
+about one forward per token, not B. A prefill given as steps (Chat.begin, LLM.begin_raw) runs one chunk per round,
+the prefilling tasks taking turns, between the decode steps: a long prompt delays the others' next tokens by one
+chunk's time, not by its whole prefill.
 
 A task whose turn cannot get room in the shared KV pool yet (admission raises PoolBusy) waits in the queue, first
 come first served, and is tried again whenever a turn ends; past `queue_timeout_s` it is answered 429 with a
@@ -18,6 +20,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
+from collections.abc import Generator
 from typing import Any, Callable, Protocol
 
 from kvbound.engine import batch
@@ -31,8 +34,9 @@ RETRY_S = 0.1  # with nothing running, how often the waiting are tried again
 class Task(Protocol):
     """One generation, as the worker runs it. All three methods run on the worker thread."""
 
-    def start(self) -> Turn:
-        """Admit the work and prefill it (may raise); the turn, ready to decode."""
+    def start(self) -> Turn | Generator[None, None, Turn]:
+        """Admit the work (may raise PoolBusy: the task waits) and prefill it: the turn ready to decode, or a
+        generator that prefills one chunk per step and returns it."""
 
     def finish(self, result: Any) -> Any:
         """After the turn committed (`result`: what its commit returned): the `done` event's value."""
@@ -54,7 +58,8 @@ class Stream:
         self.task, self.loop, self.worker = task, loop, worker
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = False
-        self.turn: Turn | None = None  # set by the worker once started
+        self.turn: Turn | None = None  # set by the worker once prefilled
+        self.prefill: Generator[None, None, Turn] | None = None  # while the prefill runs in steps
         self.submitted = time.monotonic()
         self.waits = 0  # times admission sent it back to the queue
         self.busy: PoolBusy | None = None  # why it waits
@@ -86,6 +91,7 @@ class Worker:
         self._calls: deque[tuple[Callable[[], Any], asyncio.Future, asyncio.AbstractEventLoop]] = deque()
         self._pending: deque[Stream] = deque()
         self._active: list[Stream] = []
+        self._prefilling: deque[Stream] = deque()  # started, prefilling one chunk per round, oldest first
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0  # rounds of `step()` run (for tests and metrics)
@@ -113,7 +119,8 @@ class Worker:
 
     @property
     def active(self) -> int:
-        return len(self._active)
+        """Generations running: decoding, or prefilling in steps."""
+        return len(self._active) + len(self._prefilling)
 
     @property
     def queued(self) -> int:
@@ -153,7 +160,7 @@ class Worker:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._stopping or self._calls or self._pending or self._active
+                while not (self._stopping or self._calls or self._pending or self._active or self._prefilling
                            or (self._waiting and self._room_changed)):
                     if not self._waiting:
                         self._cond.wait()
@@ -164,11 +171,11 @@ class Worker:
                 self._expire_waiting()
                 calls, self._calls = self._calls, deque()
                 starting = []
-                if self._room_changed or not self._active:  # the waiting go first, in order
-                    while self._waiting and len(self._active) + len(starting) < self.max_active:
+                if self._room_changed or not self.active:  # the waiting go first, in order
+                    while self._waiting and self.active + len(starting) < self.max_active:
                         starting.append(self._waiting.popleft())
                     self._room_changed = False
-                while self._pending and len(self._active) + len(starting) < self.max_active:
+                while self._pending and self.active + len(starting) < self.max_active:
                     starting.append(self._pending.popleft())
             for fn, future, loop in calls:
                 self._settle(fn, future, loop)
@@ -201,15 +208,42 @@ class Worker:
             self._end(stream, "error", ServerBusy("the request was cancelled"))
             return
         try:
-            stream.turn = stream.task.start()
+            started = stream.task.start()
         except PoolBusy as e:
             self._wait_for_room(stream, e)
             return
         except BaseException as e:  # noqa: BLE001
             self._end(stream, "error", e)
             return
-        self._active.append(stream)
-        self.peak_active = max(self.peak_active, len(self._active))
+        if isinstance(started, Generator):
+            stream.prefill = started
+            self._prefilling.append(stream)
+        else:
+            stream.turn = started
+            self._active.append(stream)
+        self.peak_active = max(self.peak_active, self.active)
+
+    def _prefill_one(self) -> None:
+        """One chunk of the oldest prefilling task's prompt; then it goes to the back (or, prefilled, decodes)."""
+        for stream in [s for s in self._prefilling if s.cancelled]:
+            self._prefilling.remove(stream)
+            stream.prefill.close()  # rolls the turn back (Chat) or frees the cache (raw)
+            self._room_changed = True
+            self._end(stream, "error", ServerBusy("the request was cancelled"))
+        if not self._prefilling:
+            return
+        stream = self._prefilling.popleft()
+        try:
+            next(stream.prefill)
+        except StopIteration as done:
+            stream.turn, stream.prefill = done.value, None
+            self._active.append(stream)
+            return
+        except BaseException as e:  # noqa: BLE001 — the turn rolled itself back
+            self._room_changed = True
+            self._end(stream, "error", e)
+            return
+        self._prefilling.append(stream)
 
     def _wait_for_room(self, stream: Stream, busy: PoolBusy) -> None:
         """Back into the queue (its place kept) until a turn ends, or a 429 once it waited queue_timeout_s."""
@@ -238,6 +272,7 @@ class Worker:
     def step(self) -> None:
         """One round: the waiting token of every active turn, fed in one batched forward; each stream gets its
         text, and a turn that finished commits."""
+        self._prefill_one()
         for stream in [s for s in self._active if s.cancelled]:
             self._abort(stream, ServerBusy("the request was cancelled"))
         if not self._active:
@@ -284,6 +319,10 @@ class Worker:
     def _shutdown(self) -> None:
         for stream in list(self._active):
             self._abort(stream, ServerBusy("the server is shutting down"))
+        for stream in self._prefilling:
+            stream.prefill.close()
+            self._end(stream, "error", ServerBusy("the server is shutting down"))
+        self._prefilling = deque()
         for stream in [*self._pending, *self._waiting]:
             stream.post("error", ServerBusy("the server is shutting down"))
         for _, future, loop in self._calls:

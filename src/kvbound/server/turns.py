@@ -5,6 +5,7 @@ usage and session figures its response reports. The routes only submit these and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, Callable
 
 from kvbound.config import CacheConfig
@@ -55,7 +56,7 @@ class ChatTurn:
         self._held = self._computed = 0
         self._answered = False
 
-    def start(self) -> Turn:
+    def start(self) -> Generator[None, None, "Turn"]:
         self.plan = plan = self.registry.plan(self.conversation, self.session_id)
         session = plan.session
         self.registry.begin(session)
@@ -67,7 +68,7 @@ class ChatTurn:
         self._computed = self.registry.restore(session, reserve=message + 1)
         self._held = session.chat.context_tokens
         self.info = TurnInfo(session.id, plan.state, self._held - self._computed)
-        return session.chat.start(plan.user, **self.sampling)
+        return session.chat.begin(plan.user, **self.sampling)
 
     def finish(self, reply: "Reply") -> TurnResult:
         session = self.plan.session
@@ -115,7 +116,7 @@ class RawCompletion:
     def kv_blocks(self) -> int:
         return self.turn.decoder.cache.num_blocks if self.turn is not None else 0
 
-    def start(self) -> Turn:
+    def start(self) -> Generator[None, None, "Turn"]:
         prompt_tokens = len(self.llm.tokenizer.encode(self.prompt, add_special=True))
         if prompt_tokens + 1 > self.max_context_tokens:
             raise ContextOverflowError(
@@ -125,8 +126,13 @@ class RawCompletion:
         max_tokens = self.sampling["max_new_tokens"]
         tokens = min(self.max_context_tokens, prompt_tokens + max_tokens)
         self.admission.admit(self, 0, prompt_tokens, max_tokens, queue=False)  # a retry is another completion
-        self.turn = self.llm.start_raw(self.prompt, cache=CacheConfig(tokens=tokens, dtype=self.kv_dtype),
-                                       pool=self.admission.pool, **self.sampling)
+        return self._prefill(self.llm.begin_raw(self.prompt, cache=CacheConfig(tokens=tokens, dtype=self.kv_dtype),
+                                                pool=self.admission.pool, **self.sampling))
+
+    def _prefill(self, steps: Generator[None, None, "Turn"]) -> Generator[None, None, "Turn"]:
+        # While it prefills, its blocks count as taken from the pool and as still reserved: room is understated
+        # for that while, never overstated.
+        self.turn = yield from steps
         return self.turn
 
     def finish(self, reply: "Reply") -> TurnResult:
