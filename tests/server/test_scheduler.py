@@ -328,3 +328,24 @@ def test_a_cancelled_prefill_is_rolled_back_and_released() -> None:
     events = run(main())
     assert events[-1][0] == "error" and isinstance(events[-1][1], ServerBusy)
     assert "L-rolled-back" in log and "L0" not in log and long.released == 1
+
+
+def test_free_slots_go_to_the_client_with_the_fewest_running() -> None:
+    """A client that queued many requests first does not take every slot: the other's one request starts next."""
+    log: list[str] = []
+    greedy = [FakeTask(f"g{i}", 2, log) for i in range(4)]
+    other = FakeTask("o", 2, log)
+
+    async def main() -> None:
+        worker = Worker(max_active=2)
+        streams = [worker.submit(t, client="greedy") for t in greedy] + [worker.submit(other, client="other")]
+        worker.start()
+        try:
+            await asyncio.gather(*(drain(s) for s in streams))
+        finally:
+            worker.stop()
+
+    run(main())
+    firsts = [piece for piece in log if piece.endswith("0") and "-" not in piece]
+    assert firsts[:2] == ["g00", "o0"], log  # the second slot went to the other client, not to g1
+    assert all(t.released == 1 for t in [*greedy, other])

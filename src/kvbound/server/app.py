@@ -163,9 +163,15 @@ class _DisconnectWatch:
         self.task.cancel()
 
 
+def _client_of(request: Request) -> str:
+    """Who sent a request, for the fair share of the engine's slots: its API key, else its address."""
+    key = request.headers.get("authorization")
+    return f"key:{key}" if key else f"host:{request.client.host if request.client else ''}"
+
+
 async def _first_event(server: Server, task: Task, request: Request) -> tuple[Stream, Event]:
     """Submit `task` and wait for its first piece (headers can then say 200) or its error (raised)."""
-    stream = server.worker.submit(task)
+    stream = server.worker.submit(task, client=_client_of(request))
     try:
         with _DisconnectWatch(request, stream):
             event = await stream.next()

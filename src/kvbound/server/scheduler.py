@@ -54,8 +54,8 @@ class Event:
 class Stream:
     """The async handle on one generation."""
 
-    def __init__(self, task: Task, loop: asyncio.AbstractEventLoop, worker: "Worker"):
-        self.task, self.loop, self.worker = task, loop, worker
+    def __init__(self, task: Task, loop: asyncio.AbstractEventLoop, worker: "Worker", client: str = ""):
+        self.task, self.loop, self.worker, self.client = task, loop, worker, client
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = False
         self.turn: Turn | None = None  # set by the worker once prefilled
@@ -142,9 +142,11 @@ class Worker:
             self._cond.notify()
         return await future
 
-    def submit(self, task: Task) -> Stream:
-        """Queue a generation; its events start arriving once a slot is free (at most `max_active` run)."""
-        stream = Stream(task, asyncio.get_running_loop(), self)
+    def submit(self, task: Task, client: str = "") -> Stream:
+        """Queue a generation; its events start arriving once a slot is free (at most `max_active` run). Free slots
+        go to the client (an API key, an address) with the fewest generations running, oldest request first: one
+        client sending many requests at once cannot take every slot from the others."""
+        stream = Stream(task, asyncio.get_running_loop(), self, client)
         with self._cond:
             if self._stopping:
                 raise ServerBusy("the engine is shutting down; retry on the restarted server")
@@ -176,13 +178,20 @@ class Worker:
                         starting.append(self._waiting.popleft())
                     self._room_changed = False
                 while self._pending and self.active + len(starting) < self.max_active:
-                    starting.append(self._pending.popleft())
+                    starting.append(self._fairest(starting))
             for fn, future, loop in calls:
                 self._settle(fn, future, loop)
             for stream in starting:
                 self._start(stream)
             self.step()
         self._shutdown()
+
+    def _fairest(self, starting: list[Stream]) -> Stream:
+        """Take the oldest pending request of the client with the fewest generations running or starting."""
+        running = Counter(s.client for s in [*self._active, *self._prefilling, *starting])
+        stream = min(self._pending, key=lambda s: running[s.client])  # min keeps the first of equals: the oldest
+        self._pending.remove(stream)
+        return stream
 
     def _settle(self, fn: Callable[[], Any], future: asyncio.Future, loop: asyncio.AbstractEventLoop) -> None:
         try:
