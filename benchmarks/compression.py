@@ -26,9 +26,10 @@ from benchmarks import common
 
 SUITE = "kvpress"
 FRACTIONS = (2, 4, 8)
-KVBOUND_POLICIES = ("window", "h2o", "snapkv", "tova")
+KVBOUND_POLICIES = ("window", "h2o", "snapkv", "tova", "keydiff")
 # kvbound policy ↔ the kvpress press built on the same idea (None: no counterpart in the other engine)
-PAIRS = [("window", "StreamingLLMPress"), ("snapkv", "SnapKVPress"), ("tova", "TOVAPress"), ("h2o", None),
+PAIRS = [("window", "StreamingLLMPress"), ("snapkv", "SnapKVPress"), ("tova", "TOVAPress"),
+         ("keydiff", "KeyDiffPress"), ("h2o", None),
          (None, "KnormPress"), (None, "ExpectedAttentionPress")]
 PEER = common.BENCH / "peers" / "kvpress_ppl.py"
 
