@@ -25,7 +25,8 @@ SUITES = {"decode": "benchmarks.decode", "kv_kernel": "benchmarks.kv_kernel", "w
           "passkey_after": "benchmarks.passkey_after", "archive": "benchmarks.archive",
           "revisions": "benchmarks.revisions"}
 PEERS = {"decode": ("llamacpp",), "weights": ("llamacpp",), "long_chat": ("llamacpp",), "quality": ("llamacpp",),
-         "load": ("llamacpp",), "kvpress": ("kvpress",)}  # the peer venvs each suite runs
+         "load": ("llamacpp",), "kvpress": ("kvpress",),
+         "passkey_after": ("kvpress",)}  # the peer venvs each suite runs
 BENCH_MODULES = ("matplotlib", "transformers", "accelerate", "optimum")  # the `bench` extra (optimum-quanto)
 
 

@@ -6,13 +6,20 @@ Greedy, 8 new tokens; a hit when the answer appears. The full cache is the ceili
 Each policy runs with recall off (the policy alone) and on (`generate(raw=True, recall="on")`: passages the cache
 evicted are searched with the prompt's last sentences and come back before them; chat/passages.py).
 
-    python -m benchmarks.passkey_after [--max-tokens 4000] [--policies window h2o snapkv tova keydiff]
+Peer: NVIDIA kvpress on the same token ids, each press compressing the context before the question exists
+(compression_ratio 1 - 1/f; benchmarks/peers/kvpress_passkey.py in its own venv). `--peers-only` adds its rows to
+the saved results instead of running kvbound again.
+
+    python -m benchmarks.passkey_after [--max-tokens 4000] [--policies window h2o snapkv tova keydiff] [--peers-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from benchmarks import common
@@ -20,6 +27,7 @@ from benchmarks import common
 SUITE = "passkey_after"
 QUESTION = "What is the pass key?"
 FRACTIONS = (4, 8)
+PEER = common.BENCH / "peers" / "kvpress_passkey.py"
 
 
 def cases(llm, max_tokens: int) -> list[dict[str, Any]]:
@@ -61,8 +69,40 @@ def answer_with_recall(llm, case: dict[str, Any], tokens: int, policy: str) -> t
     return reply.text, reply.recall
 
 
+def run_peer(chosen: list[dict[str, Any]], model: Path) -> dict[str, Any]:
+    """kvpress on the cases' token ids: {"build", "rows", ...} from benchmarks/peers/kvpress_passkey.py, or
+    {"error"}."""
+    python = common.venv_python("kvpress")
+    if not python.is_file():
+        return {"error": "peer not installed: run bash benchmarks/peers/setup.sh kvpress"}
+    with tempfile.TemporaryDirectory() as tmp:
+        cases_file, out = Path(tmp) / "cases.json", Path(tmp) / "out.json"
+        cases_file.write_text(json.dumps([{k: c[k] for k in ("id", "context", "question", "answer")}
+                                          for c in chosen]))
+        proc = common.run_python(python, [str(PEER), "--cases", str(cases_file), "--model", str(model),
+                                          "--fractions", *map(str, FRACTIONS), "--out", str(out)])
+        if proc.returncode != 0 or not out.is_file():
+            return {"error": f"kvpress_passkey.py exited with status {proc.returncode}"}
+        return json.loads(out.read_text())
+
+
+def add_peers(result: dict[str, Any]) -> dict[str, Any]:
+    """The saved kvbound result with kvpress run on the same cases (token ids from our tokenizer, as `cases()`)."""
+    import kvbound
+    from kvbound.loading import resolve_model
+
+    common.pin_threads()
+    chosen = cases(kvbound.load(dtype="fp32"), result["max_tokens"])
+    ours = {r["id"] for r in result["rows"]}
+    if {c["id"] for c in chosen} != ours:
+        raise SystemExit(f"the cases up to {result['max_tokens']} tokens ({[c['id'] for c in chosen]}) are not "
+                         f"those of the saved result ({sorted(ours)}); re-run the whole suite")
+    return {**result, "peers": {"kvpress": run_peer(chosen, resolve_model())}}
+
+
 def measure(max_tokens: int, policies: list[str]) -> dict[str, Any]:
     import kvbound
+    from kvbound.loading import resolve_model
 
     common.pin_threads()
     llm = kvbound.load(dtype="fp32", tune_allocator=True)
@@ -85,13 +125,64 @@ def measure(max_tokens: int, policies: list[str]) -> dict[str, Any]:
                              "recalled": recalled})
                 advance(note=f"{case['id']} {budget} {policy}{' +recall' if recall else ''}: "
                              f"{'hit' if hit else 'miss'}")
+    del llm  # the peer runs after, in its own process: the two never share the 2 cores
     return {"rows": rows, "policies": policies, "fractions": list(FRACTIONS), "max_tokens": max_tokens,
-            "cases": len(chosen), "model_dtype": "fp32"}
+            "cases": len(chosen), "model_dtype": "fp32", "peers": {"kvpress": run_peer(chosen, resolve_model())}}
 
 
 def _hits(rows: list[dict[str, Any]], policy: str, fraction: int, recall: bool) -> list[bool]:
     return [r["hit"] for r in rows if r["policy"] == policy and r["budget"] == f"1/{fraction}"
             and r.get("recall", False) == recall]
+
+
+def _peer_hits(peer: dict[str, Any], press: str, fraction: int) -> tuple[list[bool], int]:
+    """(hits of the cases a press ran at 1/fraction, how many cases it failed on)."""
+    mine = [r for r in peer["rows"] if r["press"] == press and r["budget"] == f"1/{fraction}"]
+    ran = [r["hit"] for r in mine if "error" not in r]
+    return ran, len(mine) - len(ran)
+
+
+def _peer_cell(peer: dict[str, Any], press: str, fraction: int) -> str:
+    ran, errors = _peer_hits(peer, press, fraction)
+    if not ran:
+        return "error"
+    return f"{sum(ran)}/{len(ran)}" + (f" ({errors} errors)" if errors else "")
+
+
+def peer_markdown(result: dict[str, Any]) -> str:
+    """kvpress press × kept fraction, under the full-cache ceiling of each engine."""
+    peer = result.get("peers", {}).get("kvpress")
+    if peer is None:
+        return ""
+    if "error" in peer:
+        return f"kvpress: {peer['error']}."
+    fractions = result["fractions"]
+    full = sum(r["hit"] for r in result["rows"] if r["budget"] == "full")
+    peer_full = [r["hit"] for r in peer["rows"] if r["press"] == "none" and "error" not in r]
+    table_rows = [["full cache, kvbound"] + [f"{full}/{result['cases']}"] * len(fractions),
+                  ["full cache, kvpress"] + [f"{sum(peer_full)}/{len(peer_full)}"] * len(fractions)]
+    presses = list(dict.fromkeys(r["press"] for r in peer["rows"] if r["press"] != "none"))
+    table_rows += [[press] + [_peer_cell(peer, press, f) for f in fractions] for press in presses]
+    table_rows += [[press, *[why] * len(fractions)] for press, why in peer.get("missing", {}).items()]
+    table = common.markdown_table(["kvpress press"] + [f"KV 1/{f} of the context" for f in fractions], table_rows)
+    build = peer["build"]
+    configs = sorted({f"`{r['press_config']}`" for r in peer["rows"] if r["press"] == "ExpectedAttentionPress"
+                      and "press_config" in r and r["budget"] == f"1/{fractions[0]}"})
+    errors = sorted({f"- {r['press']}: {r['error']}" for r in peer["rows"] if "error" in r})
+    kept = {f: [r["kept_context_tokens"] / r["context_tokens"] for r in peer["rows"]
+                if r["budget"] == f"1/{f}" and "kept_context_tokens" in r] for f in fractions}
+    share = ", ".join(f"{100 * sum(v) / len(v):.1f}% (1/{f})" for f, v in kept.items() if v)
+    notes = (f"kvpress {build['kvpress_version']} (transformers {build['transformers_version']}, "
+             f"{build['attn_implementation']}, {build['dtype'].removeprefix('torch.')}) on the same GGUF "
+             f"(transformers dequantizes it) and the same token ids. Each press prefills the whole context in one "
+             f"pass and compresses it to compression_ratio 1 − 1/f before the question exists (kvbound evicts while "
+             f"it prefills, never holding more than its budget); kvpress's pipeline (`generate_answer`) then feeds "
+             f"the question and decodes {peer['new_tokens']} tokens greedily. Presses as kvpress's evaluation "
+             f"registry builds them (ExpectedAttentionPress as {', '.join(configs) or 'AdaKV with epsilon 1e-2'}; "
+             f"KVzipPress with the tokenizer's chat template off, the context being raw text). kvpress keeps {share} "
+             f"of the context per layer and KV head and puts the question and the answer on top; kvbound's budget "
+             f"of 1/f of the prompt holds the question and the answer too.")
+    return "\n".join([table, "", notes, *([""] + errors if errors else [])])
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -112,7 +203,7 @@ def markdown(result: dict[str, Any]) -> str:
     return (f"{result['cases']} cases of `data/passkey/dev-classic.jsonl` up to {result['max_tokens']:,} tokens; "
             f"the question is fed after the context was compressed. Recall on: the prompt's evicted passages are "
             f"searched with its last sentences and the best come back before them, inside the same KV budget."
-            f"\n\n{table}")
+            f"\n\n{table}" + (f"\n\n{peer}" if (peer := peer_markdown(result)) else ""))
 
 
 def headlines(result: dict[str, Any]) -> list[str]:
@@ -129,6 +220,14 @@ def headlines(result: dict[str, Any]) -> list[str]:
              f"(full cache {full}): " + ", ".join(parts) + "."]
     if recalled:
         lines.append("The same with recall on: " + ", ".join(recalled) + ".")
+    peer = result.get("peers", {}).get("kvpress")
+    if peer and "error" not in peer:
+        presses = dict.fromkeys(r["press"] for r in peer["rows"] if r["press"] != "none")
+        peer_full = sum(r.get("hit", False) for r in peer["rows"] if r["press"] == "none")
+        scores = [f"{p} " + " / ".join(str(sum(ran)) if ran else "error" for ran, _ in
+                                       (_peer_hits(peer, p, f) for f in result["fractions"])) for p in presses]
+        lines.append(f"kvpress {peer['build']['kvpress_version']} on the same cases, KV at 1/4 / 1/8 of the context, "
+                     f"question after compression (full cache {peer_full}): " + ", ".join(scores) + ".")
     return lines
 
 
@@ -137,7 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="prompts up to 2,000 tokens")
     parser.add_argument("--max-tokens", type=int, default=4000)
     parser.add_argument("--policies", nargs="+", default=["window", "h2o", "snapkv", "tova", "keydiff"])
+    parser.add_argument("--peers-only", action="store_true",
+                        help="run kvpress on the cases of the saved results and add its rows there")
     args = parser.parse_args(argv)
+    if args.peers_only:
+        saved = common.read_result(SUITE)
+        if saved is None:
+            parser.error(f"no benchmarks/results/{SUITE}.json to add the peers to: run the suite first")
+        result = add_peers(saved)
+        common.rewrite_result(SUITE, result)
+        print(markdown(result))
+        return 0
     result = measure(2000 if args.quick else args.max_tokens, args.policies)
     return common.finish(SUITE, result, args.quick, markdown)
 
