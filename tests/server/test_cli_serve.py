@@ -33,9 +33,9 @@ def test_serve_answers_the_openai_client_until_interrupted(tiny_model: Path) -> 
         url = None
         for line in process.stderr:
             lines.append(line)
-            found = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
-            if found:
-                url = found.group(1)
+            found = re.search(r" on (http://127\.0\.0\.1:\d+) · ", line)  # the startup line names the port
+            url = found.group(1) if found else url
+            if "Application startup complete" in line:
                 break
         assert url, "".join(lines)
         reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)

@@ -399,7 +399,7 @@ def serve(
     where = f" on http://{host}:{sock.getsockname()[1]}"
     err.print(f"[bold]{escape(server.model_id)}[/]{escape(where)} · KV pool {format_bytes(pool.nbytes)} "
               f"({pool.num_blocks * pool.spec.block_size:,} tokens, {pool.spec.dtype}) shared by all sessions · "
-              f"policy {escape(settings.policy)}{' · API key required' if api_key else ''}")
+              f"policy {escape(settings.policy)}{' · API key required' if api_key else ''} · Ctrl-C stops it")
     run(server_app, log_level=log_level.value, header_timeout_s=header_timeout, sock=sock)
 
 
