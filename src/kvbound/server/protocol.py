@@ -87,6 +87,7 @@ class _Sampling(_Strict):
     logit_bias: dict[str, float] | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    user: str | None = None  # OpenAI's end-user id: checked, not used
     # vLLM-style extensions (the openai client sends them through `extra_body`)
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0.0, lt=1.0)
