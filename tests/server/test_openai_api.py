@@ -117,3 +117,31 @@ def test_openai_errors(server) -> None:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], temperature=2.5)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=5000)
+
+
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_responses_match_the_openai_sdk_models_strictly(server, route) -> None:
+    """The raw JSON of a reply, streamed and not, validates against the openai SDK's own response models in strict
+    mode (every required field present, every type exact): what clients that parse responses depend on."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    path, model, chunk_model = {"chat": ("/v1/chat/completions", ChatCompletion, ChatCompletionChunk),
+                                "completions": ("/v1/completions", Completion, Completion)}[route]
+    body = {"model": "tiny", "max_tokens": 4, "temperature": 0, "logit_bias": NO_STOP}
+    body |= {"messages": [{"role": "user", "content": "Hi"}]} if route == "chat" else {"prompt": "Hi"}
+    with server.http() as http:
+        reply = http.post(path, json=body).json()
+        with http.stream("POST", path, json={**body, "stream": True,
+                                             "stream_options": {"include_usage": True}}) as response:
+            data = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    model.model_validate(reply, strict=True)
+    if route == "chat":
+        message = reply["choices"][0]["message"]
+        assert message["refusal"] is None and message["annotations"] == [] and message["role"] == "assistant"
+    assert data[-1] == "[DONE]" and len(data) >= 3
+    for chunk in map(json.loads, data[:-1]):
+        if route == "completions" and any(c["finish_reason"] is None for c in chunk["choices"]):
+            continue  # the SDK's Completion model demands a finish reason; OpenAI streams null ones too
+        chunk_model.model_validate(chunk, strict=True)
+    assert json.loads(data[-2])["usage"]["completion_tokens"] == 4
