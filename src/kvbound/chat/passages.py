@@ -75,8 +75,9 @@ def split(n: int, ends: list[int], tail_tokens: int = TAIL_TOKENS
 def prefill(runner: "Runner", tokenizer: "Tokenizer", cache: "PagedCache", text: str, ids: list[int],
             chunk: int, reserve: int = 0) -> Generator[None, None, tuple[torch.Tensor, dict[str, Any]]]:
     """Prefill `ids` (the tokens of `text`) with recall, one chunk per step (runner.prefill_steps); returns the
-    logits after the last token and the recall receipt {"turns": [], "passages": n, "tokens": n, "spans": [[start, stop], ...]} (token spans of the prompt
-    that were recalled). `reserve`: tokens the caller will still add (the reply), for the tail's pin."""
+    logits after the last token and the recall receipt {"turns": [], "passages": n, "tokens": n, "spans": [[start,
+    stop], ...]} (the token spans of the prompt that came back). `reserve`: tokens the caller will still add (the
+    reply), for the tail's pin."""
     none = {"turns": [], "passages": 0, "tokens": 0, "spans": []}
     if len(ids) <= cache.capacity or not cache.policy.evicts:  # nothing will be evicted
         return (yield from runner.prefill_steps(ids, cache, chunk)), none

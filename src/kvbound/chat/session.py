@@ -123,8 +123,10 @@ class Chat:
         started = time.perf_counter()
         user, turn = [] if text is None else [{"role": "user", "content": text}], log.turn + 1
         note = [{"role": "system", "content": NOTE_PREFIX + log.pending_note}] if log.pending_note else []
-        recalled = [] if self.archive is None or text is None else self.archive.recall(
-            text, tokenizer, self.cache.capacity // RECALL_SHARE - len(tokenizer.encode(RECALL_PREFIX)) - 8)
+        recalled = []
+        if self.archive is not None and text is not None:
+            share = cache.capacity // RECALL_SHARE - len(tokenizer.encode(RECALL_PREFIX)) - 8  # 8: the role markup
+            recalled = self.archive.recall(text, tokenizer, share)
         recall = [{"role": "system", "content": RECALL_PREFIX + "\n\n".join(p.text for p in recalled)}] \
             if recalled else []
         unrecalled = tokenizer.apply_chat_template(log.history + note + user, add_generation_prompt=True)

@@ -312,22 +312,3 @@ def _model_card(server: Server) -> dict[str, Any]:
     config = server.llm.config
     return {"id": server.model_id, "object": "model", "created": 0, "owned_by": "kvbound",
             "context_length": config.max_context, "session_capacity_tokens": server.registry.capacity}
-
-
-def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve `app` with uvicorn until interrupted (Ctrl-C is the normal way to stop: it returns quietly)."""
-    import signal
-    import threading
-
-    import uvicorn
-
-    if threading.current_thread() is not threading.main_thread():
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
-        return
-    # uvicorn shuts down on Ctrl-C, then raises the signal again for the handler it found; Python's default one would
-    # turn a clean shutdown into a KeyboardInterrupt traceback, so a no-op handler stands in while it runs.
-    previous = signal.signal(signal.SIGINT, lambda *_: None)
-    try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
-    finally:
-        signal.signal(signal.SIGINT, previous)

@@ -19,8 +19,8 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
 from collections.abc import Generator
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from kvbound.engine import batch
@@ -236,9 +236,7 @@ class Worker:
         """One chunk of the oldest prefilling task's prompt; then it goes to the back (or, prefilled, decodes)."""
         for stream in [s for s in self._prefilling if s.cancelled]:
             self._prefilling.remove(stream)
-            stream.prefill.close()  # rolls the turn back (Chat) or frees the cache (raw)
-            self._room_changed = True
-            self._end(stream, "error", ServerBusy("the request was cancelled"))
+            self._stop_prefill(stream, ServerBusy("the request was cancelled"))
         if not self._prefilling:
             return
         stream = self._prefilling.popleft()
@@ -253,6 +251,12 @@ class Worker:
             self._end(stream, "error", e)
             return
         self._prefilling.append(stream)
+
+    def _stop_prefill(self, stream: Stream, error: BaseException) -> None:
+        """Close a prefill midway (a Chat rolls its turn back, a raw completion frees its cache) and end it."""
+        stream.prefill.close()
+        self._room_changed = True
+        self._end(stream, "error", error)
 
     def _wait_for_room(self, stream: Stream, busy: PoolBusy) -> None:
         """Back into the queue (its place kept) until a turn ends, or a 429 once it waited queue_timeout_s."""
@@ -329,8 +333,7 @@ class Worker:
         for stream in list(self._active):
             self._abort(stream, ServerBusy("the server is shutting down"))
         for stream in self._prefilling:
-            stream.prefill.close()
-            self._end(stream, "error", ServerBusy("the server is shutting down"))
+            self._stop_prefill(stream, ServerBusy("the server is shutting down"))
         self._prefilling = deque()
         for stream in [*self._pending, *self._waiting]:
             stream.post("error", ServerBusy("the server is shutting down"))

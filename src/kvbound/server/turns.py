@@ -4,8 +4,8 @@ usage and session figures its response reports. The routes only submit these and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Generator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from kvbound.config import CacheConfig
