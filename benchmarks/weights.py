@@ -23,6 +23,8 @@ from benchmarks import common
 SUITE = "weights"
 MODES = ("fp32", "bf16", "auto", "int8", "int4")
 PEER = "llama.cpp KV f16"
+# The process RSS at each phase of a run: the runtime imported, the model loaded, the end; and the peak.
+PHASES = ("rss_start_bytes", "rss_loaded_bytes", "rss_end_bytes", "peak_rss_bytes")
 BASELINE = "transformers DynamicCache fp32"
 
 
@@ -33,10 +35,15 @@ def child(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(common.THREADS)
     ids = json.loads(Path(args.ids).read_text())
-    started = time.perf_counter()
     if args.system == "transformers":
         from benchmarks.decode import TransformersSystem, load_transformers
         import transformers
+    else:
+        import kvbound
+        from benchmarks.decode import KvboundSystem
+    rss_start = common.rss_bytes()  # the runtime, imported: what every model pays before its weights
+    started = time.perf_counter()
+    if args.system == "transformers":
 
         from kvbound.loading import resolve_model
 
@@ -44,20 +51,19 @@ def child(args: argparse.Namespace) -> int:
         weights = sum(p.nbytes for p in hf.parameters())
         system = TransformersSystem(hf, "DynamicCache", lambda n: transformers.DynamicCache(config=hf.config))
     else:
-        import kvbound
-        from benchmarks.decode import KvboundSystem
-
         mode, _, compiled = args.system.partition("+")  # "auto+compile": the compiled decode step
         llm = kvbound.load(weights=mode, device="cpu", compile=bool(compiled), tune_allocator=True)  # as the CLI
         weights = llm.model.weights_bytes()
         system = KvboundSystem(llm, "auto")
     load_s = time.perf_counter() - started
+    rss_loaded, peak_loading = common.rss_bytes(), common.peak_rss_bytes()
     system.run(ids[:64], 4)  # warm-up: first-call allocations and kernel selection
     run = system.run(ids, args.tokens)
     Path(args.out).write_text(json.dumps({
         "prefill_s": run.prefill_s, "decode_s": run.decode_s, "decoded": run.decoded, "tokens": run.tokens,
         "kv_bytes": run.kv_bytes, "weights_bytes": weights, "load_s": load_s,
-        "peak_rss_bytes": common.peak_rss_bytes()}))
+        "rss_start_bytes": rss_start, "rss_loaded_bytes": rss_loaded, "peak_loading_rss_bytes": peak_loading,
+        "rss_end_bytes": common.rss_bytes(), "peak_rss_bytes": common.peak_rss_bytes()}))
     return 0
 
 
@@ -90,8 +96,8 @@ def run_system(system: str, ids: list[int], tokens: int) -> dict[str, Any]:
         peer = LlamaCppSystem(resolve_model(), "f16")
         r = peer.run(ids, tokens)
         return {"prefill_s": r.prefill_s, "decode_s": r.decode_s, "tokens": r.tokens, "kv_bytes": r.kv_bytes,
-                "peak_rss_bytes": peer.last["peak_rss_bytes"], "weights_bytes": None,
-                "system_info": peer.last.get("system_info")}
+                "weights_bytes": None, "system_info": peer.last.get("system_info"),
+                **{k: peer.last.get(k) for k in PHASES}}
     with tempfile.TemporaryDirectory() as tmp:
         ids_file, out = Path(tmp) / "ids.json", Path(tmp) / "out.json"
         ids_file.write_text(json.dumps(ids))
@@ -138,6 +144,9 @@ def measure(contexts: list[int], tokens: int, repeats: int, peers: bool, compile
                     entry["decode_s"].append(r["decode_s"])
                     entry["prefill_s"].append(r["prefill_s"])
                     entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], r["peak_rss_bytes"])
+                    for key in PHASES[:-1]:  # the repeat with the highest peak sets the phases too
+                        if r.get(key) is not None and entry["peak_rss_bytes"] == r["peak_rss_bytes"]:
+                            entry[key] = r[key]
                     if r.get("system_info"):
                         entry["system_info"] = r["system_info"]
                     advance(note=f"{context} {system}: {tokens / r['decode_s']:.1f} tok/s")
@@ -176,6 +185,15 @@ def markdown(result: dict[str, Any]) -> str:
     table = common.markdown_table(
         ["system", "context", "weights MiB", "weights / GGUF tensors", "process peak RSS MiB", "prefill tok/s",
          "decode tok/s", "decode vs transformers", "decode vs llama.cpp", "roofline tok/s (% reached)"], rows)
+    phases = [[r["system"], r["context"], common.mib(r["rss_start_bytes"]),
+               common.mib(r["rss_loaded_bytes"] - r["rss_start_bytes"]), common.mib(r["rss_end_bytes"]),
+               common.mib(r["peak_rss_bytes"]), common.mib(r["kv_bytes_at_context"])]
+              for r in result["rows"] if all(r.get(k) is not None for k in PHASES)]
+    if phases:
+        table += ("\n\nWhere each process's memory goes (RSS, MiB): the runtime once imported (Python with torch, or "
+                  "with llama-cpp-python), what loading the model adds, the RSS at the end of the run, its peak, and "
+                  "the KV bytes at that context.\n\n" + common.markdown_table(
+                      ["system", "context", "runtime imported", "+ model loaded", "end of run", "peak", "KV"], phases))
     notes = [f"- {name}: {why}" for name, why in result.get("unavailable", {}).items()]
     head = (f"{cfg['decode_tokens']} greedy tokens after a prefill of the context, one thread, every run in its own "
             f"process; GGUF tensor data {common.mib(cfg['gguf_tensor_bytes'])} MiB. kvbound's KV is stored in its "

@@ -3,7 +3,6 @@ the blocks (models/block.py), final norm and output projection; picks the eager,
 
 from __future__ import annotations
 
-import itertools
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
@@ -51,7 +50,15 @@ class LlamaModel(nn.Module):
             plan = WeightsPlan(name, name, {m: "dense" for m in matrix_modules(config)}, device.type)
         with torch.device("meta"):
             model = cls(config)
-        stream = itertools.chain([first] if first is not None else [], tensors)
+        # Not itertools.chain([first], tensors): chain keeps its arguments, so the first tensor (the default GGUF's
+        # 31 MB embedding source) would stay alive until the last one is read.
+        head = [first] if first is not None else []
+        del first
+
+        def stream():
+            while head:
+                yield head.pop()
+            yield from tensors
 
         def without_rope(items):
             for name, tensor in items:
@@ -60,7 +67,7 @@ class LlamaModel(nn.Module):
                 else:
                     yield name, tensor
 
-        materialize(model, config, without_rope(stream), plan, device)
+        materialize(model, config, without_rope(stream()), plan, device)
         if model.inv_freq.is_meta:
             model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         model.inv_freq = model.inv_freq.to(device)

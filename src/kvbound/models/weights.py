@@ -95,11 +95,18 @@ class WeightsPlan:
         return total + norms * item
 
     def load_transient_bytes(self, config: ModelConfig) -> int:
-        """What quantizing on load holds beside the finished weights, at its largest: the raw 1-byte values of the
-        biggest matrix plus one pass of rows in fp32 (the source, the scaled copy, the rounded copy)."""
-        largest = max((N, K) for name, (N, K, _, _) in matrix_modules(config).items()
-                      if self.storage[name] != "dense") if self.quantized else (0, 0)
-        return largest[0] * largest[1] + 3 * 4 * ROWS_PER_PASS * largest[1]
+        """What quantizing on load holds above the finished weights at the load's peak. Converting the biggest
+        matrix holds its raw 1-byte values and one pass of rows in fp32 (the source, the scaled copy, the rounded
+        copy) beside its own stored bytes. Tensors stream one at a time and that matrix (the vocabulary) comes
+        first in GGUF and safetensors files alike, so the peak is either that moment or the end, with all the
+        weights in: only what the first exceeds the second by counts."""
+        if not self.quantized:
+            return 0
+        item = COMPUTE_DTYPES[self.compute].itemsize
+        name, (N, K) = max(((name, (N, K)) for name, (N, K, _, _) in matrix_modules(config).items()
+                            if self.storage[name] != "dense"), key=lambda x: x[1])
+        stored = matrix_bytes(self.storage[name], N, K, item, self.device, lookup=name == "embed_tokens")
+        return max(0, N * K + 3 * 4 * ROWS_PER_PASS * K + stored - self.nbytes(config))
 
     def scratch_bytes(self, config: ModelConfig) -> int:
         """The dequantization buffer int4 matrices share for multi-row inputs (the largest one, CPU only)."""
