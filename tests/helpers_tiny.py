@@ -129,6 +129,14 @@ def save_tokenizer_json(path: Path, vocab_size: int) -> None:
     (path / "tokenizer_config.json").write_text(json.dumps(config))
 
 
+def tiny_tokenizer(path: Path, vocab_size: int = 128):
+    """The kvbound Tokenizer of the tiny vocab, saved as tokenizer.json into `path`."""
+    from kvbound.tokenizer import Tokenizer
+
+    save_tokenizer_json(path, vocab_size)
+    return Tokenizer.from_files(path / "tokenizer.json", path / "tokenizer_config.json")
+
+
 # ---- HF safetensors directory -----------------------------------------------------------------------------------
 
 

@@ -222,7 +222,7 @@ class LLM:
                 kv_bytes=kv.nbytes, elapsed_s=time.perf_counter() - started,
                 finish_reason=result.finish_reason, ttft_s=result.prefill_s,
                 decode_tokens_per_s=decoded / result.decode_s if result.decode_s > 0 else 0.0,
-                receipt=asdict(kv.receipt()), recall=recalled)
+                receipt=asdict(kv.receipt()), recall=recalled, logprobs=result.logprobs)
             kv.free()
             return reply
 

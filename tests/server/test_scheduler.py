@@ -55,6 +55,9 @@ class FakeDecoder:
     def step(self) -> str:
         return self.feed(self.runner.decode(self.token, self.cache))
 
+    def take_logprobs(self) -> list:
+        return []
+
 
 class FakeTask:
     """A turn of `pieces` steps; its commit and abort both log `<name>-closed`."""

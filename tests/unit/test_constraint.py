@@ -7,7 +7,6 @@ system prompt alone."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from kvbound.engine.constraint import JsonConstraint  # noqa: E402
 from kvbound.engine.generate import Decoder  # noqa: E402
 from kvbound.engine.sampler import SamplingParams, sampling_params  # noqa: E402
 from kvbound.tokenizer import Tokenizer  # noqa: E402
-from tests.helpers_tiny import save_hf_dir, save_tokenizer_json, tiny_hf_model  # noqa: E402
+from tests.helpers_tiny import save_hf_dir, tiny_hf_model, tiny_tokenizer  # noqa: E402
 
 FLAG = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
         "additionalProperties": False}
@@ -34,9 +33,7 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> Tokenizer:
-    path = tmp_path_factory.mktemp("tok")
-    save_tokenizer_json(path, 128)
-    return Tokenizer.from_files(path / "tokenizer.json", path / "tokenizer_config.json")
+    return tiny_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +65,7 @@ def test_the_mask_allows_what_the_schema_allows_next(tokenizer) -> None:
 
 def test_a_masked_token_cannot_be_taken(tokenizer) -> None:
     constraint = JsonConstraint(FLAG, tokenizer)
-    with pytest.raises(ValueError, match="does not continue the JSON document"):
+    with pytest.raises(ValueError, match="does not continue the text the json_schema allows"):
         constraint.advance(tokenizer.token_to_id("x"))
 
 

@@ -189,6 +189,9 @@ def test_sentencepiece_vocab_with_byte_fallback() -> None:
     ids = tok.encode("hé")
     assert ids == [tokens.index("▁h"), 3 + 0xC3, 3 + 0xA9]  # é is not in the vocab: its UTF-8 bytes
     assert tok.decode(ids) == "hé" and "".join(_stream(tok, ids)) == "hé"
+    # a token's own bytes: the byte-fallback tokens each hold half of é; "▁" is the space the decoder drops at the start
+    assert [tok.token_bytes(i) for i in ids] == [b" h", b"\xc3", b"\xa9"]
+    assert tok.token_bytes(1) == b"<s>" and tok.token_bytes(10 ** 6) == b""
 
 
 def test_from_files_reads_hf_directory(smollm2_tokenizer: Tokenizer, tmp_path: Path) -> None:

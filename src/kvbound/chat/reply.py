@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvbound.engine.logprobs import TokenLogprob
 
 
 @dataclass
@@ -22,6 +25,8 @@ class Reply:
     mem_events: list[dict[str, Any]] = field(default_factory=list)  # thresholds crossed this turn
     forecast: str = ""  # "≈N more turns until the KV budget is full ..."
     recall: dict[str, Any] = field(default_factory=dict)  # recalled text this turn: turns, passages, tokens
+    # with the logprobs sampling option: each token of `text` with its logprob and the likeliest alternatives'
+    logprobs: "list[TokenLogprob] | None" = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

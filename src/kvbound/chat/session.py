@@ -93,7 +93,8 @@ class Chat:
     def send(self, text: str | None, **sampling: Any) -> Reply:
         """The reply to `text` (None: to the system prompt alone, in a chat that holds nothing else). Sampling
         options are SamplingParams' fields: temperature, max_new_tokens, stop, json_schema={...} (only JSON that
-        schema accepts; {"type": "object"} for any object), ..."""
+        schema accepts; {"type": "object"} for any object), grammar="..." (a Lark grammar), logprobs=N (each token's
+        logprob and N alternatives' on the Reply), ..."""
         for _ in self.stream(text, **sampling):
             pass
         return self.last_reply
@@ -248,7 +249,7 @@ class Chat:
             finish_reason=result.finish_reason, ttft_s=result.prefill_s,
             decode_tokens_per_s=decoded / result.decode_s if result.decode_s > 0 else 0.0,
             reprefilled_tokens=plan.reprefilled, receipt=receipt, mem_events=[e.to_dict() for e in events],
-            forecast=forecast, recall=plan.recall)
+            forecast=forecast, recall=plan.recall, logprobs=result.logprobs)
         return self.last_reply
 
     # -- the session --------------------------------------------------------------------------------------------------

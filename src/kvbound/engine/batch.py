@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvbound.engine.generate import Decoder
+from kvbound.engine.logprobs import TokenLogprob
 from kvbound.errors import ContextOverflowError
 
 logger = logging.getLogger("kvbound.engine")
@@ -20,10 +21,12 @@ logger = logging.getLogger("kvbound.engine")
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one decoder's step produced: the text now safe to show, or the error that ended it."""
+    """What one decoder's step produced: the text now safe to show (and its tokens' logprobs, when asked for), or
+    the error that ended it."""
 
     piece: str = ""
     error: BaseException | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 def step(decoders: Sequence[Decoder]) -> tuple[list[Outcome], list[int]]:
@@ -52,7 +55,8 @@ def step(decoders: Sequence[Decoder]) -> tuple[list[Outcome], list[int]]:
 
 def _feed(decoder: Decoder, row) -> Outcome:
     try:
-        return Outcome(decoder.feed(row) if row is not None else decoder.step())
+        piece = decoder.feed(row) if row is not None else decoder.step()
+        return Outcome(piece, logprobs=tuple(decoder.take_logprobs()))
     except Exception as e:  # noqa: BLE001 — the error belongs to this sequence only
         return Outcome(error=e)
 

@@ -1,7 +1,7 @@
-"""Structured output: a JSON schema as a mask over each step's logits, computed by llguidance (the constraint engine
-of llama.cpp and vLLM; kvbound writes no grammar of its own). `check_schema` validates a schema before any work;
-a `JsonConstraint` is one generation's place in it. Owns no model or cache state; llguidance is imported only when
-a generation asks for a schema."""
+"""Structured output: a JSON schema or a Lark grammar as a mask over each step's logits, computed by llguidance (the
+constraint engine of llama.cpp and vLLM; kvbound writes no grammar engine of its own). `check_schema` and
+`check_grammar` validate one before any work; a `Constraint` is one generation's place in it. Owns no model or cache
+state; llguidance is imported only when a generation asks for a constraint."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _llguidance() -> Any:
     try:
         import llguidance
     except ImportError:
-        raise KvboundError("structured output (json_schema) needs the llguidance package; install it with "
+        raise KvboundError("structured output (json_schema, grammar) needs the llguidance package; install it with "
                            "pip install 'kvbound[serve]' (or pip install llguidance)") from None
     return llguidance
 
@@ -48,6 +48,19 @@ def check_schema(schema: Any) -> str:
     return grammar
 
 
+def check_grammar(lark: Any) -> str:
+    """The llguidance grammar of a Lark grammar in llguidance's dialect (`%json {...}` sub-schemas, `&` and `~` in
+    terminals: https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md); ValueError naming the fault."""
+    if not isinstance(lark, str) or not lark.strip():
+        raise ValueError("grammar must be the text of a Lark grammar (with a 'start:' rule)")
+    matcher = _llguidance().LLMatcher
+    grammar = matcher.grammar_from_lark(lark)
+    is_error, messages = matcher.validate_grammar_with_warnings(grammar)
+    if is_error:
+        raise ValueError(f"grammar is not a valid Lark grammar: {' '.join(messages[0].split())}")
+    return grammar
+
+
 def _vocabulary(tokenizer: Tokenizer) -> Any:
     vocab = _VOCABS.get(tokenizer)
     if vocab is None:
@@ -56,15 +69,16 @@ def _vocabulary(tokenizer: Tokenizer) -> Any:
     return vocab
 
 
-class JsonConstraint:
-    """Where one generation stands in a JSON schema's grammar: `mask` the logits of the next step to the tokens
-    the grammar allows, `advance` on the token sampled, and `complete` once the document is whole (nothing but an
-    end-of-text token may follow)."""
+class Constraint:
+    """Where one generation stands in a grammar (from `check_schema` or `check_grammar`): `mask` the logits of the
+    next step to the tokens the grammar allows, `advance` on the token sampled, and `complete` once the text is
+    whole (nothing but an end-of-text token may follow). `what` names the option in errors."""
 
-    def __init__(self, schema: dict[str, Any], tokenizer: Tokenizer):
-        self._matcher = _llguidance().LLMatcher(_vocabulary(tokenizer), check_schema(schema), log_level=0)
+    def __init__(self, grammar: str, tokenizer: Tokenizer, what: str = "grammar"):
+        self._matcher = _llguidance().LLMatcher(_vocabulary(tokenizer), grammar, log_level=0)
+        self.what = what
         if self._matcher.is_error():
-            raise ValueError(f"json_schema cannot be used with this model's tokenizer: {self._matcher.get_error()}")
+            raise ValueError(f"{what} cannot be used with this model's tokenizer: {self._matcher.get_error()}")
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` (V,) with every token the grammar does not allow next set to -inf (a new tensor)."""
@@ -78,9 +92,23 @@ class JsonConstraint:
     def advance(self, token: int) -> None:
         if not self._matcher.consume_token(token):
             # Only a token outside the mask fails: every allowed token was banned (logit_bias) before sampling.
-            raise ValueError(f"token {token} does not continue the JSON document; was every token the schema allows "
-                             "next banned by logit_bias?")
+            raise ValueError(f"token {token} does not continue the text the {self.what} allows; was every token it "
+                             "allows next banned by logit_bias?")
 
     @property
     def complete(self) -> bool:
         return self._matcher.is_stopped()
+
+
+class JsonConstraint(Constraint):
+    """Only JSON documents a schema accepts."""
+
+    def __init__(self, schema: dict[str, Any], tokenizer: Tokenizer):
+        super().__init__(check_schema(schema), tokenizer, what="json_schema")
+
+
+class GrammarConstraint(Constraint):
+    """Only text a Lark grammar (llguidance's dialect) accepts."""
+
+    def __init__(self, lark: str, tokenizer: Tokenizer):
+        super().__init__(check_grammar(lark), tokenizer, what="grammar")

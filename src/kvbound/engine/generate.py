@@ -1,7 +1,8 @@
 """The decode loop as an object the caller drives: a `Decoder` holds the token it sampled until someone feeds it
 to the cache (alone, or in a batch with other sequences: engine/batch.py) and hands back the logits after it;
 a `Turn` is a decoder plus what ends its work (commit, or roll back on failure or cancel). A generation with a
-`json_schema` samples only the tokens its grammar allows and stops when the document is whole."""
+`json_schema` or `grammar` samples only the tokens it allows and stops when the text is whole; one with `logprobs`
+records each token's logprobs and releases them with the text they make (`take_logprobs`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, Iterator
 
 import torch
 
-from kvbound.engine.constraint import JsonConstraint
+from kvbound.engine.constraint import Constraint, GrammarConstraint, JsonConstraint
+from kvbound.engine.logprobs import TokenLogprob, token_logprob
 from kvbound.engine.sampler import Sampler, SamplingParams
 from kvbound.errors import ContextOverflowError
 from kvbound.kvcache.base import KVCache
@@ -29,6 +31,8 @@ class Generation:
     text: str = ""
     # "stop" (stop token/string, a json_schema document complete) | "length" (max_new_tokens) | "context_full"
     finish_reason: str = ""
+    # With SamplingParams.logprobs: one per token of `text` (stop tokens and tokens after a stop string left out)
+    logprobs: list[TokenLogprob] | None = None
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
@@ -46,12 +50,18 @@ class Decoder:
         self.runner, self.cache, self.params = runner, cache, params
         self.result = result if result is not None else Generation()
         self._sampler = Sampler(params, device=logits.device)
-        self._constraint = JsonConstraint(params.json_schema, tokenizer) if params.json_schema is not None else None
+        self._constraint = _constraint(params, tokenizer)
         self._detok = StreamDecoder(tokenizer, skip_special=True)
         self._stop_ids = set(tokenizer.stop_ids) | set(params.stop_token_ids)
         self._holdback = max((len(s) for s in params.stop), default=1) - 1  # a stop string may still be forming
         self._seen = list(history) if params.repetition_penalty != 1.0 else []
         self._text, self._emitted = "", 0
+        if params.logprobs is not None:
+            self.result.logprobs = []
+        # A token's logprob waits for its text: (start, end) offsets in the text, end None while the token's text is
+        # not out yet (part of a UTF-8 character). Released ones (their text fed out) wait to be taken.
+        self._pending: list[tuple[int, int | None, TokenLogprob]] = []
+        self._released: list[TokenLogprob] = []
         self._started = time.perf_counter()
         self.token: int | None = None
         self._sample(logits)
@@ -70,17 +80,44 @@ class Decoder:
         if token in self._stop_ids:
             result.finish_reason = "stop"
         else:
-            self._text += self._detok.push(token)
+            if params.logprobs is not None:  # the raw logits: the model's own distribution (engine/logprobs.py)
+                self._pending.append((len(self._text), None, token_logprob(logits, token, params.logprobs)))
+            self._add_text(self._detok.push(token))
             cut = _find_stop(self._text, params.stop)
             if cut is not None:
                 self._text, result.finish_reason = self._text[:cut], "stop"
-            elif constraint is not None and constraint.complete:  # the document is whole: nothing may follow
-                self._text += self._detok.flush()
+                self._pending = [p for p in self._pending if p[0] < cut]  # the stop string's tokens are not the reply's
+            elif constraint is not None and constraint.complete:  # the text is whole: nothing may follow
+                self._add_text(self._detok.flush())
                 result.finish_reason = "stop"
             elif len(result.token_ids) == params.max_new_tokens:
-                self._text += self._detok.flush()
+                self._add_text(self._detok.flush())
                 result.finish_reason = "length"
         self.token = token
+
+    def _add_text(self, text: str) -> None:
+        self._text += text
+        if text and self._pending and self._pending[-1][1] is None:
+            end = len(self._text)
+            self._pending = [(start, end if stop is None else stop, entry) for start, stop, entry in self._pending]
+
+    def _release(self, upto: int | None) -> None:
+        """Logprobs of the tokens whose text ends by `upto` (None: all that are left) go out with that text."""
+        if not self._pending:
+            return
+        out = len(self._pending) if upto is None else 0
+        while out < len(self._pending) and self._pending[out][1] is not None and self._pending[out][1] <= upto:
+            out += 1
+        released = [entry for _, _, entry in self._pending[:out]]
+        del self._pending[:out]
+        self._released += released
+        self.result.logprobs += released
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The logprobs of the tokens whose text the calls to `feed` returned since the last call (none unless the
+        generation asked for logprobs)."""
+        taken, self._released = self._released, []
+        return taken
 
     def feed(self, logits: torch.Tensor | None) -> str:
         result = self.result
@@ -89,7 +126,10 @@ class Decoder:
             result.finish_reason = "context_full"
         text = self._text
         safe = len(text) if result.finish_reason else max(self._emitted, len(text) - self._holdback)
+        if self._pending and not result.finish_reason:  # with logprobs, a piece ends where a token's text ends
+            safe = max([self._emitted] + [end for _, end, _ in self._pending if end is not None and end <= safe])
         piece, self._emitted = text[self._emitted:safe], max(self._emitted, safe)
+        self._release(None if result.finish_reason else self._emitted)
         if result.finish_reason:
             self.token = None
             result.text = text
@@ -138,6 +178,14 @@ def stream_tokens(runner: "Runner", tokenizer: Tokenizer, cache: KVCache, logits
         piece = decoder.step()
         if piece:
             yield piece
+
+
+def _constraint(params: SamplingParams, tokenizer: Tokenizer) -> Constraint | None:
+    if params.json_schema is not None:
+        return JsonConstraint(params.json_schema, tokenizer)
+    if params.grammar is not None:
+        return GrammarConstraint(params.grammar, tokenizer)
+    return None
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

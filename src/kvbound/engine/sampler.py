@@ -1,5 +1,6 @@
 """Sampling parameters (validated) and the next-token sampler: greedy, temperature, top-k/p, min-p, repetition.
-A `json_schema` is carried here and checked here; the Decoder applies it (engine/constraint.py)."""
+A `json_schema` or `grammar` and a `logprobs` request are carried and checked here; the Decoder applies them
+(engine/constraint.py, engine/logprobs.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 
 import torch
 
-from kvbound.engine.constraint import check_schema
+from kvbound.engine.constraint import check_grammar, check_schema
+from kvbound.engine.logprobs import MAX_TOP_LOGPROBS
 
 
 @dataclass
@@ -25,6 +27,11 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id → added to its logit (-inf bans it)
     # Only JSON this schema accepts (llguidance masks each step); the generation stops once the document is whole.
     json_schema: dict[str, Any] | None = None
+    # Only text this Lark grammar (llguidance's dialect, %json sub-schemas included) accepts; not with json_schema.
+    grammar: str | None = None
+    # None: none computed. N (0-20): each generated token's logprob under the model's own distribution and the N
+    # likeliest alternatives' (engine/logprobs.py), on Reply.logprobs.
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -49,8 +56,16 @@ class SamplingParams:
         if outside:
             raise ValueError(f"logit_bias names token {outside[0]}, outside the vocabulary of {vocab_size:,} tokens "
                              f"(ids 0 to {vocab_size - 1:,})")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
+                                              and 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer from 0 to {MAX_TOP_LOGPROBS} (the alternatives "
+                             f"reported per token), got {self.logprobs!r}")
+        if self.json_schema is not None and self.grammar is not None:
+            raise ValueError("give json_schema or grammar, not both")
         if self.json_schema is not None:
             check_schema(self.json_schema)
+        if self.grammar is not None:
+            check_grammar(self.grammar)
         return self
 
 

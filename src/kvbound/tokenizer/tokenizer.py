@@ -4,7 +4,9 @@ Owns special/stop-token ids and the chat template; knows nothing of weights, dev
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,18 @@ _IGNORE_MERGES = frozenset({"llama3", "llama-v3", "llama-bpe"})
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>", "<end_of_turn>", "<|eom_id|>")
 # llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
 _SPECIAL_TYPES, _USER_DEFINED = frozenset({2, 3}), 4
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's token for one raw byte
+
+
+@cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable character a byte-level BPE token writes → that byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(shifted)}}
 
 
 def _spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
@@ -208,6 +222,33 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for: a byte-level token may hold part of a UTF-8 character, which `decode`
+        would show as U+FFFD (what OpenAI's logprobs report as `bytes`). b"" for an id outside the vocabulary."""
+        piece = self._backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._added_ids:
+            return piece.encode()
+        if self._byte_level:
+            alphabet = _byte_level_alphabet()
+            if all(c in alphabet for c in piece):
+                return bytes(alphabet[c] for c in piece)
+        elif (byte := _BYTE_FALLBACK.fullmatch(piece)) is not None:
+            return bytes([int(byte[1], 16)])
+        return piece.replace("\u2581", " ").encode()  # SentencePiece writes a space as U+2581
+
+    @cached_property
+    def _added_ids(self) -> frozenset[int]:
+        return frozenset(self._backend.get_added_tokens_decoder())
+
+    @cached_property
+    def _byte_level(self) -> bool:
+        """Whether the pipeline decodes with GPT-2's byte-level alphabet (read from its JSON once)."""
+        decoder = json.loads(self._backend.to_str()).get("decoder") or {}
+        parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+        return any(part.get("type") == "ByteLevel" for part in parts)
 
     @property
     def special_ids(self) -> set[int]:
