@@ -94,6 +94,14 @@ def serve(tiny_llm: kvbound.LLM) -> Iterator[Callable[..., LiveServer]]:
 
 
 @pytest.fixture(scope="module")
+def smollm2_server(smollm2_gguf: Path) -> Iterator[LiveServer]:
+    """One server per test module on the default model, with a 64 MiB pool."""
+    llm = kvbound.load(smollm2_gguf, device="cpu")
+    with LiveServer(create_app(llm, ServerSettings(kv_budget="64MiB"))) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
 def server(tiny_llm: kvbound.LLM) -> Iterator[LiveServer]:
     """One server per test module: a 1 MiB pool (64 blocks of 32 tokens) shared by every session."""
     with LiveServer(create_app(tiny_llm, ServerSettings(kv_budget="1MiB"))) as live:

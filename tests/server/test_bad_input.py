@@ -34,7 +34,8 @@ CASES: dict[str, tuple[str, str, Any, int, tuple[str, ...]]] = {
     "messages_not_list": ("POST", CHAT, chat(messages="hi"), 400, ("messages",)),
     "message_not_object": ("POST", CHAT, chat(messages=["hi"]), 400, ("messages.0",)),
     "role_unknown": ("POST", CHAT, chat(messages=[{"role": "bot", "content": "x"}]), 400, ("messages.0.role",)),
-    "role_tool": ("POST", CHAT, chat(messages=[{"role": "tool", "content": "x"}]), 400, ("role", "'user'")),
+    "role_tool": ("POST", CHAT, chat(messages=[{"role": "tool", "content": "x"}]), 400,
+                  ("messages.0.tool_call_id", "needs tool_call_id")),
     "role_missing": ("POST", CHAT, chat(messages=[{"content": "x"}]), 400, ("messages.0.role",)),
     "content_number": ("POST", CHAT, chat(messages=[{"role": "user", "content": 5}]), 400,
                        ("messages.0.content:", "string")),
@@ -73,14 +74,8 @@ CASES: dict[str, tuple[str, str, Any, int, tuple[str, ...]]] = {
     "logit_bias_not_token": ("POST", CHAT, chat(logit_bias={"hello": 1}), 400, ("logit_bias", "token ids")),
     "logit_bias_out_of_range": ("POST", CHAT, chat(logit_bias={"5": 500}), 400, ("logit_bias", "-100")),
     "presence_penalty": ("POST", CHAT, chat(presence_penalty=1.0), 400, ("presence_penalty",)),
-    "tools": ("POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, ("tools",)),
-    "logprobs": ("POST", CHAT, chat(logprobs=True), 400, ("logprobs",)),
-    "tool_choice": ("POST", CHAT, chat(tool_choice="auto"), 400, ("tool_choice", "not supported")),
-    "tool_choice_function": ("POST", CHAT, chat(tool_choice={"type": "function", "function": {"name": "f"}}), 400,
-                             ("tool_choice",)),
-    "functions": ("POST", CHAT, chat(functions=[{"name": "f", "parameters": {}}]), 400, ("functions",)),
-    "function_call": ("POST", CHAT, chat(function_call="auto"), 400, ("function_call",)),
-    "parallel_tool_calls": ("POST", CHAT, chat(parallel_tool_calls=False), 400, ("parallel_tool_calls",)),
+    "functions": ("POST", CHAT, chat(functions=[{"name": "f", "parameters": {}}]), 400, ("functions", "send tools")),
+    "function_call": ("POST", CHAT, chat(function_call="auto"), 400, ("function_call", "send tool_choice")),
     "logit_bias_outside_vocabulary": ("POST", CHAT, chat(logit_bias={"128": 5}), 400,
                                       ("token 128", "vocabulary of 128")),
     "response_format_unknown": ("POST", CHAT, chat(response_format={"type": "xml"}), 400, ("response_format.type",)),
@@ -125,6 +120,87 @@ CASES: dict[str, tuple[str, str, Any, int, tuple[str, ...]]] = {
     "unknown_route": ("GET", "/v1/engines", None, 404, ("no route",)),
     "wrong_method": ("GET", CHAT, None, 405, ("not allowed",)),
     "model_lookup_unknown": ("GET", "/v1/models/gpt-4", None, 404, ("gpt-4",)),
+}
+
+
+# Tools, tool messages and logprobs, malformed: a 400 that names the field.
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+    "x": {"type": "integer"}}}}}
+CALLED = [{"role": "user", "content": "a"},
+          {"role": "assistant", "content": None, "tool_calls": [
+              {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]}]
+
+
+def tool(name: str = "f", **function: Any) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, **function}}
+
+
+CASES |= {
+    "tool_result_answers_nothing": ("POST", CHAT, chat(messages=[
+        {"role": "user", "content": "a"}, {"role": "tool", "tool_call_id": "call_x", "content": "5"}]), 400,
+        ("'call_x'", "no assistant message")),
+    "tool_result_answers_another_call": ("POST", CHAT, chat(messages=[
+        *CALLED, {"role": "tool", "tool_call_id": "call_2", "content": "5"}]), 400, ("'call_2'",)),
+    "tool_result_content_number": ("POST", CHAT, chat(messages=[
+        *CALLED, {"role": "tool", "tool_call_id": "call_1", "content": 5}]), 400, ("messages.2.content",)),
+    "tool_calls_on_a_user_message": ("POST", CHAT, chat(messages=[{"role": "user", "content": "a", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]), 400,
+        ("only an assistant message has tool_calls",)),
+    "tool_call_type_unknown": ("POST", CHAT, chat(messages=[{"role": "user", "content": "a"}, {
+        "role": "assistant", "tool_calls": [{"id": "c", "type": "custom", "function": {"name": "f", "arguments": ""}}]},
+        {"role": "user", "content": "b"}]), 400, ("messages.1.tool_calls.0.type",)),
+    "tool_call_arguments_object": ("POST", CHAT, chat(messages=[{"role": "user", "content": "a"}, {
+        "role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+            "name": "f", "arguments": {"x": 1}}}]}, {"role": "user", "content": "b"}]), 400,
+        ("messages.1.tool_calls.0.function.arguments",)),
+    "tool_call_without_id": ("POST", CHAT, chat(messages=[{"role": "user", "content": "a"}, {
+        "role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "user", "content": "b"}]), 400, ("messages.1.tool_calls.0.id",)),
+    "tools_not_a_list": ("POST", CHAT, chat(tools=TOOL), 400, ("tools",)),
+    "tools_list_of_strings": ("POST", CHAT, chat(tools=["f"]), 400, ("tools.0",)),
+    "tools_type_unknown": ("POST", CHAT, chat(tools=[{"type": "retrieval"}]), 400, ("tools.0.type",)),
+    "tools_no_function": ("POST", CHAT, chat(tools=[{"type": "function"}]), 400, ("tools.0.function",)),
+    "tools_no_name": ("POST", CHAT, chat(tools=[{"type": "function", "function": {"parameters": {}}}]), 400,
+                      ("tools.0.function.name",)),
+    "tools_name_with_space": ("POST", CHAT, chat(tools=[tool("get weather")]), 400, ("tools.0.function.name",)),
+    "tools_name_too_long": ("POST", CHAT, chat(tools=[tool("f" * 65)]), 400, ("tools.0.function.name",)),
+    "tools_name_twice": ("POST", CHAT, chat(tools=[tool("f"), tool("g"), tool("f")]), 400,
+                         ("tools[2].function.name", "twice")),
+    "tools_too_many": ("POST", CHAT, chat(tools=[tool(f"f{i}") for i in range(129)]), 400, ("at most 128",)),
+    "tools_parameters_not_object": ("POST", CHAT, chat(tools=[tool(parameters={"type": "string"})]), 400,
+                                    ("tools[0].function.parameters", "JSON object")),
+    "tools_parameters_invalid": ("POST", CHAT, chat(tools=[tool(parameters={"type": "object", "properties": {
+        "x": {"type": "wat"}}})]), 400, ("tools[0].function.parameters", "wat")),
+    "tools_parameters_bad_pattern": ("POST", CHAT, chat(tools=[tool(parameters={"type": "object", "properties": {
+        "x": {"type": "string", "pattern": "(("}}})]), 400, ("tools[0].function.parameters",)),
+    "tools_parameters_a_string": ("POST", CHAT, chat(tools=[tool(parameters="object")]), 400,
+                                  ("tools.0.function.parameters",)),
+    "tools_description_number": ("POST", CHAT, chat(tools=[tool(description=5)]), 400,
+                                 ("tools.0.function.description",)),
+    "tool_choice_without_tools": ("POST", CHAT, chat(tool_choice="required"), 400, ("tool_choice needs tools",)),
+    "tool_choice_auto_without_tools": ("POST", CHAT, chat(tool_choice="auto"), 400, ("tool_choice needs tools",)),
+    "tool_choice_unknown_function": ("POST", CHAT, chat(tools=[TOOL], tool_choice={
+        "type": "function", "function": {"name": "nope"}}), 400, ("'nope'", "not in tools")),
+    "tool_choice_unknown_word": ("POST", CHAT, chat(tools=[TOOL], tool_choice="always"), 400, ("tool_choice",)),
+    "tool_choice_number": ("POST", CHAT, chat(tools=[TOOL], tool_choice=1), 400, ("tool_choice",)),
+    "tool_choice_type_unknown": ("POST", CHAT, chat(tools=[TOOL], tool_choice={
+        "type": "retrieval", "function": {"name": "f"}}), 400, ("tool_choice",)),
+    "tool_choice_no_name": ("POST", CHAT, chat(tools=[TOOL], tool_choice={"type": "function", "function": {}}), 400,
+                            ("tool_choice",)),
+    "parallel_tool_calls_string": ("POST", CHAT, chat(tools=[TOOL], parallel_tool_calls="yes"), 400,
+                                   ("parallel_tool_calls",)),
+    "logprobs_string": ("POST", CHAT, chat(logprobs="yes"), 400, ("logprobs",)),
+    "logprobs_number": ("POST", CHAT, chat(logprobs=5), 400, ("logprobs",)),
+    "top_logprobs_without_logprobs": ("POST", CHAT, chat(top_logprobs=3), 400, ("top_logprobs needs logprobs",)),
+    "top_logprobs_over_20": ("POST", CHAT, chat(logprobs=True, top_logprobs=21), 400, ("top_logprobs", "20")),
+    "top_logprobs_negative": ("POST", CHAT, chat(logprobs=True, top_logprobs=-1), 400, ("top_logprobs",)),
+    "top_logprobs_float": ("POST", CHAT, chat(logprobs=True, top_logprobs=2.5), 400, ("top_logprobs",)),
+    "completion_logprobs_over_5": ("POST", COMPLETIONS, {"model": "tiny", "prompt": "a", "logprobs": 6}, 400,
+                                   ("logprobs", "5")),
+    "completion_logprobs_negative": ("POST", COMPLETIONS, {"model": "tiny", "prompt": "a", "logprobs": -1}, 400,
+                                     ("logprobs",)),
+    "completion_logprobs_bool": ("POST", COMPLETIONS, {"model": "tiny", "prompt": "a", "logprobs": True}, 400,
+                                 ("logprobs",)),
 }
 
 

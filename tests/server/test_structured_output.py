@@ -5,16 +5,13 @@ text completions; and a chat of a lone system or developer message, answered and
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("llguidance", reason="structured output needs llguidance: pip install -e '.[serve]'")
 jsonschema = pytest.importorskip("jsonschema")
 
-import kvbound  # noqa: E402
-from kvbound.server import ServerSettings, create_app  # noqa: E402
-from tests.server.conftest import NO_STOP, LiveServer  # noqa: E402
+from tests.server.conftest import NO_STOP  # noqa: E402
 
 # Every string and number bounded, so a document fits the max_tokens given: each reply must be complete.
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "hobbies"],
@@ -103,13 +100,6 @@ def test_a_lone_system_or_developer_message_is_answered_and_continued(server, ro
 
 
 # -- the default model -------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def smollm2_server(smollm2_gguf: Path):
-    llm = kvbound.load(smollm2_gguf, device="cpu")
-    with LiveServer(create_app(llm, ServerSettings(kv_budget="64MiB"))) as live:
-        yield live
-
-
 @pytest.mark.model
 def test_json_schema_over_many_prompts_streamed_and_not(smollm2_server) -> None:
     client = smollm2_server.openai()

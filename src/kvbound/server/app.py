@@ -25,12 +25,14 @@ from kvbound.server.dashboard import mount_dashboard
 from kvbound.server.errors import ApiError, api_error
 from kvbound.server.metrics import CONTENT_TYPE, Metrics
 from kvbound.server.middleware import ApiKey, BodyLimit, CatchAll, RequestCounter
-from kvbound.server.protocol import (ChatChunks, ChatRequest, CompletionChunks, CompletionRequest, SessionCreate,
-                                     chat_response, completion_response, error_body, new_id)
+from kvbound.server.logprobs import LogprobFormat
+from kvbound.server.protocol import ChatRequest, CompletionRequest, Message, SessionCreate, error_body, new_id
+from kvbound.server.replies import ChatReply, CompletionReply
 from kvbound.server.scheduler import Event, Stream, Task, Worker
 from kvbound.server.sessions import SessionRegistry, SessionStore
 from kvbound.server.settings import ServerSettings
 from kvbound.server.state import Server
+from kvbound.server.tools import ToolUse, conversation as tool_conversation
 from kvbound.server.turns import ChatTurn, RawCompletion, TurnResult
 
 if TYPE_CHECKING:
@@ -99,8 +101,10 @@ def _check_request(server: Server, body: ChatRequest | CompletionRequest, max_to
                        param="model", code="model_not_found")
     unsupported = body.unsupported()
     if unsupported is not None:
+        replaced_by = {"functions": "tools", "function_call": "tool_choice"}.get(unsupported)
         message = ("n must be 1: this server returns one choice per request" if unsupported == "n" else
-                   f"{unsupported} is not supported by this server; leave it out")
+                   f"{unsupported} is the deprecated form of {replaced_by}; send {replaced_by} instead" if replaced_by
+                   else f"{unsupported} is not supported by this server; leave it out")
         raise ApiError(400, message, param=unsupported, code="unsupported_parameter")
     context = server.llm.config.max_context
     if max_tokens is not None and max_tokens > context:
@@ -122,22 +126,23 @@ def _check_request(server: Server, body: ChatRequest | CompletionRequest, max_to
     return sampling
 
 
-def _check_conversation(conversation: list[dict[str, str]], max_messages: int) -> None:
-    if len(conversation) > max_messages:
-        raise ApiError(400, f"the request has {len(conversation):,} messages and this server takes at most "
+def _check_conversation(messages: list[Message], max_messages: int) -> None:
+    if len(messages) > max_messages:
+        raise ApiError(400, f"the request has {len(messages):,} messages and this server takes at most "
                        f"{max_messages:,} in one request; send fewer (a session keeps the history: see session_id)",
                        param="messages", code="too_many_messages")
-    for index, message in enumerate(conversation[1:], start=1):
-        if message["role"] == "system":
-            raise ApiError(400, f"messages[{index}] is a system message; only the first message may be one",
+    system = ("system", "developer")
+    for index, message in enumerate(messages[1:], start=1):
+        if message.role in system:
+            raise ApiError(400, f"messages[{index}] is a {message.role} message; only the first message may be one",
                            param=f"messages.{index}.role")
-    last, at = conversation[-1], f"messages.{len(conversation) - 1}"
-    alone = len(conversation) == 1 and last["role"] == "system"  # a system (or developer) message alone: answered
-    if last["role"] != "user" and not alone:
-        raise ApiError(400, f"the last message is from '{last['role']}'; a chat request ends with the user's "
-                       "message to answer (or is a system message alone)", param=f"{at}.role")
-    if not last["content"].strip():
-        raise ApiError(400, f"the last {last['role']} message is empty; send some text", param=f"{at}.content")
+    last, at = messages[-1], f"messages.{len(messages) - 1}"
+    alone = len(messages) == 1 and last.role in system  # a system (or developer) message alone: answered
+    if last.role not in ("user", "tool") and not alone:
+        raise ApiError(400, f"the last message is from '{last.role}'; a chat request ends with the user's "
+                       "message to answer, or tool results (or is a system message alone)", param=f"{at}.role")
+    if last.role != "tool" and not last.text().strip():
+        raise ApiError(400, f"the last {last.role} message is empty; send some text", param=f"{at}.content")
 
 
 # -- waiting on the worker --------------------------------------------------------------------------------------------
@@ -199,24 +204,26 @@ def _sse(data: dict[str, Any] | str) -> dict[str, str]:
     return {"data": data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}
 
 
-async def _stream_events(stream: Stream, event: Event, chunks: ChatChunks,
+async def _stream_events(stream: Stream, event: Event, reply: ChatReply,
                          include_usage: bool) -> AsyncIterator[dict[str, str]]:
-    """SSE events of a generation: its chunks (opening, a piece each, closing, usage if asked), then [DONE]. A
-    failure after the first piece can only be told in the stream: an OpenAI error object, then the end."""
+    """SSE events of a generation: its chunks (opening, those of each piece, closing, usage if asked), then [DONE].
+    A failure after the first piece can only be told in the stream: an OpenAI error object, then the end."""
     try:
-        if (opening := chunks.opening()) is not None:
-            yield _sse(opening)
+        for chunk in reply.opening():
+            yield _sse(chunk)
         while event.kind == "piece":
-            yield _sse(chunks.piece(event.value))
+            for chunk in reply.piece(event.value, event.logprobs):
+                yield _sse(chunk)
             event = await stream.next()
         if event.kind == "error":
             error = api_error(event.value)
             yield _sse(error_body(error.message, error.type, error.param, error.code))
             return
         result: TurnResult = event.value
-        yield _sse(chunks.closing(result.finish_reason, result.kvbound))
+        for chunk in reply.closing(result.finish_reason, result.kvbound):
+            yield _sse(chunk)
         if include_usage:
-            yield _sse(chunks.usage(result.usage))
+            yield _sse(reply.usage(result.usage))
         yield _sse("[DONE]")
     finally:
         stream.cancel()  # the client went away mid-stream: stop generating (a no-op once it ended)
@@ -243,20 +250,23 @@ def _routes(app: FastAPI, server: Server) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         sampling = _check_request(server, body, body.requested_tokens, settings.default_max_tokens,
                                   "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
-        conversation = body.conversation()
-        _check_conversation(conversation, settings.max_messages)
-        task = ChatTurn(registry, server.admission, conversation, body.session_id, sampling,
+        _check_conversation(body.messages, settings.max_messages)
+        tools = ToolUse.of(body)
+        if tools is not None and tools.calls_possible:  # the reply follows the tool grammar (response_format: its text)
+            sampling["grammar"] = tools.grammar(sampling.pop("json_schema", None))
+        task = ChatTurn(registry, server.admission, tool_conversation(body.messages, tools), body.session_id, sampling,
                         server.metrics.observe_reply)
         stream, first = await _first_event(server, task, request)
-        rid, headers = new_id("chatcmpl"), task.info.headers()
+        headers = task.info.headers()
+        reply = ChatReply(new_id("chatcmpl"), server.model_id, _logprob_format(server, body), tools)
         if body.stream:
-            return EventSourceResponse(_stream_events(stream, first, ChatChunks(rid, server.model_id),
-                                                      _include_usage(body)), headers=headers, sep="\n")
-        result = await _collect(stream, first, request)
-        return JSONResponse(chat_response(rid, server.model_id, result.text, result.finish_reason, result.usage,
-                                          result.kvbound), headers=headers)
+            return EventSourceResponse(_stream_events(stream, first, reply, _include_usage(body)), headers=headers,
+                                       sep="\n")
+        return JSONResponse(reply.whole(await _collect(stream, first, request)), headers=headers)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -264,13 +274,10 @@ def _routes(app: FastAPI, server: Server) -> None:
         task = RawCompletion(llm, body.prompt, sampling, server.admission, registry.capacity, settings.kv_dtype,
                              server.metrics.observe_reply)
         stream, first = await _first_event(server, task, request)
-        rid = new_id("cmpl")
+        reply = CompletionReply(new_id("cmpl"), server.model_id, _logprob_format(server, body))
         if body.stream:
-            return EventSourceResponse(_stream_events(stream, first, CompletionChunks(rid, server.model_id),
-                                                      _include_usage(body)), sep="\n")
-        result = await _collect(stream, first, request)
-        return JSONResponse({**completion_response(rid, server.model_id, result.text, result.finish_reason,
-                                                   result.usage), "kvbound": result.kvbound})
+            return EventSourceResponse(_stream_events(stream, first, reply, _include_usage(body)), sep="\n")
+        return JSONResponse(reply.whole(await _collect(stream, first, request)))
 
     @app.get("/v1/sessions")
     async def list_sessions() -> dict[str, Any]:
@@ -302,6 +309,10 @@ def _routes(app: FastAPI, server: Server) -> None:
     async def metrics() -> Response:
         document = await worker.call(server.memory)
         return Response(server.metrics.render(document), media_type=CONTENT_TYPE)
+
+
+def _logprob_format(server: Server, body: ChatRequest | CompletionRequest) -> LogprobFormat | None:
+    return LogprobFormat(server.llm.tokenizer) if body.logprob_count() is not None else None
 
 
 def _include_usage(body: ChatRequest | CompletionRequest) -> bool:

@@ -1,25 +1,28 @@
-"""The wire format: OpenAI-compatible request models (pydantic, strict types) and the response, stream-chunk and
-error JSON the routes send. Knows nothing of sessions or the model; turns a request into plain Python values.
+"""The wire format: OpenAI-compatible request models (pydantic, strict types), the error and usage JSON (a
+generation's response objects and stream chunks are server/replies.py's). Knows nothing of sessions or the model;
+turns a request into plain Python values.
 
 Beyond OpenAI's fields a chat request may carry `session_id` (keep the conversation's KV cache between requests)
 and vLLM-style `top_k`, `min_p`, `repetition_penalty`; responses carry a `kvbound` object (session, reuse, KV).
-`response_format` (text, json_object, json_schema) becomes kvbound's `json_schema` sampling option; fields this
-server cannot honour (tools, logprobs, n > 1, ...) are refused by name, never ignored."""
+`response_format` (text, json_object, json_schema) becomes kvbound's `json_schema` sampling option, `logprobs` /
+`top_logprobs` its `logprobs` option; `tools` are server/tools.py's. Fields this server cannot honour (n > 1,
+functions, echo, ...) are refused by name, never ignored."""
 
 from __future__ import annotations
 
 import math
-import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
 from kvbound.engine.constraint import ANY_JSON_OBJECT
+from kvbound.engine.logprobs import MAX_TOP_LOGPROBS
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 SessionId = Annotated[str, StringConstraints(pattern=SESSION_ID_PATTERN)]
 MAX_STOP = 4  # as OpenAI
+MAX_COMPLETION_LOGPROBS = 5  # as OpenAI's /v1/completions
 
 
 class _Strict(BaseModel):
@@ -33,15 +36,66 @@ class TextPart(_Strict):
     text: str
 
 
+FunctionName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # as OpenAI
+
+
+class CalledFunction(_Strict):
+    name: FunctionName
+    arguments: str  # JSON text, as the reply gave it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = Field(None, validate_default=True)  # a tool message: the call it answers
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls(cls, calls: list[ToolCall] | None, info: ValidationInfo) -> list[ToolCall] | None:
+        if calls and info.data.get("role") != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        return calls
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _answers(cls, call_id: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("role") == "tool" and not call_id:
+            raise ValueError("a tool message needs tool_call_id: the id of the call it answers")
+        return call_id
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+
+class FunctionDefinition(_Strict):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of an object; none: the function takes no arguments
+    strict: bool | None = None  # the schema is always enforced, strict or not
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ChosenFunction(_Strict):
+    name: FunctionName
+
+
+class ToolChoice(_Strict):
+    type: Literal["function"]
+    function: ChosenFunction
 
 
 class StreamOptions(_Strict):
@@ -129,31 +183,34 @@ class _Sampling(_Strict):
             given["logit_bias"] = {int(k): (-math.inf if v <= -100 else v) for k, v in self.logit_bias.items()}
         if self.response_format is not None:
             given["json_schema"] = self.response_format.reply_schema()
+        given["logprobs"] = self.logprob_count()
         return {k: v for k, v in given.items() if v is not None}
+
+    def logprob_count(self) -> int | None:
+        """kvbound's `logprobs` option: the alternatives to report per token, or None for no logprobs."""
+        return None
 
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     session_id: SessionId | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None  # the deprecated forms of tools and tool_choice: refused, use those
     function_call: Any = None
-    parallel_tool_calls: Any = None
     logprobs: bool | None = None
-    # No tools are offered, so a choice of none is honoured; anything that asks for a tool call is not.
-    HONOURED: ClassVar[dict[str, tuple]] = {**_Sampling.HONOURED, "tools": (None, []), "tool_choice": (None, "none"),
-                                            "functions": (None, []), "function_call": (None, "none"),
-                                            "parallel_tool_calls": (None,), "logprobs": (None, False)}
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    HONOURED: ClassVar[dict[str, tuple]] = {**_Sampling.HONOURED, "functions": (None, []),
+                                            "function_call": (None, "none")}
 
     @property
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def conversation(self) -> list[dict[str, str]]:
-        """The messages as kvbound renders them: role and text ('developer' is the system role)."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
@@ -161,9 +218,12 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     HONOURED: ClassVar[dict[str, tuple]] = {**_Sampling.HONOURED, "echo": (False,), "suffix": (None, ""),
-                                            "best_of": (None, 1), "logprobs": (None,)}
+                                            "best_of": (None, 1)}
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -197,64 +257,6 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
-
-
-def chat_response(id: str, model: str, text: str, finish_reason: str, usage: dict, extra: dict) -> dict[str, Any]:
-    return {"id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None,
-                                                 "annotations": []}, "logprobs": None,
-                         "finish_reason": finish_reason}],
-            "usage": usage, "kvbound": extra}
-
-
-def chat_chunk(id: str, model: str, delta: dict, finish_reason: str | None = None,
-               **fields: Any) -> dict[str, Any]:
-    return {"id": id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], **fields}
-
-
-def completion_response(id: str, model: str, text: str, finish_reason: str | None,
-                        usage: dict | None = None) -> dict[str, Any]:
-    body = {"id": id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
-    if usage is not None:
-        body["usage"] = usage
-    return body
-
-
-class ChatChunks:
-    """The stream chunks of one chat completion: the role, a content delta per piece, the finish, the usage."""
-
-    def __init__(self, id: str, model: str):
-        self.id, self.model = id, model
-
-    def opening(self) -> dict[str, Any] | None:
-        return chat_chunk(self.id, self.model, {"role": "assistant", "content": ""})
-
-    def piece(self, text: str) -> dict[str, Any]:
-        return chat_chunk(self.id, self.model, {"content": text})
-
-    def closing(self, finish: str, extra: dict[str, Any]) -> dict[str, Any]:
-        return chat_chunk(self.id, self.model, {}, finish, kvbound=extra)
-
-    def usage(self, usage: dict[str, Any]) -> dict[str, Any]:
-        return {**chat_chunk(self.id, self.model, {}), "choices": [], "usage": usage}
-
-
-class CompletionChunks(ChatChunks):
-    """The stream chunks of one text completion: a text piece each, the finish, the usage."""
-
-    def opening(self) -> dict[str, Any] | None:
-        return None
-
-    def piece(self, text: str) -> dict[str, Any]:
-        return completion_response(self.id, self.model, text, None)
-
-    def closing(self, finish: str, extra: dict[str, Any]) -> dict[str, Any]:
-        return {**completion_response(self.id, self.model, "", finish), "kvbound": extra}
-
-    def usage(self, usage: dict[str, Any]) -> dict[str, Any]:
-        return {**completion_response(self.id, self.model, "", None), "choices": [], "usage": usage}
 
 
 def finish_reason(kvbound_reason: str) -> str:

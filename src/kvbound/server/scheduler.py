@@ -49,6 +49,7 @@ class Task(Protocol):
 class Event:
     kind: str  # "piece" (value: str) | "done" (value: Task.finish()) | "error" (value: the exception)
     value: Any
+    logprobs: tuple = ()  # of a piece: its tokens' TokenLogprobs, when the generation asked for them
 
 
 class Stream:
@@ -63,10 +64,10 @@ class Stream:
         self.submitted = time.monotonic()
         self.waits = 0  # times admission sent it back to the queue
         self.busy: PoolBusy | None = None  # why it waits
-    def post(self, kind: str, value: Any) -> None:
+    def post(self, kind: str, value: Any, logprobs: tuple = ()) -> None:
         """From the worker thread: hand an event to the loop (dropped if the loop is gone)."""
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, Event(kind, value))
+            self.loop.call_soon_threadsafe(self.events.put_nowait, Event(kind, value, logprobs))
         except RuntimeError:  # the event loop closed (server shutting down)
             pass
 
@@ -298,8 +299,8 @@ class Worker:
             if outcome.error is not None:
                 self._abort(stream, outcome.error)
                 continue
-            if outcome.piece:
-                stream.post("piece", outcome.piece)
+            if outcome.piece or outcome.logprobs:
+                stream.post("piece", outcome.piece, outcome.logprobs)
             if stream.turn.decoder.done:
                 self._active.remove(stream)
                 self._room_changed = True

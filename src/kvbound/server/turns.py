@@ -14,6 +14,7 @@ from kvbound.server.protocol import finish_reason, new_id, usage
 
 if TYPE_CHECKING:
     from kvbound.chat.reply import Reply
+    from kvbound.engine.logprobs import TokenLogprob
     from kvbound.engine.generate import Turn
     from kvbound.llm import LLM
     from kvbound.server.admission import PoolAdmission
@@ -43,6 +44,7 @@ class TurnResult:
     finish_reason: str  # OpenAI's: stop | length
     usage: dict[str, Any]
     kvbound: dict[str, Any] = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None  # when the request asked for them
 
 
 class ChatTurn:
@@ -89,7 +91,7 @@ class ChatTurn:
                            "finish_reason": reply.finish_reason,
                            "evicted_tokens": reply.receipt.get("evicted_tokens", 0), "forecast": reply.forecast,
                            "recall": reply.recall,
-                           "memory_events": reply.mem_events})
+                           "memory_events": reply.mem_events}, reply.logprobs)
 
     def release(self) -> None:
         """Give back what `start` took (once: a turn sent back to the queue is released before it retries)."""
@@ -140,7 +142,7 @@ class RawCompletion:
             self.on_reply(reply)
         return TurnResult(reply.text, finish_reason(reply.finish_reason),
                           usage(reply.prompt_tokens, len(reply.token_ids)),
-                          {"finish_reason": reply.finish_reason, "kv_bytes": reply.kv_bytes})
+                          {"finish_reason": reply.finish_reason, "kv_bytes": reply.kv_bytes}, reply.logprobs)
 
     def release(self) -> None:
         self.admission.release(self)
