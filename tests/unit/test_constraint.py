@@ -152,3 +152,14 @@ def test_a_chat_answers_its_system_prompt_alone(llm) -> None:
         chat.send(None)
     with pytest.raises(ValueError, match="no message to answer"):
         llm.chat().send(None)
+
+
+def test_a_lark_grammar_constrains_a_reply_as_a_schema_does(llm) -> None:
+    for seed in range(3):
+        reply = llm.generate("yes or no?", grammar='start: "yes" | "no" | "maybe so"', temperature=1.0, seed=seed,
+                             max_new_tokens=20)
+        assert reply.text in ("yes", "no", "maybe so") and reply.finish_reason == "stop"
+    with pytest.raises(ValueError, match='unknown name: "answer"'):
+        sampling_params(grammar="start: answer")
+    with pytest.raises(ValueError, match="json_schema or grammar, not both"):
+        sampling_params(grammar='start: "a"', json_schema=FLAG)
