@@ -141,6 +141,9 @@ CASES |= {
         ("'call_x'", "no assistant message")),
     "tool_result_answers_another_call": ("POST", CHAT, chat(messages=[
         *CALLED, {"role": "tool", "tool_call_id": "call_2", "content": "5"}]), 400, ("'call_2'",)),
+    "tool_result_after_a_user_message": ("POST", CHAT, chat(messages=[
+        *CALLED, {"role": "user", "content": "b"}, {"role": "tool", "tool_call_id": "call_1", "content": "5"}]), 400,
+        ("'call_1'", "no assistant message")),
     "tool_result_content_number": ("POST", CHAT, chat(messages=[
         *CALLED, {"role": "tool", "tool_call_id": "call_1", "content": 5}]), 400, ("messages.2.content",)),
     "tool_calls_on_a_user_message": ("POST", CHAT, chat(messages=[{"role": "user", "content": "a", "tool_calls": [

@@ -65,16 +65,17 @@ class ToolUse:
                 raise ApiError(400, f"tools[{index}].function.name '{tool.function.name}' is given twice; each "
                                "function needs its own name", param=f"tools.{index}.function.name")
             _check_parameters(tool.function.parameters, index)
-        named = choice if isinstance(choice, str) else choice.function.name if choice is not None else None
         if not tools:
             if choice not in (None, "none"):
                 raise ApiError(400, "tool_choice needs tools: give the functions in tools, or leave tool_choice out",
                                param="tool_choice")
             return None
-        if not isinstance(choice, str) and choice is not None and named not in names:
-            raise ApiError(400, f"tool_choice names the function '{named}', which is not in tools "
+        if choice is None or isinstance(choice, str):
+            chosen = choice or "auto"
+        elif (chosen := choice.function.name) not in names:
+            raise ApiError(400, f"tool_choice names the function '{chosen}', which is not in tools "
                            f"({', '.join(names)})", param="tool_choice.function.name", code="unknown_function")
-        use = cls(tools, "auto" if choice is None else named, request.parallel_tool_calls is True)
+        use = cls(tools, chosen, request.parallel_tool_calls is True)
         if use.calls_possible:
             try:
                 check_grammar(use.grammar())
@@ -140,7 +141,8 @@ def conversation(messages: Sequence["Message"], tools: ToolUse | None) -> list[d
     tool messages in a row as one user turn of <tool_response> blocks. ApiError for a tool message that answers
     no call of the assistant message before it."""
     rendered: list[dict[str, str]] = []
-    calls: set[str] = set()  # ids of the calls the last assistant message made
+    calls: set[str] = set()  # ids of the calls of the assistant message the tool messages answer
+    previous = ""
     for index, message in enumerate(messages):
         role = "system" if message.role == "developer" else message.role
         if role == "tool":
@@ -149,23 +151,22 @@ def conversation(messages: Sequence["Message"], tools: ToolUse | None) -> list[d
                                "assistant message before it called (a tool message answers a tool_calls entry of "
                                "the assistant message it follows)", param=f"messages.{index}.tool_call_id")
             block = f"<tool_response>\n{message.text()}\n</tool_response>"
-            if rendered and rendered[-1].get("tool"):  # results in a row: one turn (as Qwen2.5's template)
+            if previous == "tool":  # results in a row: one turn (as Qwen2.5's template)
                 rendered[-1]["content"] += "\n" + block
             else:
-                rendered.append({"role": "user", "content": block, "tool": "1"})
-            continue
-        content = message.text()
-        if role == "assistant":
+                rendered.append({"role": "user", "content": block})
+        else:
+            content, said = message.text(), [call_text(c.function.name, c.function.arguments)
+                                             for c in message.tool_calls or []]
             calls = {call.id for call in message.tool_calls or []}
-            said = [call_text(call.function.name, call.function.arguments) for call in message.tool_calls or []]
-            content = "\n".join([content, *said] if content else said) if said else content
-        rendered.append({"role": role, "content": content})
+            rendered.append({"role": role, "content": "\n".join([content, *said] if content else said) or content})
+        previous = role
     if tools is not None:
         if rendered and rendered[0]["role"] == "system":
             rendered[0]["content"] = tools.system_prompt(rendered[0]["content"])
         else:
             rendered.insert(0, {"role": "system", "content": tools.system_prompt(None)})
-    return [{"role": m["role"], "content": m["content"]} for m in rendered]
+    return rendered
 
 
 # -- the reply ----------------------------------------------------------------------------------------------------
