@@ -38,10 +38,9 @@ LLAMACPP_INTERRUPT = "llama.cpp server, interrupt_requests on (its default)"
 SYSTEMS = {"kvbound": KVBOUND, "llamacpp": LLAMACPP, "llamacpp-cache": LLAMACPP_CACHE,
            "llamacpp-interrupt": LLAMACPP_INTERRUPT}
 FULL_SYSTEMS = ("kvbound", "llamacpp", "llamacpp-cache")  # the interrupting variant shows all it has in --quick
-# A client that waits: a 429 is retried after its Retry-After until this long after the turn's first request
-# (llama.cpp's server queues instead of refusing, and its clients wait minutes); then the turn is given up.
-RETRY_429_FOR_S = 300
-CONNECTION_RETRIES = 2  # as the openai client: a request that got no response at all is sent again
+# Clients retry as the openai client does with `max_retries` (--max-retries, default 0: a 429 or a request that got
+# no response at all is final); a retried 429 waits its Retry-After first.
+MAX_RETRIES = 0
 RSS_EVERY_S, MEMORY_EVERY_S = 0.2, 0.5
 READY_TIMEOUT_S, REQUEST_TIMEOUT_S = 300, 600
 SERIES_POINTS = 200  # samples of each time series kept in the JSON
@@ -53,6 +52,7 @@ class Load:
     clients: int
     turns: int
     max_tokens: int
+    max_retries: int = MAX_RETRIES
 
 
 @dataclass
@@ -246,9 +246,9 @@ def _error_reason(response) -> str:
 
 
 def stream_turn(http, server: Server, messages: list[dict[str, str]], session: str | None, max_tokens: int,
-                turn: Turn) -> Turn:
-    """One chat turn, streamed; a 429 is retried after Retry-After, a request without any response is sent again.
-    Fills `turn` and returns it."""
+                turn: Turn, retries: int = MAX_RETRIES) -> Turn:
+    """One chat turn, streamed; up to `retries` more attempts, as the openai client makes them: a 429 after its
+    Retry-After, a request without any response at once. Fills `turn` and returns it."""
     import httpx
 
     body: dict[str, Any] = {"model": "default", "messages": messages, "max_tokens": max_tokens, "temperature": 0,
@@ -268,7 +268,7 @@ def stream_turn(http, server: Server, messages: list[dict[str, str]], session: s
                     turn.refusals.append(reason.split(":", 1)[0])
                     turn.outcome, turn.reason = "refused", reason
                     wait = float(response.headers.get("retry-after", 1))
-                    if response.status_code == 429 and time.perf_counter() + wait - started < RETRY_429_FOR_S:
+                    if response.status_code == 429 and turn.attempts <= retries:
                         time.sleep(wait)
                         continue
                     break
@@ -280,7 +280,7 @@ def stream_turn(http, server: Server, messages: list[dict[str, str]], session: s
                 break
         except httpx.HTTPError as e:
             reason = f"{type(e).__name__}: {e}"[:240]
-            if not responded and len(turn.connection_errors) < CONNECTION_RETRIES:
+            if not responded and turn.attempts <= retries:
                 turn.connection_errors.append(reason)  # e.g. a kept-alive connection the server had closed
                 continue
             turn.outcome, turn.reason = "error", reason
@@ -340,7 +340,7 @@ def run_client(server: Server, index: int, system: str, user_turns: list[str], l
             messages = [history[0], message] if session else [*history, message]
             turn = Turn(index, number)
             try:
-                stream_turn(http, server, messages, session, load.max_tokens, turn)
+                stream_turn(http, server, messages, session, load.max_tokens, turn, load.max_retries)
             except Exception as e:  # a malformed stream: recorded as this turn's error, the client goes on
                 turn.outcome, turn.reason = "error", f"{type(e).__name__}: {e}"[:240]
             out.append(turn)
@@ -602,9 +602,9 @@ def measure(load: Load, kv_budget: str, policy: str, llamacpp_ctx: int, llamacpp
         "conversation": conversation_file, "model": str(model), "kv_budget": kv_budget, "policy": policy,
         "llamacpp_n_ctx": llamacpp_ctx, "llamacpp_cache_size": llamacpp_cache,
         "llamacpp_kv_bytes": llamacpp_kv_bytes,
-        "server_threads": common.THREADS, "retry_429_for_s": RETRY_429_FOR_S,
+        "server_threads": common.THREADS, "max_retries": load.max_retries,
         "llamacpp_system_info": llamacpp_info,
-        "connection_retries": CONNECTION_RETRIES, **source_state(),
+        **source_state(),
         "kvbound_clients": "session_id in the body; each request sends the system prompt and the new message",
         "llamacpp_clients": "no sessions: each request resends the whole history; a failed turn is left out of it",
         "ttft": "from the first attempt's request to the first content chunk (429 waits included)",
@@ -695,14 +695,15 @@ def markdown(result: dict[str, Any]) -> str:
         for reason in e.get("refused_reasons", []):
             notes.append(f"- {name}: refused: {reason}")
         if e.get("refusal_codes"):
-            notes.append(f"- {name}: refused responses by code: {e['refusal_codes']} (429 retried after "
-                         f"Retry-After for up to {cfg['retry_429_for_s']} s from the turn's first request); "
+            retried = (f"429 retried after Retry-After, up to {cfg['max_retries']} times a turn" if
+                       cfg.get("max_retries") else "clients with max_retries=0: a 429 is final")
+            notes.append(f"- {name}: refused responses by code: {e['refusal_codes']} ({retried}); "
                          f"{e.get('turns_waiting_over_60s_on_429', 0)} turns took over a minute with 429s "
-                         f"(at most {e.get('most_attempts')} attempts for one turn) — those waits are the TTFT tail")
+                         f"(at most {e.get('most_attempts')} attempts for one turn)")
         if e.get("connection_retries"):
             notes.append(f"- {name}: {e['connection_retries']} requests sent again after no response at all "
                          f"({', '.join(sorted(set(e['connection_error_reasons'])))[:200]}), as the openai client "
-                         f"would")
+                         f"with max_retries={cfg.get('max_retries')} would")
         hwm = e.get("server_vm_hwm_bytes")
         if hwm:
             notes.append(f"- {name}: RSS {common.mib(e['rss_before_load_bytes']):,.0f} MiB before the load, "
@@ -773,11 +774,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="llama.cpp n_ctx (2048: about the KV bytes of a 48MiB kvbound pool)")
     parser.add_argument("--llamacpp-cache", default="512MiB",
                         help="--cache_size of the prompt-cache variant (llama-cpp-python counts only KV state bytes)")
+    parser.add_argument("--max-retries", type=int, default=MAX_RETRIES,
+                        help="retries of a turn, as the openai client's max_retries (default 0: a 429 is final)")
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS),
                         help=f"default: {' '.join(FULL_SYSTEMS)}; with --quick all of them")
     args = parser.parse_args(argv)
     load = Load(clients=args.clients or (4 if args.quick else 8), turns=args.turns or (5 if args.quick else 12),
-                max_tokens=args.max_tokens or (24 if args.quick else 48))
+                max_tokens=args.max_tokens or (24 if args.quick else 48), max_retries=args.max_retries)
     systems = [SYSTEMS[k] for k in args.systems or (SYSTEMS if args.quick else FULL_SYSTEMS)]
     result = measure(load, args.kv_budget, args.policy, args.llamacpp_ctx, args.llamacpp_cache, systems)
     result["checks"] = checks(result)

@@ -195,6 +195,7 @@ BAD_INPUT: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "script_line_without_user": (["converse", "--script", "no_user.jsonl"], ("line 3", '"user"')),
     "script_empty": (["converse", "--script", "empty.jsonl"], ("empty",)),
     "chat_bad_budget": (["chat", "--kv-budget", "abc"], ("abc",)),  # refused before the model loads
+    "serve_bad_spill_budget": (["serve", "--spill-budget", "lots", "--port", "0"], ("--spill-budget", "lots")),
     "perplexity_missing_file": (["perplexity", "nowhere.txt"], ("nowhere.txt",)),
     "perplexity_binary_file": (["perplexity", "garbage.gguf"], ("garbage.gguf", "utf-8")),
     "info_two_models": (["info", "a.gguf", "--model", "b.gguf"], ("a.gguf", "b.gguf")),

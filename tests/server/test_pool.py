@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -29,7 +30,7 @@ def user(text: str) -> list[dict]:
 
 
 def test_lru_idle_session_is_offloaded_and_restored(serve) -> None:
-    server = serve(kv_budget=6 * BLOCK_BYTES)  # 6 blocks, 192 tokens
+    server = serve(kv_budget=6 * BLOCK_BYTES, spill_budget=0)  # 6 blocks, 192 tokens; restored by a prefill
     for name in ("s1", "s2", "s3"):  # each turn holds 2 blocks (~20 prompt + 16 reply tokens)
         assert post(server, user("hi"), name, max_tokens=16).status_code == 200
     pool = server.memory()["pool"]
@@ -157,7 +158,7 @@ def test_evicting_policy_keeps_a_long_session_going(serve, policy) -> None:
 def test_restore_that_would_overflow_with_the_new_message_keeps_the_newest_turns(serve, tiny_llm) -> None:
     """An offloaded conversation that fits the capacity alone, but not with the next message, is restored with its
     newest turns only (as Chat.from_messages cuts) instead of being refused with 413 (seen in the load benchmark)."""
-    server = serve(kv_budget=6 * BLOCK_BYTES, policy="turns")  # 192 tokens per session at most
+    server = serve(kv_budget=6 * BLOCK_BYTES, policy="turns", spill_budget=0)  # 192 tokens per session at most
     render, encode = tiny_llm.tokenizer.apply_chat_template, tiny_llm.tokenizer.encode
     for turn in range(2):
         assert post(server, user(f"turn {turn}"), "long", max_tokens=24).status_code == 200
@@ -189,3 +190,68 @@ def test_raw_completion_takes_its_blocks_from_the_shared_pool(serve) -> None:
     assert response.json()["usage"]["completion_tokens"] == 100
     assert httpx.get(server.url + "/v1/sessions/idle").json()["state"] == "offloaded"
     assert server.memory()["pool"]["free_blocks"] == 6
+
+
+def test_offloaded_session_comes_back_from_the_spill_without_a_prefill(serve, tiny_llm) -> None:
+    """With the spill on (the default), an offloaded session's KV goes to disk and its next turn reads it back:
+    nothing of its history is fed again, and the reply is the one the session would have given had it never left
+    the pool (greedy, same KV bytes)."""
+    spilled = serve(kv_budget=6 * BLOCK_BYTES)
+    kept = serve(kv_budget=64 * BLOCK_BYTES)  # room for everyone: nothing is offloaded
+    for server in (spilled, kept):
+        for name in ("s1", "s2", "s3", "s4"):  # s4 makes room by offloading s1
+            assert post(server, user(f"hi {name}"), name, max_tokens=16).status_code == 200
+    assert httpx.get(spilled.url + "/v1/sessions/s1").json()["state"] == "offloaded"
+    spill = spilled.memory()["engine"]["spill"]
+    assert spill["sessions"] == 1 and spill["bytes"] > 0 and spill["written"] == 1
+    assert len(list(Path(spill["directory"]).glob("*.kvs"))) == 1
+
+    again = post(spilled, user("more"), "s1", max_tokens=6)
+    assert again.status_code == 200, again.text
+    assert again.headers["x-kvbound-session-state"] == "restored"
+    assert again.json()["kvbound"]["refed_history_tokens"] == 0
+    reference = post(kept, user("more"), "s1", max_tokens=6)
+    assert again.json()["choices"][0]["message"]["content"] == reference.json()["choices"][0]["message"]["content"]
+    spill = spilled.memory()["engine"]["spill"]
+    assert spill["restored"] == 1 and spill["sessions"] >= 1  # s1 came back; others went out for it
+    assert not (Path(spill["directory"]) / "s1.kvs").exists()
+    assert "kvbound_spill_restores_total 1.0" in httpx.get(spilled.url + "/metrics").text
+
+
+def test_spill_over_its_budget_drops_the_oldest_and_that_session_is_rebuilt(serve) -> None:
+    """A spill too small for two sessions keeps the newest; the one it dropped comes back by a prefill of its
+    messages. A deleted session's file goes too."""
+    sizing = serve(kv_budget=6 * BLOCK_BYTES)
+    for name in ("s1", "s2", "s3", "s4"):  # s4 offloads s1
+        assert post(sizing, user(f"hi {name}"), name, max_tokens=16).status_code == 200
+    one = sizing.memory()["engine"]["spill"]["bytes"]
+    server = serve(kv_budget=6 * BLOCK_BYTES, spill_budget=one * 3 // 2)  # room for one spilled session
+    for name in ("s1", "s2", "s3", "s4", "s5"):  # s4 offloads s1, s5 offloads s2
+        assert post(server, user(f"hi {name}"), name, max_tokens=16).status_code == 200
+    spill = server.memory()["engine"]["spill"]
+    assert spill["sessions"] == 1 and spill["dropped"] == 1 and spill["bytes"] <= one * 3 // 2
+    first = post(server, user("more"), "s1", max_tokens=4)  # dropped from the spill: fed again
+    assert first.status_code == 200 and first.json()["kvbound"]["refed_history_tokens"] > 0
+    spill = server.memory()["engine"]["spill"]
+    [spilled] = Path(spill["directory"]).glob("*.kvs")  # the session offloaded to make room for s1
+    assert httpx.delete(server.url + f"/v1/sessions/{spilled.stem}").status_code == 200
+    assert server.memory()["engine"]["spill"]["sessions"] == 0 and not spilled.exists()
+
+
+def test_spill_that_cannot_be_read_falls_back_to_the_messages(serve) -> None:
+    server = serve(kv_budget=6 * BLOCK_BYTES)
+    for name in ("s1", "s2", "s3", "s4"):
+        assert post(server, user(f"hi {name}"), name, max_tokens=16).status_code == 200
+    directory = Path(server.memory()["engine"]["spill"]["directory"])
+    (directory / "s1.kvs").write_bytes(b"not a snapshot")
+    again = post(server, user("more"), "s1", max_tokens=4)
+    assert again.status_code == 200, again.text
+    assert again.json()["kvbound"]["refed_history_tokens"] > 0  # rebuilt from its messages
+
+
+def test_bad_spill_budget_is_a_clear_error() -> None:
+    from kvbound.server.settings import ServerSettings
+
+    with pytest.raises(ValueError, match="--spill-budget"):
+        ServerSettings(spill_budget="lots")
+    assert ServerSettings(spill_budget="0").spill_bytes() == 0

@@ -356,6 +356,9 @@ def serve(
                                                     "model file's name).", rich_help_panel="Server")] = None,
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Keep sessions in this directory across "
                                                      "restarts.", rich_help_panel="Server")] = None,
+    spill_budget: Annotated[str, typer.Option("--spill-budget", help="Disk for offloaded sessions' KV, so their "
+                                              "next turn needs no prefill (under --data-dir, else a temporary "
+                                              "directory); 0 turns it off.", rich_help_panel="Server")] = "1GiB",
     log_level: Annotated[LogLevel, typer.Option("--log-level", help="uvicorn's log level.",
                                                 rich_help_panel="Server")] = LogLevel.info,
     ray: Annotated[bool, typer.Option("--ray", help="Serve replicas of this server on Ray Serve behind one ingress, "
@@ -382,8 +385,7 @@ def serve(
                               policy=cache.policy, recall=recall.value, session_tokens=session_tokens, api_key=api_key,
                               max_body_bytes=parse_size(max_body), max_messages=max_messages,
                               body_timeout_s=body_timeout, queue_timeout_s=queue_timeout, max_sessions=max_sessions,
-                              model_id=model_id,
-                              data_dir=data_dir)
+                              model_id=model_id, data_dir=data_dir, spill_budget=spill_budget)
     if ray or replicas is not None or address is not None:  # Ray Serve: replicas of this server (kvbound.cluster)
         if not ray:
             raise ValueError("--replicas and --address take effect with --ray")

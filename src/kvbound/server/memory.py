@@ -10,7 +10,9 @@ on the engine worker from llm.memory(), the shared pool and each session's chat.
                   capacity_tokens
       "engine":   active (generations interleaved now), queued, peak_active, steps, offloads (sessions whose KV
                   was dropped for others, since start), decode: the batched decode forwards since start —
-                  {forwards, tokens, mean_batch_size, max_batch_size, batch_sizes: {"B": forwards of B sequences}}
+                  {forwards, tokens, mean_batch_size, max_batch_size, batch_sizes: {"B": forwards of B sequences}},
+                  spill: offloaded sessions' KV on disk (server/spill.py) — {sessions, bytes, budget, directory,
+                  written, restored, dropped} — or null when off
       "sessions": [{id, state (idle | answering | offloaded), explicit, turns, message_count, kv_tokens, kv_bytes,
                     offloads, created, last_used,
                     memory: chat.memory() (kv_reserved/used bytes, tokens held/evicted/quantized/summarized,
@@ -51,7 +53,8 @@ def memory_document(llm: "LLM", pool: "BlockPool", registry: "SessionRegistry", 
     return {"process": llm.memory().to_dict(), "pool": pool_figures(pool, admission.reserved_blocks),
             "engine": {"active": worker.active, "queued": worker.queued, "peak_active": worker.peak_active,
                        "steps": worker.steps, "offloads": registry.offloads_total,
-                       "decode": decode_figures(worker.batch_sizes)},
+                       "decode": decode_figures(worker.batch_sizes),
+                       "spill": registry.spill.report() if registry.spill is not None else None},
             "sessions": sessions}
 
 

@@ -18,6 +18,7 @@ from kvbound.config import CacheConfig
 from kvbound.errors import KvboundError
 from kvbound.server.errors import ApiError, ServerBusy, SessionNotFound
 from kvbound.server.protocol import SESSION_ID_PATTERN, new_id
+from kvbound.server.spill import Spill
 
 if TYPE_CHECKING:
     from kvbound.chat.reply import Reply
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("kvbound.server")
 SESSION_ID = re.compile(SESSION_ID_PATTERN)
 STORE_FILE = "sessions.sqlite3"
+SPILL_DIR = "spill"  # under --data-dir
 Conversation = list[dict[str, str]]  # [{"role", "content"}], roles system/user/assistant
 
 
@@ -127,6 +129,9 @@ class SessionRegistry:
         self.capacity, self.evicts = probe.capacity, probe.policy.evicts
         self._sessions: dict[str, Session] = {}
         self.offloads_total = 0
+        spill_bytes = settings.spill_bytes()
+        self.spill = Spill(spill_bytes, Path(settings.data_dir) / SPILL_DIR if settings.data_dir else None) \
+            if spill_bytes else None
 
     # -- lookup -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -213,6 +218,8 @@ class SessionRegistry:
 
     def _forget(self, session: Session) -> None:
         self._release_kv(session)
+        if self.spill is not None:
+            self.spill.discard(session.id)
         self._sessions.pop(session.id, None)
         if self.store is not None and session.explicit:
             self.store.delete(session.id)
@@ -233,6 +240,8 @@ class SessionRegistry:
             if named:
                 unloaded = min(named, key=lambda s: s.last_used)
                 self._release_kv(unloaded)
+                if self.spill is not None:  # the store's snapshot brings it back
+                    self.spill.discard(unloaded.id)
                 self._sessions.pop(unloaded.id, None)
                 return
         if not idle:
@@ -279,6 +288,10 @@ class SessionRegistry:
         """Give the session's KV blocks back to the pool; its messages stay, so `restore` can bring it back."""
         if session.chat is None:
             return
+        chat = session.chat
+        if self.spill is not None and chat.context_tokens:  # what `turn_tokens` needs, without reading the file
+            log = chat.transcript
+            self.spill.put(session.id, chat.export_state(), (chat.context_tokens, list(log.history), log.fed_text))
         self._release_kv(session)
         session.offloads += 1
         self.offloads_total += 1
@@ -291,7 +304,15 @@ class SessionRegistry:
         chat that feeds the system prompt with its first message."""
         if session.chat is not None:
             return 0
-        if session.explicit and session.turns and self._stored_messages(session.id) == session.messages:
+        state = self.spill.take(session.id, session.messages) if self.spill is not None else None
+        if state is not None:
+            cache = self.llm.new_cache(self.cache_config, pool=self.pool)
+            try:
+                session.chat = Chat.from_state(self.llm, state, cache=cache)
+            except BaseException:
+                cache.free()
+                raise
+        elif session.explicit and session.turns and self._stored_messages(session.id) == session.messages:
             session.chat = self.store.load(session.id, self.llm, self.pool, **self.settings.cache_options())
         elif session.turns:
             cache = self.llm.new_cache(self.cache_config, pool=self.pool)
@@ -322,12 +343,26 @@ class SessionRegistry:
         tokenizer = self.llm.tokenizer
         render = tokenizer.apply_chat_template
         message = [] if user is None else [{"role": "user", "content": user}]
+
+        def appended(history: Conversation, fed_text: str) -> int | None:
+            # As the chat computes its turn (chat/transcript.delta): the text past what its cache was fed, which
+            # includes the end-of-turn marker a reply cut by max_tokens never generated.
+            rendered = render(history + message, add_generation_prompt=True)
+            return max(1, len(tokenizer.encode(rendered[len(fed_text):]))) \
+                if fed_text and rendered.startswith(fed_text) else None
+
         if session.chat is not None and session.chat.context_tokens:
             chat = session.chat
-            full = len(tokenizer.encode(render(chat.messages + message, add_generation_prompt=True)))
-            before = len(tokenizer.encode(render(chat.messages, add_generation_prompt=False)))
-            new = max(1, full - before)
+            new = appended(chat.transcript.history, chat.transcript.fed_text)
+            if new is None:
+                full = len(tokenizer.encode(render(chat.messages + message, add_generation_prompt=True)))
+                new = max(1, full - len(tokenizer.encode(render(chat.messages, add_generation_prompt=False))))
             return chat.context_tokens, new, new
+        if self.spill is not None and session.chat is None and session.id in self.spill:
+            held, history, fed_text = self.spill.note(session.id)
+            new = appended(history, fed_text)
+            if new is not None:
+                return 0, held + new, new  # blocks for the spilled KV and the message; compute for the message
         full = len(tokenizer.encode(render(session.messages + message, add_generation_prompt=True)))
         if not session.turns:
             return 0, full, full

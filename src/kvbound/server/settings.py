@@ -37,12 +37,18 @@ class ServerSettings:
     default_max_tokens: int = 256  # reply length when a chat request gives none
     model_id: str | None = None  # the id /v1/models lists (default: the model file's name)
     data_dir: Path | None = None  # where a SessionStore keeps sessions (persistence)
+    # Disk for offloaded sessions' KV (server/spill.py: restored without a prefill); 0 turns it off
+    spill_budget: int | str = "1GiB"
 
     def __post_init__(self) -> None:
         if self.kv_budget is not None and self.kv_tokens is not None:
             raise ValueError("give either --kv-budget or --kv-tokens, not both")
         if self.kv_budget is not None:
             parse_size(self.kv_budget)
+        try:
+            self.spill_bytes()
+        except ValueError as e:
+            raise ValueError(f"--spill-budget: {e} (0 turns the spill off)") from None
         for name in ("kv_tokens", "session_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -72,6 +78,10 @@ class ServerSettings:
         if self.session_tokens is not None:
             options["tokens"] = self.session_tokens
         return options
+
+    def spill_bytes(self) -> int:
+        """The spill's byte cap; 0: offloaded sessions are rebuilt from their messages."""
+        return 0 if str(self.spill_budget).strip() == "0" else parse_size(self.spill_budget)
 
     def recall_on(self) -> bool:
         """Whether sessions keep and recall evicted turns."""

@@ -1,0 +1,117 @@
+"""Offloaded sessions' KV on disk, so that bringing a session back reads its state instead of prefilling its
+history again. When the shared pool runs out of blocks the server offloads an idle session (server/admission.py);
+its cache state (Chat.export_state, as chat/snapshot.py's bytes: KV in its storage format, transcript, archive)
+goes to one file here, and its next turn restores it in milliseconds where a prefill of ~700 tokens takes seconds
+on a CPU. Files, not process memory: the KV budget bounds what the process holds, and the page cache is the
+kernel's. The directory is `--data-dir`/spill, or a private temporary one removed at shutdown; its bytes are capped
+(`--spill-budget`): past the cap the oldest files go, and those sessions are rebuilt from their messages as
+before. A file that cannot be read or is of other messages is dropped the same way: the messages are never lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import weakref
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from kvbound.chat import snapshot
+from kvbound.errors import KvboundError
+
+logger = logging.getLogger("kvbound.server")
+
+
+class Spill:
+    def __init__(self, budget: int, directory: Path | None = None):
+        self.budget = budget
+        self._own = directory is None  # a temporary directory is ours to remove
+        try:
+            if directory is None:
+                directory = Path(tempfile.mkdtemp(prefix="kvbound-spill-"))
+            else:
+                directory.mkdir(parents=True, exist_ok=True)
+                for stale in directory.glob("*.kvs"):  # states of a previous run: its sessions start afresh
+                    stale.unlink()
+        except OSError as e:
+            raise KvboundError(f"the spill directory {directory}: {e.strerror}; give a writable --data-dir or "
+                               "--spill-budget 0") from None
+        self.directory = directory
+        # A temporary directory goes with the spill (or at exit), whoever forgets to close it.
+        self._cleanup = weakref.finalize(self, shutil.rmtree, directory, True) if self._own else None
+        self._files: OrderedDict[str, tuple[Path, int, Any]] = OrderedDict()  # id -> (file, bytes, its note)
+        self.bytes = 0
+        self.written = self.restored = self.dropped = 0
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._files
+
+    def note(self, session_id: str) -> Any:
+        """What the caller kept in memory beside the session's spilled state (`put`'s `note`)."""
+        return self._files[session_id][2]
+
+    def put(self, session_id: str, state: dict[str, Any], note: Any = None) -> bool:
+        """Write the session's exported chat state (and keep `note`, a few facts about it, in memory); False
+        (nothing kept) if it alone exceeds the budget or the write fails. Older files go first when the budget
+        would be crossed."""
+        self.discard(session_id)
+        blob = snapshot.to_bytes(state)
+        if len(blob) > self.budget:
+            return False
+        while self.bytes + len(blob) > self.budget:
+            self._drop(next(iter(self._files)))
+        path = self.directory / f"{session_id}.kvs"
+        try:
+            path.write_bytes(blob)
+        except OSError as e:
+            logger.warning("session '%s': could not spill its KV (%s); it will be rebuilt from its messages",
+                           session_id, e.strerror)
+            path.unlink(missing_ok=True)
+            return False
+        self._files[session_id] = (path, len(blob), note)
+        self.bytes += len(blob)
+        self.written += 1
+        return True
+
+    def take(self, session_id: str, messages: list[dict[str, str]]) -> dict[str, Any] | None:
+        """The session's state, removed from the spill; None if there is none or it is unreadable or of other
+        messages than `messages` (the file is dropped either way)."""
+        if session_id not in self._files:
+            return None
+        path = self._files[session_id][0]
+        try:
+            state = snapshot.from_bytes(path.read_bytes())
+            if [(m["role"], m["content"]) for m in state["messages"]] != \
+                    [(m["role"], m["content"]) for m in messages]:
+                raise snapshot.SnapshotError("the spilled state is of other messages")
+        except (OSError, snapshot.SnapshotError, KeyError, TypeError) as e:
+            logger.warning("session '%s': its spilled KV is not usable (%s); rebuilding it from its messages",
+                           session_id, e)
+            self._drop(session_id)
+            return None
+        self.discard(session_id)
+        self.restored += 1
+        return state
+
+    def discard(self, session_id: str) -> None:
+        entry = self._files.pop(session_id, None)
+        if entry is not None:
+            entry[0].unlink(missing_ok=True)
+            self.bytes -= entry[1]
+
+    def _drop(self, session_id: str) -> None:
+        self.discard(session_id)
+        self.dropped += 1
+
+    def close(self) -> None:
+        for session_id in list(self._files):
+            self.discard(session_id)
+        if self._cleanup is not None:
+            self._cleanup()
+
+    def report(self) -> dict[str, Any]:
+        return {"sessions": len(self._files), "bytes": self.bytes, "budget": self.budget,
+                "directory": str(self.directory), "written": self.written, "restored": self.restored,
+                "dropped": self.dropped}
