@@ -186,6 +186,19 @@ def weights_headlines(r: dict[str, Any]) -> list[str]:
                          + ", ".join(f"{row[k]:.2f}x {n}" for k, n in (("decode_vs_transformers", "transformers fp32"),
                                                                     ("decode_vs_llamacpp", "llama.cpp")) if k in row)
                          + ".")
+    mib = 2 ** 20
+    for context in sorted({row["context"] for row in r["rows"]}):
+        pair = {row["system"]: row for row in r["rows"] if row["context"] == context and row.get("rss_start_bytes")}
+        ours, peer = pair.get("kvbound weights auto"), pair.get("llama.cpp KV f16")
+        if ours and peer:
+            gap = (ours["peak_rss_bytes"] - peer["peak_rss_bytes"]) / mib
+            runtime = (ours["rss_start_bytes"] - peer["rss_start_bytes"]) / mib
+            lines.append(f"Peak RSS at context {context}: kvbound {ours['peak_rss_bytes'] / mib:,.0f} MiB against "
+                         f"llama.cpp's {peer['peak_rss_bytes'] / mib:,.0f} MiB (+{gap:,.0f} MiB; goal +100 MiB: "
+                         f"{'met' if gap <= 100 else 'missed'}); the runtime imported, before any model: "
+                         f"{ours['rss_start_bytes'] / mib:,.0f} MiB (Python + torch) against "
+                         f"{peer['rss_start_bytes'] / mib:,.0f} MiB (Python + llama-cpp-python), +{runtime:,.0f} MiB; "
+                         f"beyond it +{gap - runtime:,.0f} MiB.")
     return lines
 
 
