@@ -1,6 +1,7 @@
 """Facts told early, asked late, under a KV budget that holds a few percent of the chat: does recall bring the
 turn that told the fact back, and does the model then answer? The 200-turn dev chat (eight facts told in the
-first turns, asked in the last ~90), replayed greedy through one chat per configuration:
+first turns, asked in the last ~90; or a second chat made from another book, benchmarks/make_chat.py), replayed
+greedy through one chat per configuration:
 
 - `off`: the policy alone (recall off); `on`: the same with recall; `summarize` and `summarize + recall`;
 - `ceiling`: the same model with the fact just told (a fresh chat: the telling turn, then the question), which is
@@ -10,6 +11,7 @@ Per question: whether the reply contains the expected answer, and (recall on) wh
 the recalled ones. Each configuration runs in its own process.
 
     python -m benchmarks.recall [--quick] [--budget 64MiB] [--policy turns+h2o] [--max-new-tokens 48]
+    python -m benchmarks.recall --script conversations/sense-200-turns.jsonl --no-summarize   # the second chat
 """
 
 from __future__ import annotations
@@ -26,8 +28,13 @@ from benchmarks import common
 SUITE = "recall"
 
 
-def script() -> tuple[str, list[dict[str, Any]]]:
-    lines = common.read_jsonl(common.data_file("conversations/dev-200-turns.jsonl"))
+DEV_CHAT = "conversations/dev-200-turns.jsonl"
+# The second chat, made from another book with other facts by `python -m benchmarks.make_chat`.
+SENSE_CHAT = "conversations/sense-200-turns.jsonl"
+
+
+def script(path: str = DEV_CHAT) -> tuple[str, list[dict[str, Any]]]:
+    lines = common.read_jsonl(common.data_file(path))
     return lines[0]["system"], [line for line in lines[1:] if "user" in line]
 
 
@@ -39,7 +46,7 @@ def telling_turn(turns: list[dict[str, Any]], expect: list[str], before: int) ->
     return None
 
 
-def run_chat(config: dict[str, Any], max_new: int, limit: int | None) -> dict[str, Any]:
+def run_chat(config: dict[str, Any], max_new: int, limit: int | None, chat_file: str = DEV_CHAT) -> dict[str, Any]:
     import warnings
 
     import kvbound
@@ -47,7 +54,7 @@ def run_chat(config: dict[str, Any], max_new: int, limit: int | None) -> dict[st
     warnings.simplefilter("ignore")
     common.pin_threads()
     llm = kvbound.load(tune_allocator=True)
-    system, turns = script()
+    system, turns = script(chat_file)
     turns = turns[:limit] if limit else turns
     chat = llm.chat(system=system, budget=config["budget"], dtype=config.get("dtype", "auto"),
                     policy=config["policy"], recall=config["recall"])
@@ -69,7 +76,7 @@ def run_chat(config: dict[str, Any], max_new: int, limit: int | None) -> dict[st
             "peak_rss_mib": common.mib(common.peak_rss_bytes())}
 
 
-def run_ceiling(max_new: int) -> dict[str, Any]:
+def run_ceiling(max_new: int, chat_file: str = DEV_CHAT) -> dict[str, Any]:
     """Each question asked right after the turn that told its fact, in a fresh chat with the full cache."""
     import warnings
 
@@ -78,7 +85,7 @@ def run_ceiling(max_new: int) -> dict[str, Any]:
     warnings.simplefilter("ignore")
     common.pin_threads()
     llm = kvbound.load(tune_allocator=True)
-    system, turns = script()
+    system, turns = script(chat_file)
     questions = []
     for number, turn in enumerate(turns, 1):
         if not turn.get("expect"):
@@ -94,8 +101,9 @@ def run_ceiling(max_new: int) -> dict[str, Any]:
 
 def worker(argv: list[str]) -> int:
     kind, payload, out = argv[0], json.loads(argv[1]), Path(argv[2])
-    result = run_ceiling(payload["max_new"]) if kind == "ceiling" else \
-        run_chat(payload["config"], payload["max_new"], payload["limit"])
+    chat_file = payload.get("script", DEV_CHAT)
+    result = run_ceiling(payload["max_new"], chat_file) if kind == "ceiling" else \
+        run_chat(payload["config"], payload["max_new"], payload["limit"], chat_file)
     out.write_text(json.dumps(result))
     return 0
 
@@ -129,7 +137,7 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{r['archive_bytes'] / 1024:.0f} KiB" if "archive_bytes" in r else "–"])
     table = common.markdown_table(["configuration", "answered", "telling turn recalled", "most tokens held",
                                    "tokens evicted", "tokens recalled", "archive"], rows)
-    return (f"The dev chat ({result['turns']} turns, {result['chat_tokens']:,} tokens through the model), "
+    return (f"{chat_name(result)} ({result['turns']} turns, {result['chat_tokens']:,} tokens through the model), "
             f"KV budget {result['budget']} ({result['dtype']} KV), greedy, {result['max_new_tokens']} new tokens per "
             f"reply. `ceiling`: each question right after its fact, full cache.\n\n{table}")
 
@@ -142,8 +150,14 @@ def headlines(result: dict[str, Any]) -> list[str]:
         parts.append(f"{name} {sum(q['answered'] for q in qs)}/{len(qs)}"
                      + (f" (telling turn recalled {sum(q.get('recalled', False) for q in qs)}/{len(qs)})"
                         if "recall on" in name else ""))
-    return [f"Facts told early and asked late in the {result['turns']}-turn dev chat, KV budget {result['budget']}, "
-            "answers right: " + "; ".join(parts) + "."]
+    return [f"Facts told early and asked late in {chat_name(result, lower=True)} ({result['turns']} turns), KV "
+            f"budget {result['budget']}, answers right: " + "; ".join(parts) + "."]
+
+
+def chat_name(result: dict[str, Any], lower: bool = False) -> str:
+    name = result.get("script", DEV_CHAT)
+    text = "The dev chat" if name == DEV_CHAT else f"The chat `{Path(name).name}` (made from another book)"
+    return text[0].lower() + text[1:] if lower else text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,18 +170,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="turns+h2o")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--script", default=DEV_CHAT, help=f"the chat, under data/ (default {DEV_CHAT}; "
+                        f"--script {SENSE_CHAT} is the second one)")
+    parser.add_argument("--no-summarize", action="store_true", help="recall off and on only (and the ceiling)")
+    parser.add_argument("--name", help="results file name (default: recall, or recall_sense for the second chat)")
     args = parser.parse_args(argv)
     max_new = 16 if args.quick else args.max_new_tokens
-    runs: dict[str, Any] = {"ceiling": spawn("ceiling", {"max_new": max_new})}
+    runs: dict[str, Any] = {"ceiling": spawn("ceiling", {"max_new": max_new, "script": args.script})}
     configs = configurations(args.budget, args.policy, args.dtype)
-    for name, config in list(configs.items())[: 2 if args.quick else None]:
+    for name, config in list(configs.items())[: 2 if args.quick or args.no_summarize else None]:
         common.log(f"recall: {name}")
-        runs[name] = spawn("chat", {"config": config, "max_new": max_new, "limit": None})
-    _, turns = script()
+        runs[name] = spawn("chat", {"config": config, "max_new": max_new, "limit": None, "script": args.script})
+    _, turns = script(args.script)
     first = runs[next(iter(configs))]  # recall off: what went through the cache, evicted or held at the end
     result = {"runs": runs, "turns": len(turns), "budget": args.budget, "dtype": args.dtype, "policy": args.policy,
-              "max_new_tokens": max_new, "chat_tokens": first["evicted_tokens"] + first["max_context_tokens"]}
-    return common.finish(SUITE, result, args.quick, markdown)
+              "max_new_tokens": max_new, "chat_tokens": first["evicted_tokens"] + first["max_context_tokens"],
+              "script": args.script}
+    name = args.name or (SUITE if args.script == DEV_CHAT else f"{SUITE}_{Path(args.script).stem.split('-')[0]}")
+    return common.finish(name, result, args.quick, markdown)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ SECTIONS = [  # (result name, title, markdown(result))
     ("kv_kernel", "Attention per decode step: the native kernels against SDPA", kv_kernel.markdown),
     ("long_chat", "A long chat under a fixed KV budget", long_chat.markdown),
     ("recall", "Recall: facts told early, asked late, under a small KV budget", recall.markdown),
+    ("recall_sense", "Recall in a second chat, made from another book", recall.markdown),
     ("passkey_after", "Passkey with the question after compression", passkey_after.markdown),
     ("archive", "The recall archive at 100,000 evicted turns", archive.markdown),
     ("quality", "Quality under a KV budget (perplexity, passkey)", quality.markdown),
@@ -278,7 +279,7 @@ HEADLINES = {"decode": decode_headlines, "kv_kernel": kv_kernel_headlines, "long
              "kvpress": kvpress_headlines, "load": load.headlines, "weights": weights_headlines,
              "prefill_memory": prefill_memory_headlines, "batch_decode": batch_decode_headlines,
              "cluster": cluster_headlines, "estimate_accuracy": estimate_accuracy_headlines,
-             "recall": recall.headlines, "revisions": revisions.headlines, "passkey_after": passkey_after.headlines,
+             "recall": recall.headlines, "recall_sense": recall.headlines, "revisions": revisions.headlines, "passkey_after": passkey_after.headlines,
              "archive": archive.headlines}
 
 
