@@ -255,3 +255,21 @@ def test_bad_spill_budget_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="--spill-budget"):
         ServerSettings(spill_budget="lots")
     assert ServerSettings(spill_budget="0").spill_bytes() == 0
+
+
+def test_spilled_session_near_its_capacity_is_restored_and_evicts_instead_of_413(serve) -> None:
+    """A spilled session that holds nearly a whole session's capacity comes back and makes room by its policy,
+    like a session that never left the pool (the load benchmark once got 413s here: the spilled KV was counted
+    as tokens to feed)."""
+    server = serve(kv_budget=6 * BLOCK_BYTES, policy="turns")  # a session holds at most 192 tokens
+    for turn in range(4):
+        assert post(server, user(f"turn {turn} " + "word " * 12), "big", max_tokens=24).status_code == 200
+    assert httpx.get(server.url + "/v1/sessions/big").json()["kv_tokens"] > 150
+    for name in ("a", "b"):
+        assert post(server, user("hi " * 20), name, max_tokens=30).status_code == 200
+    assert httpx.get(server.url + "/v1/sessions/big").json()["state"] == "offloaded"
+    again = post(server, user("and now? " + "word " * 12), "big", max_tokens=24)
+    assert again.status_code == 200, again.text
+    assert again.headers["x-kvbound-session-state"] == "restored"
+    assert again.json()["kvbound"]["refed_history_tokens"] == 0
+    assert again.json()["kvbound"]["evicted_tokens"] > 0

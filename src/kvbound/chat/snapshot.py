@@ -9,11 +9,14 @@ import hashlib
 import json
 import zlib
 from dataclasses import asdict, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+from safetensors.torch import save_file
 
 from kvbound.config import CacheConfig
 from kvbound.errors import SnapshotError
@@ -29,7 +32,7 @@ _META_KEY = "kvbound.session"
 _TENSOR = "__tensor__"
 
 __all__ = ["SESSION_FORMAT", "SnapshotError", "model_identity", "check_model", "cache_for_state", "to_bytes",
-           "from_bytes", "state_bytes"]
+           "from_bytes", "write_file", "read_file", "state_bytes"]
 
 
 def model_identity(llm: "LLM") -> dict[str, Any]:
@@ -98,6 +101,28 @@ def from_bytes(blob: bytes) -> dict[str, Any]:
     except SnapshotError:
         raise
     except Exception as e:  # safetensors/json raise assorted types for damaged bytes
+        raise SnapshotError(f"the saved session state cannot be read ({type(e).__name__}: {e}); rebuild the "
+                            "session from its messages") from e
+
+
+def write_file(state: dict[str, Any], path: Path) -> int:
+    """`to_bytes` straight to a file, without the bytes in memory: safetensors writes each tensor from where it
+    lies, so the state is never copied whole. No checksum (a file only this process writes and reads back);
+    returns the file's size."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta = _split(state, tensors, "")
+    save_file(tensors, path, metadata={_META_KEY: json.dumps(meta, separators=(",", ":"))})
+    return path.stat().st_size
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """The state `write_file` wrote, tensor by tensor from the file's memory map; SnapshotError if it is not one."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads(f.metadata()[_META_KEY])
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        return _join(meta, tensors)
+    except Exception as e:  # safetensors/json raise assorted types for damaged files
         raise SnapshotError(f"the saved session state cannot be read ({type(e).__name__}: {e}); rebuild the "
                             "session from its messages") from e
 

@@ -16,6 +16,7 @@ from kvbound.chat.restore import restore_room
 from kvbound.chat.session import Chat
 from kvbound.config import CacheConfig
 from kvbound.errors import KvboundError
+from kvbound.memory.allocator import trim_heap
 from kvbound.server.errors import ApiError, ServerBusy, SessionNotFound
 from kvbound.server.protocol import SESSION_ID_PATTERN, new_id
 from kvbound.server.spill import Spill
@@ -292,6 +293,7 @@ class SessionRegistry:
         if self.spill is not None and chat.context_tokens:  # what `turn_tokens` needs, without reading the file
             log = chat.transcript
             self.spill.put(session.id, chat.export_state(), (chat.context_tokens, list(log.history), log.fed_text))
+            trim_heap()  # the exported copy of the KV was on the heap: hand its pages back now
         self._release_kv(session)
         session.offloads += 1
         self.offloads_total += 1
@@ -312,6 +314,9 @@ class SessionRegistry:
             except BaseException:
                 cache.free()
                 raise
+            finally:
+                del state
+                trim_heap()  # the state read back was copied into the pool
         elif session.explicit and session.turns and self._stored_messages(session.id) == session.messages:
             session.chat = self.store.load(session.id, self.llm, self.pool, **self.settings.cache_options())
         elif session.turns:
@@ -337,9 +342,10 @@ class SessionRegistry:
         return True
 
     def turn_tokens(self, session: Session, user: str | None) -> tuple[int, int, int]:
-        """(tokens the session's cache holds now, tokens its next turn will feed for `user`, of which the new
-        message's): what the new message adds to a chat that holds KV, else its conversation as `restore` feeds it
-        (all of it, or the newest turns when it and the message would overflow the capacity)."""
+        """(tokens the session's cache holds now — or will hold, restored from the spill —, tokens its next turn
+        will feed for `user`, of which the new message's): what the new message adds to a chat that holds (or
+        spilled) KV, else its conversation as `restore` feeds it (all of it, or the newest turns when it and the
+        message would overflow the capacity)."""
         tokenizer = self.llm.tokenizer
         render = tokenizer.apply_chat_template
         message = [] if user is None else [{"role": "user", "content": user}]
@@ -361,8 +367,8 @@ class SessionRegistry:
         if self.spill is not None and session.chat is None and session.id in self.spill:
             held, history, fed_text = self.spill.note(session.id)
             new = appended(history, fed_text)
-            if new is not None:
-                return 0, held + new, new  # blocks for the spilled KV and the message; compute for the message
+            if new is not None:  # restored, it holds its spilled KV (its blocks are still to reserve)
+                return held, new, new
         full = len(tokenizer.encode(render(session.messages + message, add_generation_prompt=True)))
         if not session.turns:
             return 0, full, full

@@ -57,21 +57,26 @@ class Spill:
         (nothing kept) if it alone exceeds the budget or the write fails. Older files go first when the budget
         would be crossed."""
         self.discard(session_id)
-        blob = snapshot.to_bytes(state)
-        if len(blob) > self.budget:
+        size = snapshot.state_bytes(state)  # the file adds a small header
+        if size > self.budget:
             return False
-        while self.bytes + len(blob) > self.budget:
+        while self._files and self.bytes + size > self.budget:
             self._drop(next(iter(self._files)))
         path = self.directory / f"{session_id}.kvs"
         try:
-            path.write_bytes(blob)
+            size = snapshot.write_file(state, path)
         except OSError as e:
             logger.warning("session '%s': could not spill its KV (%s); it will be rebuilt from its messages",
                            session_id, e.strerror)
             path.unlink(missing_ok=True)
             return False
-        self._files[session_id] = (path, len(blob), note)
-        self.bytes += len(blob)
+        self._files[session_id] = (path, size, note)
+        self.bytes += size
+        while self.bytes > self.budget and len(self._files) > 1:  # the header tipped it over
+            self._drop(next(iter(self._files)))
+        if self.bytes > self.budget:
+            self._drop(session_id)
+            return False
         self.written += 1
         return True
 
@@ -82,7 +87,7 @@ class Spill:
             return None
         path = self._files[session_id][0]
         try:
-            state = snapshot.from_bytes(path.read_bytes())
+            state = snapshot.read_file(path)
             if [(m["role"], m["content"]) for m in state["messages"]] != \
                     [(m["role"], m["content"]) for m in messages]:
                 raise snapshot.SnapshotError("the spilled state is of other messages")
