@@ -724,6 +724,11 @@ def _engine_note(engine: dict[str, Any]) -> str:
     decode = engine.get("decode") or {}
     if decode.get("mean_batch_size"):
         parts.append(f"decode batch {decode['mean_batch_size']:.2f} on average (max {decode.get('max_batch_size')})")
+    spill = engine.get("spill") or {}
+    if spill.get("written"):
+        parts.append(f"spill: {spill['written']} sessions written to disk, {spill['restored']} restored from it "
+                     f"without a prefill, {spill['bytes'] / 2**20:,.0f} MiB on disk at the end "
+                     f"(budget {spill['budget'] / 2**20:,.0f} MiB)")
     return "engine: " + ", ".join(p for p in parts if p) if any(parts) else "engine: —"
 
 
