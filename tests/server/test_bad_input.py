@@ -1,5 +1,6 @@
-"""Bad input of every kind gets OpenAI's error JSON with the right status and a message that names the problem —
-never a 500, never a traceback — and the server stays healthy. Also the API key and the body size limit."""
+"""Bad input of every kind gets OpenAI's error JSON (Ollama's under /api/) with the right status and a message that
+names the problem — never a 500, never a traceback — and the server stays healthy. Also the API key and the body
+size limit."""
 
 from __future__ import annotations
 
@@ -207,6 +208,112 @@ CASES |= {
 }
 
 
+# Ollama's routes (server/ollama.py): the same checks, answered in Ollama's shape, {"error": "..."}.
+OLLAMA_CHAT, GENERATE = "/api/chat", "/api/generate"
+
+
+def ollama(**fields: Any) -> dict[str, Any]:
+    return {"model": "tiny", "messages": USER, **fields}
+
+
+CASES |= {
+    "ollama_not_json": ("POST", OLLAMA_CHAT, b'{"model": "tiny", "messages": [', 400, ("not valid JSON",)),
+    "ollama_empty_body": ("POST", OLLAMA_CHAT, None, 400, ("empty",)),
+    "ollama_no_model": ("POST", OLLAMA_CHAT, {"messages": USER}, 400, ("model is required",)),
+    "ollama_model_unknown": ("POST", OLLAMA_CHAT, ollama(model="llama3:8b"), 404, ("llama3:8b", "not found")),
+    "ollama_messages_not_list": ("POST", OLLAMA_CHAT, ollama(messages="hi"), 400, ("messages",)),
+    "ollama_role_unknown": ("POST", OLLAMA_CHAT, ollama(messages=[{"role": "bot", "content": "x"}]), 400,
+                            ("messages.0.role",)),
+    "ollama_role_developer": ("POST", OLLAMA_CHAT, ollama(messages=[{"role": "developer", "content": "x"}]), 400,
+                              ("messages.0.role",)),
+    "ollama_content_list": ("POST", OLLAMA_CHAT, ollama(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "x"}]}]), 400, ("messages.0.content",)),
+    "ollama_images": ("POST", OLLAMA_CHAT, ollama(messages=[{"role": "user", "content": "x", "images": ["aGk="]}]),
+                      400, ("messages[0].images", "text only")),
+    "ollama_thinking": ("POST", OLLAMA_CHAT, ollama(messages=[{"role": "user", "content": "x"}, {
+        "role": "assistant", "content": "y", "thinking": "hmm"}, {"role": "user", "content": "z"}]), 400,
+        ("messages[1].thinking",)),
+    "ollama_last_is_assistant": ("POST", OLLAMA_CHAT, ollama(messages=USER + [{"role": "assistant", "content": "b"}]),
+                                 400, ("last message",)),
+    "ollama_system_in_the_middle": ("POST", OLLAMA_CHAT, ollama(messages=USER + [
+        {"role": "system", "content": "b"}, {"role": "user", "content": "c"}]), 400, ("messages[1]", "system")),
+    "ollama_empty_user_message": ("POST", OLLAMA_CHAT, ollama(messages=[{"role": "user", "content": " "}]), 400,
+                                  ("empty",)),
+    "ollama_tool_result_answers_nothing": ("POST", OLLAMA_CHAT, ollama(messages=USER + [
+        {"role": "tool", "content": "5"}]), 400, ("tool result", "no such call")),
+    "ollama_tool_result_of_another_function": ("POST", OLLAMA_CHAT, ollama(messages=[
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]},
+        {"role": "tool", "content": "5", "tool_name": "g"}]), 400, ("tool result of 'g'",)),
+    "ollama_tool_call_arguments_text": ("POST", OLLAMA_CHAT, ollama(messages=[
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "user", "content": "b"}]), 400, ("arguments",)),
+    "ollama_user_tool_calls": ("POST", OLLAMA_CHAT, ollama(messages=[{"role": "user", "content": "a", "tool_calls": [
+        {"function": {"name": "f", "arguments": {}}}]}]), 400, ("only an assistant",)),
+    "ollama_tools_bad_schema": ("POST", OLLAMA_CHAT, ollama(tools=[tool(parameters={"type": "wat"})]), 400,
+                                ("tools",)),
+    "ollama_too_many_messages": ("POST", OLLAMA_CHAT, ollama(messages=[{"role": "user", "content": "a"},
+                                                                       {"role": "assistant", "content": "b"}] * 600
+                                                             + USER), 400, ("1,201 messages", "oldest turns")),
+    "ollama_stream_string": ("POST", OLLAMA_CHAT, ollama(stream="yes"), 400, ("stream",)),
+    "ollama_options_not_object": ("POST", OLLAMA_CHAT, ollama(options=[1]), 400, ("options",)),
+    "ollama_num_ctx": ("POST", OLLAMA_CHAT, ollama(options={"num_ctx": 4096}), 400, ("options.num_ctx", "tokens")),
+    "ollama_num_keep": ("POST", OLLAMA_CHAT, ollama(options={"num_keep": 4}), 400, ("options.num_keep",)),
+    "ollama_unknown_option": ("POST", OLLAMA_CHAT, ollama(options={"warp_speed": 9}), 400, ("options.warp_speed",)),
+    "ollama_mirostat": ("POST", OLLAMA_CHAT, ollama(options={"mirostat": 2}), 400, ("options.mirostat",)),
+    "ollama_typical_p": ("POST", OLLAMA_CHAT, ollama(options={"typical_p": 0.5}), 400, ("options.typical_p",)),
+    "ollama_presence_penalty": ("POST", OLLAMA_CHAT, ollama(options={"presence_penalty": 1.5}), 400,
+                                ("options.presence_penalty",)),
+    "ollama_num_predict_zero": ("POST", OLLAMA_CHAT, ollama(options={"num_predict": 0}), 400, ("num_predict",)),
+    "ollama_num_predict_minus_three": ("POST", OLLAMA_CHAT, ollama(options={"num_predict": -3}), 400,
+                                       ("num_predict",)),
+    "ollama_num_predict_over_context": ("POST", OLLAMA_CHAT, ollama(options={"num_predict": 10 ** 9}), 400,
+                                        ("num_predict", "context")),
+    "ollama_temperature_negative": ("POST", OLLAMA_CHAT, ollama(options={"temperature": -1}), 400,
+                                    ("options.temperature",)),
+    "ollama_temperature_string": ("POST", OLLAMA_CHAT, ollama(options={"temperature": "hot"}), 400,
+                                  ("options.temperature",)),
+    "ollama_top_p_zero": ("POST", OLLAMA_CHAT, ollama(options={"top_p": 0}), 400, ("options.top_p",)),
+    "ollama_top_k_negative": ("POST", OLLAMA_CHAT, ollama(options={"top_k": -1}), 400, ("options.top_k",)),
+    "ollama_min_p_one": ("POST", OLLAMA_CHAT, ollama(options={"min_p": 1}), 400, ("options.min_p",)),
+    "ollama_repeat_penalty_zero": ("POST", OLLAMA_CHAT, ollama(options={"repeat_penalty": 0}), 400,
+                                   ("options.repeat_penalty",)),
+    "ollama_seed_string": ("POST", OLLAMA_CHAT, ollama(options={"seed": "x"}), 400, ("options.seed",)),
+    "ollama_stop_empty": ("POST", OLLAMA_CHAT, ollama(options={"stop": [""]}), 400, ("stop", "non-empty")),
+    "ollama_stop_number": ("POST", OLLAMA_CHAT, ollama(options={"stop": 5}), 400, ("options.stop",)),
+    "ollama_format_xml": ("POST", OLLAMA_CHAT, ollama(format="xml"), 400, ("format",)),
+    "ollama_format_bad_schema": ("POST", OLLAMA_CHAT, ollama(format={"type": "wat"}), 400,
+                                 ("format", "not a valid JSON schema")),
+    "ollama_think": ("POST", OLLAMA_CHAT, ollama(think=True), 400, ("think", "does not think")),
+    "ollama_think_level": ("POST", OLLAMA_CHAT, ollama(think="high"), 400, ("think",)),
+    "ollama_top_logprobs_alone": ("POST", OLLAMA_CHAT, ollama(top_logprobs=2), 400, ("top_logprobs", "logprobs")),
+    "ollama_top_logprobs_over_20": ("POST", OLLAMA_CHAT, ollama(logprobs=True, top_logprobs=21), 400,
+                                    ("top_logprobs",)),
+    "ollama_keep_alive_object": ("POST", OLLAMA_CHAT, ollama(keep_alive={"m": 5}), 400, ("keep_alive",)),
+    "ollama_prompt_over_budget": ("POST", OLLAMA_CHAT, ollama(messages=[{"role": "user", "content": "word " * 400}]),
+                                  413, ("tokens",)),
+    "generate_no_model": ("POST", GENERATE, {"prompt": "x"}, 400, ("model is required",)),
+    "generate_prompt_number": ("POST", GENERATE, {"model": "tiny", "prompt": 5}, 400, ("prompt",)),
+    "generate_context": ("POST", GENERATE, {"model": "tiny", "prompt": "x", "context": [1, 2]}, 400,
+                         ("context", "/api/chat")),
+    "generate_suffix": ("POST", GENERATE, {"model": "tiny", "prompt": "x", "suffix": "y"}, 400, ("suffix",)),
+    "generate_template": ("POST", GENERATE, {"model": "tiny", "prompt": "x", "template": "{{ .Prompt }}"}, 400,
+                          ("template", "raw: true")),
+    "generate_images": ("POST", GENERATE, {"model": "tiny", "prompt": "x", "images": ["aGk="]}, 400, ("images",)),
+    "generate_raw_with_system": ("POST", GENERATE, {"model": "tiny", "prompt": "x", "raw": True, "system": "s"}, 400,
+                                 ("system", "raw")),
+    "generate_raw_string": ("POST", GENERATE, {"model": "tiny", "prompt": "x", "raw": "yes"}, 400, ("raw",)),
+    "generate_empty_templated": ("POST", GENERATE, {"model": "tiny", "prompt": "  "}, 400, ("empty",)),
+    "generate_over_budget": ("POST", GENERATE, {"model": "tiny", "prompt": "word " * 400, "raw": True}, 413,
+                             ("tokens",)),
+    "show_unknown_model": ("POST", "/api/show", {"model": "llama3"}, 404, ("llama3",)),
+    "show_no_model": ("POST", "/api/show", {}, 400, ("model is required",)),
+    "ollama_unknown_route": ("POST", "/api/pull", {"model": "tiny"}, 404, ("no route",)),
+    "ollama_wrong_method": ("GET", OLLAMA_CHAT, None, 405, ("not allowed",)),
+}
+
+
 # Every sampling field with a wrong type or an out-of-range value, on both generation routes: a 400 that names it.
 BAD_FIELDS: dict[str, list[Any]] = {
     "max_tokens": ["10", -1, 1.5, True, [], {"n": 1}],
@@ -253,7 +360,11 @@ def test_malformed_requests_get_clear_errors_and_the_server_stays_healthy(small_
             response = send(http, method, path, body)
             try:
                 error = response.json()["error"]
-                assert set(error) == {"message", "type", "param", "code"}
+                if path.startswith("/api/"):  # Ollama's shape: the message alone
+                    assert set(response.json()) == {"error"} and isinstance(error, str)
+                    error = {"message": error}
+                else:
+                    assert set(error) == {"message", "type", "param", "code"}
                 assert response.status_code == status
                 assert all(w.lower() in error["message"].lower() for w in words), words
                 assert "Traceback" not in response.text

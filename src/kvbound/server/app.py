@@ -1,11 +1,10 @@
 """The HTTP app: `create_app(llm, settings)` wires one shared KV pool, the session registry, the engine worker and
 the metrics, and defines the routes — OpenAI's /v1/chat/completions, /v1/completions and /v1/models; kvbound's
-/v1/sessions, /v1/memory, /metrics, /health and /dashboard (server.dashboard). Routes validate and translate; all
-model work runs on the worker."""
+/v1/sessions, /v1/memory, /metrics, /health and /dashboard (server.dashboard); Ollama's /api/ (server.ollama).
+Routes validate and translate; all model work runs on the worker."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,12 +22,14 @@ from kvbound.server import errors
 from kvbound.server.admission import PoolAdmission
 from kvbound.server.dashboard import mount_dashboard
 from kvbound.server.errors import ApiError, api_error
+from kvbound.server.handling import check_conversation, collect, first_event
 from kvbound.server.metrics import CONTENT_TYPE, Metrics
 from kvbound.server.middleware import ApiKey, BodyLimit, CatchAll, RequestCounter
 from kvbound.server.logprobs import LogprobFormat
-from kvbound.server.protocol import ChatRequest, CompletionRequest, Message, SessionCreate, error_body, new_id
+from kvbound.server.ollama import OllamaErrors, mount_ollama
+from kvbound.server.protocol import ChatRequest, CompletionRequest, SessionCreate, error_body, new_id
 from kvbound.server.replies import ChatReply, CompletionReply
-from kvbound.server.scheduler import Event, Stream, Task, Worker
+from kvbound.server.scheduler import Event, Stream, Worker
 from kvbound.server.sessions import SessionRegistry, SessionStore
 from kvbound.server.settings import ServerSettings
 from kvbound.server.state import Server
@@ -70,9 +71,11 @@ def create_app(llm: "LLM", settings: ServerSettings | None = None, store: Sessio
     errors.install(app)
     _routes(app, server)
     mount_dashboard(app)
+    mount_ollama(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s)  # runs first
     app.add_middleware(ApiKey, key=settings.api_key, is_public=server.is_public)
     app.add_middleware(CatchAll)
+    app.add_middleware(OllamaErrors)  # Ollama's error shape under /api/, for every error above
     app.add_middleware(RequestCounter, count=lambda route, status: server.metrics.requests.labels(
         route, str(status)).inc(), route_of=_route_of(app))
     return app
@@ -124,80 +127,6 @@ def _check_request(server: Server, body: ChatRequest | CompletionRequest, max_to
                            code="invalid_json_schema") from None
     sampling_params(vocab, **sampling)  # kvbound's own checks (ValueError → 400)
     return sampling
-
-
-def _check_conversation(messages: list[Message], max_messages: int) -> None:
-    if len(messages) > max_messages:
-        raise ApiError(400, f"the request has {len(messages):,} messages and this server takes at most "
-                       f"{max_messages:,} in one request; send fewer (a session keeps the history: see session_id)",
-                       param="messages", code="too_many_messages")
-    system = ("system", "developer")
-    for index, message in enumerate(messages[1:], start=1):
-        if message.role in system:
-            raise ApiError(400, f"messages[{index}] is a {message.role} message; only the first message may be one",
-                           param=f"messages.{index}.role")
-    last, at = messages[-1], f"messages.{len(messages) - 1}"
-    alone = len(messages) == 1 and last.role in system  # a system (or developer) message alone: answered
-    if last.role not in ("user", "tool") and not alone:
-        raise ApiError(400, f"the last message is from '{last.role}'; a chat request ends with the user's "
-                       "message to answer, or tool results (or is a system message alone)", param=f"{at}.role")
-    if last.role != "tool" and not last.text().strip():
-        raise ApiError(400, f"the last {last.role} message is empty; send some text", param=f"{at}.content")
-
-
-# -- waiting on the worker --------------------------------------------------------------------------------------------
-class _DisconnectWatch:
-    """While a route waits on a generation, cancel it if the client goes away (the Chat rolls the turn back)."""
-
-    def __init__(self, request: Request, stream: Stream):
-        self.request, self.stream = request, stream
-        self.task: asyncio.Task | None = None
-
-    async def _watch(self) -> None:
-        while True:
-            message = await self.request.receive()
-            if message["type"] == "http.disconnect":
-                self.stream.cancel()
-                return
-
-    def __enter__(self) -> "_DisconnectWatch":
-        self.task = asyncio.create_task(self._watch())
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.task.cancel()
-
-
-def _client_of(request: Request) -> str:
-    """Who sent a request, for the fair share of the engine's slots: its API key, else its address."""
-    key = request.headers.get("authorization")
-    return f"key:{key}" if key else f"host:{request.client.host if request.client else ''}"
-
-
-async def _first_event(server: Server, task: Task, request: Request) -> tuple[Stream, Event]:
-    """Submit `task` and wait for its first piece (headers can then say 200) or its error (raised)."""
-    stream = server.worker.submit(task, client=_client_of(request))
-    try:
-        with _DisconnectWatch(request, stream):
-            event = await stream.next()
-    except BaseException:
-        stream.cancel()
-        raise
-    if event.kind == "error":
-        raise event.value
-    return stream, event
-
-
-async def _collect(stream: Stream, event: Event, request: Request) -> TurnResult:
-    try:
-        with _DisconnectWatch(request, stream):
-            while event.kind == "piece":
-                event = await stream.next()
-    finally:
-        stream.cancel()  # a no-op once the generation ended
-    if event.kind == "error":
-        raise event.value
-    return event.value
 
 
 def _sse(data: dict[str, Any] | str) -> dict[str, str]:
@@ -254,30 +183,30 @@ def _routes(app: FastAPI, server: Server) -> None:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         sampling = _check_request(server, body, body.requested_tokens, settings.default_max_tokens,
                                   "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
-        _check_conversation(body.messages, settings.max_messages)
+        check_conversation(body.messages, settings.max_messages)
         tools = ToolUse.of(body)
         if tools is not None and tools.calls_possible:  # the reply follows the tool grammar (response_format: its text)
             sampling["grammar"] = tools.grammar(sampling.pop("json_schema", None))
         task = ChatTurn(registry, server.admission, tool_conversation(body.messages, tools), body.session_id, sampling,
                         server.metrics.observe_reply)
-        stream, first = await _first_event(server, task, request)
+        stream, first = await first_event(server, task, request)
         headers = task.info.headers()
         reply = ChatReply(new_id("chatcmpl"), server.model_id, _logprob_format(server, body), tools)
         if body.stream:
             return EventSourceResponse(_stream_events(stream, first, reply, _include_usage(body)), headers=headers,
                                        sep="\n")
-        return JSONResponse(reply.whole(await _collect(stream, first, request)), headers=headers)
+        return JSONResponse(reply.whole(await collect(stream, first, request)), headers=headers)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         sampling = _check_request(server, body, body.max_tokens, COMPLETION_DEFAULT_TOKENS)
         task = RawCompletion(llm, body.prompt, sampling, server.admission, registry.capacity, settings.kv_dtype,
                              server.metrics.observe_reply)
-        stream, first = await _first_event(server, task, request)
+        stream, first = await first_event(server, task, request)
         reply = CompletionReply(new_id("cmpl"), server.model_id, _logprob_format(server, body))
         if body.stream:
             return EventSourceResponse(_stream_events(stream, first, reply, _include_usage(body)), sep="\n")
-        return JSONResponse(reply.whole(await _collect(stream, first, request)))
+        return JSONResponse(reply.whole(await collect(stream, first, request)))
 
     @app.get("/v1/sessions")
     async def list_sessions() -> dict[str, Any]:

@@ -25,6 +25,14 @@ MAX_STOP = 4  # as OpenAI
 MAX_COMPLETION_LOGPROBS = 5  # as OpenAI's /v1/completions
 
 
+def stop_strings(stop: str | list[str] | None, limit: int) -> list[str] | None:
+    """A request's `stop` as a list (None when empty); ValueError unless it is up to `limit` non-empty strings."""
+    stops = [stop] if isinstance(stop, str) else stop
+    if stops is not None and (len(stops) > limit or not all(stops)):
+        raise ValueError(f"stop must be up to {limit} non-empty strings")
+    return stops or None
+
+
 class _Strict(BaseModel):
     # strict: "5" is not an int and 1 is not a bool (as OpenAI answers); unknown fields are ignored (clients send
     # many we do not use), while the ones we cannot honour are refused by name below.
@@ -151,10 +159,7 @@ class _Sampling(_Strict):
     @field_validator("stop")
     @classmethod
     def _stops(cls, stop: str | list[str] | None) -> list[str] | None:
-        stops = [stop] if isinstance(stop, str) else stop
-        if stops is not None and (len(stops) > MAX_STOP or not all(stops)):
-            raise ValueError(f"stop must be up to {MAX_STOP} non-empty strings")
-        return stops or None
+        return stop_strings(stop, MAX_STOP)
 
     @field_validator("logit_bias")
     @classmethod

@@ -45,6 +45,13 @@ class TurnResult:
     usage: dict[str, Any]
     kvbound: dict[str, Any] = field(default_factory=dict)
     logprobs: list[TokenLogprob] | None = None  # when the request asked for them
+    prefill_s: float = 0.0  # the engine's time for the turn's prefill (to its first token) ...
+    decode_s: float = 0.0  # ... and for the rest of its tokens
+
+
+def timings(reply: "Reply") -> dict[str, float]:
+    """A TurnResult's timing fields, from the engine's Reply."""
+    return {"prefill_s": reply.ttft_s, "decode_s": max(0.0, reply.elapsed_s - reply.ttft_s)}
 
 
 class ChatTurn:
@@ -91,7 +98,7 @@ class ChatTurn:
                            "finish_reason": reply.finish_reason,
                            "evicted_tokens": reply.receipt.get("evicted_tokens", 0), "forecast": reply.forecast,
                            "recall": reply.recall,
-                           "memory_events": reply.mem_events}, reply.logprobs)
+                           "memory_events": reply.mem_events}, reply.logprobs, **timings(reply))
 
     def release(self) -> None:
         """Give back what `start` took (once: a turn sent back to the queue is released before it retries)."""
@@ -142,7 +149,8 @@ class RawCompletion:
             self.on_reply(reply)
         return TurnResult(reply.text, finish_reason(reply.finish_reason),
                           usage(reply.prompt_tokens, len(reply.token_ids)),
-                          {"finish_reason": reply.finish_reason, "kv_bytes": reply.kv_bytes}, reply.logprobs)
+                          {"finish_reason": reply.finish_reason, "kv_bytes": reply.kv_bytes}, reply.logprobs,
+                          **timings(reply))
 
     def release(self) -> None:
         self.admission.release(self)
