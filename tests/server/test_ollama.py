@@ -247,6 +247,8 @@ def test_errors_are_ollamas_shape(server) -> None:
         response = post(server, "/api/chat", **body)
         assert response.status_code == status and list(response.json()) == ["error"]
         assert words in response.json()["error"]
+    within = post(server, "/api/chat", messages=USER, options={"num_ctx": 512, "num_predict": 2}, stream=False)
+    assert within.status_code == 200, within.text  # clients send num_ctx with every request: up to the capacity, met
     missing = httpx.post(server.url + "/api/pull", json={"model": "x"})
     assert missing.status_code == 404 and missing.json() == {"error": "no route POST /api/pull"}
 

@@ -50,7 +50,7 @@ WHY_REFUSED = {
     "images": "the model reads text only",
     "thinking": "the model does not think; leave thinking out",
     "num_ctx": "a conversation's context is the server's, up to {capacity:,} tokens (--kv-budget, "
-               "--session-tokens); leave num_ctx out",
+               "--session-tokens); ask for at most that or leave num_ctx out",
 }
 
 
@@ -72,6 +72,9 @@ class Options(_Strict):
     seed: int | None = None
     stop: str | list[str] | None = None
     repeat_penalty: float | None = Field(None, gt=0.0)  # over the whole context (Ollama's: the last repeat_last_n)
+    # Many clients send it on every request. Up to a session's capacity it is already met (the server gives each
+    # conversation up to that); more cannot be, and is refused.
+    num_ctx: int | None = Field(None, ge=1)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     typical_p: float | None = None
@@ -183,6 +186,8 @@ def _sampling(server: "Server", body: _Generation) -> dict[str, Any]:
     for name, field in ((body.unsupported(), "{}"), (options.unsupported(), "options.{}")):
         if name is not None:
             raise _refusal(field.format(name), name, server.registry.capacity)
+    if options.num_ctx is not None and options.num_ctx > server.registry.capacity:
+        raise _refusal("options.num_ctx", "num_ctx", server.registry.capacity)
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     context = server.llm.config.max_context
