@@ -144,7 +144,7 @@ def test_client_leaving_mid_stream_rolls_the_turn_back(server) -> None:
 def test_named_sessions_cannot_lock_out_chats_without_a_session_id(serve) -> None:
     """Without a store, named sessions may take 7/8 of --max-sessions: past that, creating one is a 429 with the
     numbers, and a chat without a session_id is still answered."""
-    server = serve(max_sessions=8)
+    server = serve(max_sessions=8, sessions_per_client=8)
     codes = [httpx.post(server.url + "/v1/sessions", json={"session_id": f"n{i}"}).status_code for i in range(8)]
     assert codes == [201] * 7 + [429]
     refused = httpx.post(server.url + "/v1/sessions", json={"session_id": "n9"}).json()["error"]["message"]
@@ -152,3 +152,22 @@ def test_named_sessions_cannot_lock_out_chats_without_a_session_id(serve) -> Non
     for text in ("anyone there?", "still there?"):
         completion, _ = chat(server, [{"role": "user", "content": text}])
         assert completion.choices[0].message.content
+
+
+def test_one_client_naming_many_sessions_does_not_lock_out_another(serve) -> None:
+    """300 session creations by one client (its API key) stop at its quota with a 429 that says so; another
+    client can still name a session and chat in it, and so can a chat without a session id."""
+    server = serve(max_sessions=16)  # 14 named slots, 7 per client by default
+    greedy = {"Authorization": "Bearer greedy"}
+    codes = [httpx.post(server.url + "/v1/sessions", json={"session_id": f"g{i}"}, headers=greedy).status_code
+             for i in range(300)]
+    assert codes[:7] == [201] * 7 and set(codes[7:]) == {429}
+    refused = httpx.post(server.url + "/v1/sessions", json={"session_id": "g-more"}, headers=greedy).json()
+    assert "its quota" in refused["error"]["message"] and "--sessions-per-client 7" in refused["error"]["message"]
+    other = {"Authorization": "Bearer other"}
+    assert httpx.post(server.url + "/v1/sessions", json={"session_id": "mine"}, headers=other).status_code == 201
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "session_id": "mine2"}
+    answer = httpx.post(server.url + "/v1/chat/completions", json=body, headers=other, timeout=60)
+    assert answer.status_code == 200, answer.text
+    completion, _ = chat(server, [{"role": "user", "content": "anyone there?"}])
+    assert completion.choices[0].message.content

@@ -352,6 +352,9 @@ def serve(
         rich_help_panel="Server")] = None,
     max_sessions: Annotated[int, typer.Option("--max-sessions", min=1, help="Sessions kept at once.",
                                               rich_help_panel="Server")] = 256,
+    sessions_per_client: Annotated[Optional[int], typer.Option(
+        "--sessions-per-client", min=1, help="Named sessions one client (API key, else address) may keep in memory "
+        "without --data-dir (default: half the named slots).", rich_help_panel="Server")] = None,
     model_id: Annotated[Optional[str], typer.Option("--model-id", help="The model id clients use (default: the "
                                                     "model file's name).", rich_help_panel="Server")] = None,
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Keep sessions in this directory across "
@@ -385,6 +388,7 @@ def serve(
                               policy=cache.policy, recall=recall.value, session_tokens=session_tokens, api_key=api_key,
                               max_body_bytes=parse_size(max_body), max_messages=max_messages,
                               body_timeout_s=body_timeout, queue_timeout_s=queue_timeout, max_sessions=max_sessions,
+                              sessions_per_client=sessions_per_client,
                               model_id=model_id, data_dir=data_dir, spill_budget=spill_budget)
     if ray or replicas is not None or address is not None:  # Ray Serve: replicas of this server (kvbound.cluster)
         if not ray:

@@ -22,7 +22,7 @@ from kvbound.server import errors
 from kvbound.server.admission import PoolAdmission
 from kvbound.server.dashboard import mount_dashboard
 from kvbound.server.errors import ApiError, api_error
-from kvbound.server.handling import check_conversation, collect, first_event
+from kvbound.server.handling import check_conversation, client_of, collect, first_event
 from kvbound.server.metrics import CONTENT_TYPE, Metrics
 from kvbound.server.middleware import ApiKey, BodyLimit, CatchAll, RequestCounter
 from kvbound.server.logprobs import LogprobFormat
@@ -188,7 +188,7 @@ def _routes(app: FastAPI, server: Server) -> None:
         if tools is not None and tools.calls_possible:  # the reply follows the tool grammar (response_format: its text)
             sampling["grammar"] = tools.grammar(sampling.pop("json_schema", None))
         task = ChatTurn(registry, server.admission, tool_conversation(body.messages, tools), body.session_id, sampling,
-                        server.metrics.observe_reply)
+                        server.metrics.observe_reply, owner=client_of(request))
         stream, first = await first_event(server, task, request)
         headers = task.info.headers()
         reply = ChatReply(new_id("chatcmpl"), server.model_id, _logprob_format(server, body), tools)
@@ -217,9 +217,11 @@ def _routes(app: FastAPI, server: Server) -> None:
         return {"object": "list", "data": await worker.call(listing)}
 
     @app.post("/v1/sessions", status_code=201)
-    async def create_session(body: SessionCreate | None = None) -> dict[str, Any]:
+    async def create_session(request: Request, body: SessionCreate | None = None) -> dict[str, Any]:
         body = body or SessionCreate()
-        return await worker.call(lambda: registry.detail(registry.create(body.session_id, body.system or None)))
+        owner = client_of(request)
+        return await worker.call(lambda: registry.detail(registry.create(body.session_id, body.system or None,
+                                                                         owner=owner)))
 
     @app.get("/v1/sessions/{session_id}")
     async def get_session(session_id: str) -> dict[str, Any]:

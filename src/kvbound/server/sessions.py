@@ -77,6 +77,7 @@ class Session:
     turns: int = 0
     offloads: int = 0
     last_reply: "Reply | None" = None
+    owner: str | None = None  # the client that named it (server/handling.client_of), for its quota
 
     @property
     def state(self) -> str:
@@ -180,14 +181,16 @@ class SessionRegistry:
 
     # -- create / delete ----------------------------------------------------------------------------------------
     def create(self, session_id: str | None = None, system: str | None = None, explicit: bool = True,
-               history: Conversation = ()) -> Session:
-        """A session; its chat is made by `restore` (history is fed then, after the pool admitted the turn)."""
+               history: Conversation = (), owner: str | None = None) -> Session:
+        """A session; its chat is made by `restore` (history is fed then, after the pool admitted the turn).
+        `owner`: the client naming it, held to its quota of named sessions in memory (without a store)."""
         if session_id is not None and (self.check_id(session_id) in self._sessions
                                        or self._stored_messages(session_id) is not None):
             raise ApiError(409, f"session '{session_id}' already exists", param="session_id", code="session_exists")
         messages = ([{"role": "system", "content": system}] if system else []) + [dict(m) for m in history]
+        self._check_quota(owner if explicit else None)
         session = self._add(Session(session_id or new_id("sess"), system or None, messages, None, explicit,
-                                    turns=sum(1 for m in history if m["role"] == "assistant")))
+                                    turns=sum(1 for m in history if m["role"] == "assistant"), owner=owner))
         if explicit and self.store is not None:
             self.store.create(session.id, session.system, config=self.settings.cache_options())
         return session
@@ -201,11 +204,23 @@ class SessionRegistry:
                            param="session_id", code="session_busy")
         self._forget(session or Session(session_id, None, [], None, True))
 
+    def _check_quota(self, owner: str | None) -> None:
+        """Without a store, one client may name at most its quota of the sessions in memory: another client can
+        still name its own (with --data-dir, idle named sessions move to disk and nobody is refused)."""
+        if owner is None or self.store is not None:
+            return
+        quota = self.settings.client_session_quota()
+        held = sum(1 for s in self._sessions.values() if s.explicit and s.owner == owner)
+        if held >= quota:
+            raise ServerBusy(f"this client (its API key, else its address) holds {held} named sessions, its quota "
+                             f"(--sessions-per-client {quota}); delete some with DELETE /v1/sessions/{{id}}, or "
+                             "serve with --data-dir to keep idle ones on disk", needed=1, available=0)
+
     def _add(self, session: Session) -> Session:
         limit = self.settings.max_sessions
         if session.explicit and self.store is None:
             # Named sessions cannot fill the server: an eighth of the slots stay for chats without a session id.
-            cap = limit - max(1, limit // 8)
+            cap = self.settings.named_sessions_cap()
             named = sum(1 for s in self._sessions.values() if s.explicit)
             if named >= cap:
                 raise ServerBusy(f"the server holds {named} named sessions, the most it keeps in memory ({cap} of "
@@ -251,7 +266,7 @@ class SessionRegistry:
         self._forget(min(idle, key=lambda s: s.last_used))
 
     # -- which session a request continues -------------------------------------------------------------------------
-    def plan(self, conversation: Conversation, session_id: str | None) -> Plan:
+    def plan(self, conversation: Conversation, session_id: str | None, owner: str | None = None) -> Plan:
         """The session a chat request continues.
 
         With `session_id`: the session it names (created on first use). Its messages may be the whole conversation
@@ -269,7 +284,7 @@ class SessionRegistry:
         try:
             session = self.get(session_id)
         except SessionNotFound:
-            return Plan(self.create(session_id, system, history=history), user, "new", True)
+            return Plan(self.create(session_id, system, history=history, owner=owner), user, "new", True)
         if session.busy:
             raise ServerBusy(f"session '{session_id}' is answering another request; retry when it ends",
                              needed=1, available=0)

@@ -31,6 +31,9 @@ class ServerSettings:
     max_messages: int = 1000  # messages in one chat request; a longer one is refused (400) before any work
     body_timeout_s: float = 30.0  # a request body not whole by then is refused (408): a trickled body holds nothing
     max_sessions: int = 256  # past this, the least recently used idle implicit session is dropped
+    # Named sessions one client (its API key, else its address) may hold in memory without --data-dir; default:
+    # half the named slots, so one client cannot take them all
+    sessions_per_client: int | None = None
     max_active: int = 8  # generations interleaved at once; later ones wait in the queue
     max_queued: int = 64  # requests waiting for a generation slot or for room in the pool; past this → 429
     queue_timeout_s: float = 60.0  # the longest a request waits for room in the KV pool before its 429
@@ -64,6 +67,9 @@ class ServerSettings:
             raise ValueError(f"queue_timeout_s must be >= 0 seconds, got {self.queue_timeout_s!r}")
         if not isinstance(self.body_timeout_s, (int, float)) or self.body_timeout_s <= 0:
             raise ValueError(f"body_timeout_s must be a positive number of seconds, got {self.body_timeout_s!r}")
+        if self.sessions_per_client is not None and (not isinstance(self.sessions_per_client, int)
+                                                     or self.sessions_per_client < 1):
+            raise ValueError(f"--sessions-per-client must be an integer >= 1, got {self.sessions_per_client!r}")
         for name in ("max_body_bytes", "max_messages", "max_sessions", "max_active", "max_queued",
                      "default_max_tokens"):
             value = getattr(self, name)
@@ -82,6 +88,13 @@ class ServerSettings:
     def spill_bytes(self) -> int:
         """The spill's byte cap; 0: offloaded sessions are rebuilt from their messages."""
         return 0 if str(self.spill_budget).strip() == "0" else parse_size(self.spill_budget)
+
+    def named_sessions_cap(self) -> int:
+        """Named sessions kept in memory without a store: an eighth of --max-sessions stays for the others."""
+        return self.max_sessions - max(1, self.max_sessions // 8)
+
+    def client_session_quota(self) -> int:
+        return self.sessions_per_client or max(1, self.named_sessions_cap() // 2)
 
     def recall_on(self) -> bool:
         """Whether sessions keep and recall evicted turns."""

@@ -56,9 +56,11 @@ def timings(reply: "Reply") -> dict[str, float]:
 
 class ChatTurn:
     def __init__(self, registry: "SessionRegistry", admission: "PoolAdmission", conversation: "Conversation",
-                 session_id: str | None, sampling: dict[str, Any], on_reply: OnReply | None = None):
+                 session_id: str | None, sampling: dict[str, Any], on_reply: OnReply | None = None,
+                 owner: str | None = None):
         self.registry, self.admission = registry, admission
         self.conversation, self.session_id, self.sampling = conversation, session_id, sampling
+        self.owner = owner  # the client, should this turn name a new session (its quota)
         self.on_reply = on_reply
         self.plan: Plan | None = None
         self.info = TurnInfo()
@@ -66,7 +68,7 @@ class ChatTurn:
         self._answered = False
 
     def start(self) -> Generator[None, None, "Turn"]:
-        self.plan = plan = self.registry.plan(self.conversation, self.session_id)
+        self.plan = plan = self.registry.plan(self.conversation, self.session_id, self.owner)
         session = plan.session
         self.registry.begin(session)
         held, feed, message = self.registry.turn_tokens(session, plan.user)
