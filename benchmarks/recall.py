@@ -137,7 +137,7 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{r['archive_bytes'] / 1024:.0f} KiB" if "archive_bytes" in r else "–"])
     table = common.markdown_table(["configuration", "answered", "telling turn recalled", "most tokens held",
                                    "tokens evicted", "tokens recalled", "archive"], rows)
-    return (f"{chat_name(result)} ({result['turns']} turns, {result['chat_tokens']:,} tokens through the model), "
+    return (f"{chat_name(result)}: {result['turns']} turns, {result['chat_tokens']:,} tokens through the model, "
             f"KV budget {result['budget']} ({result['dtype']} KV), greedy, {result['max_new_tokens']} new tokens per "
             f"reply. `ceiling`: each question right after its fact, full cache.\n\n{table}")
 
@@ -150,13 +150,13 @@ def headlines(result: dict[str, Any]) -> list[str]:
         parts.append(f"{name} {sum(q['answered'] for q in qs)}/{len(qs)}"
                      + (f" (telling turn recalled {sum(q.get('recalled', False) for q in qs)}/{len(qs)})"
                         if "recall on" in name else ""))
-    return [f"Facts told early and asked late in {chat_name(result, lower=True)} ({result['turns']} turns), KV "
+    return [f"Facts told early and asked late in {chat_name(result, lower=True)}, {result['turns']} turns, KV "
             f"budget {result['budget']}, answers right: " + "; ".join(parts) + "."]
 
 
 def chat_name(result: dict[str, Any], lower: bool = False) -> str:
     name = result.get("script", DEV_CHAT)
-    text = "The dev chat" if name == DEV_CHAT else f"The chat `{Path(name).name}` (made from another book)"
+    text = "The dev chat" if name == DEV_CHAT else f"The second chat, `{Path(name).name}` (from another book)"
     return text[0].lower() + text[1:] if lower else text
 
 

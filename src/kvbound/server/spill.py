@@ -33,7 +33,7 @@ class Spill:
                 directory = Path(tempfile.mkdtemp(prefix="kvbound-spill-"))
             else:
                 directory.mkdir(parents=True, exist_ok=True)
-                for stale in directory.glob("*.kvs"):  # states of a previous run: its sessions start afresh
+                for stale in directory.glob("*.kvs"):  # states left by an earlier server process: its sessions are gone
                     stale.unlink()
         except OSError as e:
             raise KvboundError(f"the spill directory {directory}: {e.strerror}; give a writable --data-dir or "
