@@ -23,7 +23,9 @@ SUITES = {"decode": "benchmarks.decode", "kv_kernel": "benchmarks.kv_kernel", "w
           "prefill_memory": "benchmarks.prefill_memory", "estimate_accuracy": "benchmarks.estimate_accuracy",
           "batch_decode": "benchmarks.batch_decode", "cluster": "benchmarks.cluster", "recall": "benchmarks.recall",
           "passkey_after": "benchmarks.passkey_after", "archive": "benchmarks.archive",
-          "revisions": "benchmarks.revisions"}
+          "revisions": "benchmarks.revisions",
+          "recall_sense": "benchmarks.recall --script conversations/sense-200-turns.jsonl --no-summarize"}
+# (a suite is a module and, for a second configuration of a module, its arguments)
 PEERS = {"decode": ("llamacpp",), "weights": ("llamacpp",), "long_chat": ("llamacpp",), "quality": ("llamacpp",),
          "load": ("llamacpp",), "kvpress": ("kvpress",),
          "passkey_after": ("kvpress",)}  # the peer venvs each suite runs
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in suites:
         common.log(f"== {name} ==")
         started = time.perf_counter()
-        proc = common.run_python(sys.executable, ["-m", SUITES[name], *(["--quick"] if args.quick else [])])
+        proc = common.run_python(sys.executable, ["-m", *SUITES[name].split(), *(["--quick"] if args.quick else [])])
         common.log(f"== {name}: exit {proc.returncode} after {time.perf_counter() - started:.0f} s ==")
         if proc.returncode != 0:
             failed.append(name)

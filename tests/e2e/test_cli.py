@@ -63,6 +63,23 @@ def test_generate_json_greedy(smollm2_tokenizer) -> None:
 
 
 @pytest.mark.model
+def test_generate_json_logprobs() -> None:
+    """Greedy: each token is its step's likeliest, with the top alternatives sorted, and the tokens spell the text."""
+    result = kvbound("generate", "--prompt", "Name a colour.", "--greedy", "--max-tokens", "8", "--json",
+                     "--logprobs", "3")
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    entries = reply["logprobs"]
+    assert entries and len(entries) <= len(reply["token_ids"])
+    for entry in entries:
+        top = entry["top_logprobs"]
+        assert len(top) == 3 and [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+        assert entry["token_id"] == top[0]["token_id"] and entry["logprob"] == pytest.approx(top[0]["logprob"])
+        assert entry["logprob"] <= 0
+    assert "".join(e["token"] for e in entries).strip() == reply["text"].strip()
+
+
+@pytest.mark.model
 def test_converse_reuses_the_cache_across_turns() -> None:
     result = kvbound("converse", "--script", SCRIPT, "--turns", "4", "--max-new-tokens", "16", "--greedy", "--json")
     assert result.returncode == 0, result.stderr
@@ -195,6 +212,7 @@ BAD_INPUT: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "script_line_without_user": (["converse", "--script", "no_user.jsonl"], ("line 3", '"user"')),
     "script_empty": (["converse", "--script", "empty.jsonl"], ("empty",)),
     "chat_bad_budget": (["chat", "--kv-budget", "abc"], ("abc",)),  # refused before the model loads
+    "logprobs_without_json": (["generate", "-p", "hi", "--logprobs", "2"], ("--json",)),
     "serve_bad_spill_budget": (["serve", "--spill-budget", "lots", "--port", "0"], ("--spill-budget", "lots")),
     "perplexity_missing_file": (["perplexity", "nowhere.txt"], ("nowhere.txt",)),
     "perplexity_binary_file": (["perplexity", "garbage.gguf"], ("garbage.gguf", "utf-8")),

@@ -28,6 +28,7 @@ from kvbound.cli.options import (CacheOptions, DeviceOption, Dtype, DtypeOption,
                                  RecallOption, SamplingOptions, Weights, WeightsOption, load_model, one_model,
                                  with_options)
 from kvbound.engine.constraint import ANY_JSON_OBJECT, check_schema
+from kvbound.engine.logprobs import MAX_TOP_LOGPROBS
 from kvbound.errors import ContextOverflowError, KvboundError, ModelNotFoundError
 from kvbound.kvcache.spec import format_bytes, parse_size
 from kvbound.loading.resolve import DEFAULT_MODEL, KNOWN_MODELS, known_model_path
@@ -74,12 +75,19 @@ def generate(
         rich_help_panel="Structured output")] = None,
     json_object: Annotated[bool, typer.Option("--json-object", help="Answer only with a JSON object.",
                                               rich_help_panel="Structured output")] = False,
+    logprobs: Annotated[Optional[int], typer.Option(
+        "--logprobs", min=0, max=MAX_TOP_LOGPROBS, help="With --json: each token's logprob (the model's, before "
+        "sampling) and the N likeliest alternatives.")] = None,
     recall: RecallOption = Recall.auto,
     *, load: ModelOptions, sampling: SamplingOptions, cache: CacheOptions,
 ) -> None:
     """Answer one prompt, streaming the text to stdout (statistics go to stderr)."""
     text = _read_prompt(prompt, prompt_file)
     params = sampling.kwargs()
+    if logprobs is not None:
+        if not json_output:
+            raise ValueError("--logprobs are reported in the --json output; add --json")
+        params["logprobs"] = logprobs
     schema = _read_schema(json_schema, json_object)
     if schema is not None:
         params["json_schema"] = schema
@@ -101,7 +109,13 @@ def generate(
                                    needed=e.needed, available=e.available) from None
     reply: Reply = pieces.reply if session is None else session.last_reply
     if json_output:
-        write(json.dumps({"model": llm.config.name, **reply.to_dict()}, ensure_ascii=False) + "\n")
+        out = {"model": llm.config.name, **reply.to_dict()}
+        if reply.logprobs is not None:  # token ids spelled out, as the server's logprobs are
+            spell = llm.tokenizer.decode
+            out["logprobs"] = [{"token": spell([t.token_id]), "token_id": t.token_id, "logprob": t.logprob,
+                                "top_logprobs": [{"token": spell([i]), "token_id": i, "logprob": v} for i, v in t.top]}
+                               for t in reply.logprobs]
+        write(json.dumps(out, ensure_ascii=False) + "\n")
         return
     if not reply.text.endswith("\n"):
         write("\n")
