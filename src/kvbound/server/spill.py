@@ -3,7 +3,8 @@ history again. When the shared pool runs out of blocks the server offloads an id
 its cache state (Chat.export_state, as chat/snapshot.py's bytes: KV in its storage format, transcript, archive)
 goes to one file here, and its next turn restores it in milliseconds where a prefill of ~700 tokens takes seconds
 on a CPU. Files, not process memory: the KV budget bounds what the process holds, and the page cache is the
-kernel's. The directory is `--data-dir`/spill, or a private temporary one removed at shutdown; its bytes are capped
+kernel's. Each server process has its own directory, under `--data-dir`/spill or the system's temporary directory,
+removed at shutdown (or by the next server on the host, if the process was killed); its bytes are capped
 (`--spill-budget`): past the cap the oldest files go, and those sessions are rebuilt from their messages as
 before. A file that cannot be read or is of other messages is dropped the same way: the messages are never lost.
 """
@@ -11,7 +12,9 @@ before. A file that cannot be read or is of other messages is dropped the same w
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import socket
 import tempfile
 import weakref
 from collections import OrderedDict
@@ -22,25 +25,46 @@ from kvbound.chat import snapshot
 from kvbound.errors import KvboundError
 
 logger = logging.getLogger("kvbound.server")
+SPILL_PREFIX = "kvbound-spill-"  # then host-pid-random: a directory per server process
+
+
+def _remove_stale(parent: Path) -> None:
+    """Spill directories that processes of this host left behind when they were killed (their sessions are gone
+    with them); another host's, or a live process's, are not touched."""
+    host = f"{SPILL_PREFIX}{socket.gethostname()}-"
+    for stale in parent.glob(f"{host}*"):
+        pid = stale.name[len(host):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Spill:
-    def __init__(self, budget: int, directory: Path | None = None):
+    def __init__(self, budget: int, parent: Path | None = None):
+        """`parent`: where this process's own spill directory goes (`--data-dir`/spill; None: the system's temporary
+        directory). Several servers may share it (Ray replicas on one --data-dir): each writes only its own."""
         self.budget = budget
-        self._own = directory is None  # a temporary directory is ours to remove
+        prefix = f"{SPILL_PREFIX}{socket.gethostname()}-{os.getpid()}-"
         try:
-            if directory is None:
-                directory = Path(tempfile.mkdtemp(prefix="kvbound-spill-"))
-            else:
-                directory.mkdir(parents=True, exist_ok=True)
-                for stale in directory.glob("*.kvs"):  # states left by an earlier server process: its sessions are gone
-                    stale.unlink()
+            if parent is not None:
+                parent.mkdir(parents=True, exist_ok=True)
+                _remove_stale(parent)
+            directory = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
         except OSError as e:
-            raise KvboundError(f"the spill directory {directory}: {e.strerror}; give a writable --data-dir or "
-                               "--spill-budget 0") from None
+            raise KvboundError(f"the spill directory under {parent or tempfile.gettempdir()}: {e.strerror}; give a "
+                               "writable --data-dir or --spill-budget 0") from None
         self.directory = directory
-        # A temporary directory goes with the spill (or at exit), whoever forgets to close it.
-        self._cleanup = weakref.finalize(self, shutil.rmtree, directory, True) if self._own else None
+        # The directory goes with the spill (or at exit), whoever forgets to close it.
+        self._cleanup = weakref.finalize(self, shutil.rmtree, directory, True)
         self._files: OrderedDict[str, tuple[Path, int, Any]] = OrderedDict()  # id -> (file, bytes, its note)
         self.bytes = 0
         self.written = self.restored = self.dropped = 0
@@ -113,8 +137,7 @@ class Spill:
     def close(self) -> None:
         for session_id in list(self._files):
             self.discard(session_id)
-        if self._cleanup is not None:
-            self._cleanup()
+        self._cleanup()
 
     def report(self) -> dict[str, Any]:
         return {"sessions": len(self._files), "bytes": self.bytes, "budget": self.budget,
