@@ -40,3 +40,16 @@ def test_a_state_over_the_budget_is_not_kept(tmp_path) -> None:
     spill = Spill(100, tmp_path)
     assert not spill.put("big", {"messages": [], "kv": torch.ones(64)})  # 256 bytes of tensor
     assert "big" not in spill and spill.bytes == 0
+
+
+def test_without_a_data_dir_the_system_temporary_directory_is_cleaned_too(tmp_path, monkeypatch) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = tmp_path / f"{SPILL_PREFIX}{socket.gethostname()}-{dead.stdout.strip()}-x1"
+    gone.mkdir()
+    spill = Spill(1 << 20)
+    assert spill.directory.parent == tmp_path and not gone.exists()
+    spill.close()
+    assert not spill.directory.exists()

@@ -57,7 +57,7 @@ class Spill:
         try:
             if parent is not None:
                 parent.mkdir(parents=True, exist_ok=True)
-                _remove_stale(parent)
+            _remove_stale(parent or Path(tempfile.gettempdir()))
             directory = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
         except OSError as e:
             raise KvboundError(f"the spill directory under {parent or tempfile.gettempdir()}: {e.strerror}; give a "
