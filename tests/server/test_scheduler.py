@@ -96,20 +96,25 @@ def run(coro) -> Any:
     return asyncio.run(coro)
 
 
-def test_generations_interleave_round_robin() -> None:
-    log: list[str] = []
-    tasks = [FakeTask(name, 3, log) for name in "abc"]
-
+def run_all(tasks: list, max_active: int = 8, clients: list[str] | None = None) -> list[list[Any]]:
+    """Queue `tasks` (each as `clients`' one, if given) before the worker starts, so they all compete from the
+    first round, and run them to the end; each task's events."""
     async def main() -> list[list[Any]]:
-        worker = Worker(max_active=8)
-        streams = [worker.submit(task) for task in tasks]  # queued before the thread starts: all start together
+        worker = Worker(max_active=max_active)
+        streams = [worker.submit(task, client) for task, client in zip(tasks, clients or [""] * len(tasks))]
         worker.start()
         try:
             return await asyncio.gather(*(drain(s) for s in streams))
         finally:
             worker.stop()
 
-    results = run(main())
+    return run(main())
+
+
+def test_generations_interleave_round_robin() -> None:
+    log: list[str] = []
+    tasks = [FakeTask(name, 3, log) for name in "abc"]
+    results = run_all(tasks)
     assert log[:9] == ["a0", "b0", "c0", "a1", "b1", "c1", "a2", "b2", "c2"]
     for task, events in zip(tasks, results, strict=True):
         assert events == [("piece", f"{task.name}{i}") for i in range(3)] + [("done", f"{task.name}-done")]
@@ -119,17 +124,7 @@ def test_generations_interleave_round_robin() -> None:
 def test_max_active_queues_the_rest() -> None:
     log: list[str] = []
     tasks = [FakeTask(name, 2, log) for name in "ab"]
-
-    async def main() -> None:
-        worker = Worker(max_active=1)
-        streams = [worker.submit(task) for task in tasks]
-        worker.start()
-        try:
-            await asyncio.gather(*(drain(s) for s in streams))
-        finally:
-            worker.stop()
-
-    run(main())
+    run_all(tasks, max_active=1)
     assert log == ["a0", "a1", "a-closed", "b0", "b1", "b-closed"]
 
 
@@ -294,17 +289,7 @@ class SteppedTask(FakeTask):
 def test_a_long_prefill_is_interleaved_with_the_other_decodes() -> None:
     log: list[str] = []
     long, short = SteppedTask("L", chunks=4, pieces=1, log=log), FakeTask("s", 4, log)
-
-    async def main() -> None:
-        worker = Worker(max_active=8)
-        streams = [worker.submit(long), worker.submit(short)]
-        worker.start()
-        try:
-            await asyncio.gather(*(drain(s) for s in streams))
-        finally:
-            worker.stop()
-
-    run(main())
+    run_all([long, short])
     # one chunk of the long prompt per round, the short turn's tokens in between (not after all four chunks)
     assert log[:8] == ["L-chunk0", "s0", "L-chunk1", "s1", "L-chunk2", "s2", "L-chunk3", "s3"], log
     assert log.index("L0") > log.index("L-chunk3") and long.released == 1 and short.released == 1
@@ -338,17 +323,7 @@ def test_free_slots_go_to_the_client_with_the_fewest_running() -> None:
     log: list[str] = []
     greedy = [FakeTask(f"g{i}", 2, log) for i in range(4)]
     other = FakeTask("o", 2, log)
-
-    async def main() -> None:
-        worker = Worker(max_active=2)
-        streams = [worker.submit(t, client="greedy") for t in greedy] + [worker.submit(other, client="other")]
-        worker.start()
-        try:
-            await asyncio.gather(*(drain(s) for s in streams))
-        finally:
-            worker.stop()
-
-    run(main())
+    run_all([*greedy, other], max_active=2, clients=["greedy"] * len(greedy) + ["other"])
     firsts = [piece for piece in log if piece.endswith("0") and "-" not in piece]
     assert firsts[:2] == ["g00", "o0"], log  # the second slot went to the other client, not to g1
     assert all(t.released == 1 for t in [*greedy, other])

@@ -156,9 +156,7 @@ class SessionStore:
                 if snap[0] != snapshot.SESSION_FORMAT:
                     raise SnapshotError(f"snapshot format {snap[0]}, this kvbound reads {snapshot.SESSION_FORMAT}")
                 state = snapshot.from_bytes(snap[1])
-                if [(m["role"], m["content"]) for m in state["messages"]] != \
-                        [(m["role"], m["content"]) for m in messages]:
-                    raise SnapshotError("the snapshot is of other messages than the stored ones")
+                snapshot.check_messages(state, messages, "the stored ones")
                 return Chat.from_state(llm, state, cache=cache)
             except SnapshotError as e:
                 reason = str(e)

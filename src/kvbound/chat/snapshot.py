@@ -32,7 +32,7 @@ _META_KEY = "kvbound.session"
 _TENSOR = "__tensor__"
 
 __all__ = ["SESSION_FORMAT", "SnapshotError", "model_identity", "check_model", "cache_for_state", "to_bytes",
-           "from_bytes", "write_file", "read_file", "state_bytes"]
+           "from_bytes", "check_messages", "write_file", "read_file", "state_bytes"]
 
 
 def model_identity(llm: "LLM") -> dict[str, Any]:
@@ -103,6 +103,13 @@ def from_bytes(blob: bytes) -> dict[str, Any]:
     except Exception as e:  # safetensors/json raise assorted types for damaged bytes
         raise SnapshotError(f"the saved session state cannot be read ({type(e).__name__}: {e}); rebuild the "
                             "session from its messages") from e
+
+
+def check_messages(state: dict[str, Any], messages: list[dict[str, str]], what: str) -> None:
+    """SnapshotError unless `state` is of exactly these messages (roles and contents): `what` names the other side
+    ("the stored ones") in the error."""
+    if [(m["role"], m["content"]) for m in state["messages"]] != [(m["role"], m["content"]) for m in messages]:
+        raise SnapshotError(f"the snapshot is of other messages than {what}")
 
 
 def write_file(state: dict[str, Any], path: Path) -> int:

@@ -112,9 +112,7 @@ class Spill:
         path = self._files[session_id][0]
         try:
             state = snapshot.read_file(path)
-            if [(m["role"], m["content"]) for m in state["messages"]] != \
-                    [(m["role"], m["content"]) for m in messages]:
-                raise snapshot.SnapshotError("the spilled state is of other messages")
+            snapshot.check_messages(state, messages, "the session's")
         except (OSError, snapshot.SnapshotError, KeyError, TypeError) as e:
             logger.warning("session '%s': its spilled KV is not usable (%s); rebuilding it from its messages",
                            session_id, e)
