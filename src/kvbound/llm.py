@@ -12,6 +12,7 @@ from typing import Any, Callable, Generator, Iterator
 import torch
 
 from kvbound.chat import passages
+from kvbound.chat.archive import Archive
 from kvbound.chat.reply import Reply
 from kvbound.chat.session import Chat
 from kvbound.config import CacheConfig, ModelConfig
@@ -122,16 +123,18 @@ class LLM:
         return build_pool(self.config, config, self.dtype_name, self.device, capacity=capacity)
 
     def chat(self, system: str | None = None, *, cache: CacheConfig | None = None, pool: BlockPool | None = None,
-             recall: str | bool = "auto", **options: Any) -> Chat:
+             recall: str | bool = "auto", archive: Archive | None = None, **options: Any) -> Chat:
         """A new conversation with its own KV cache. Options: budget='64MiB' | tokens=N, dtype, policy, ...
 
         `recall`: "auto" (on when the policy can evict), "on"/True or "off"/False: keep the text of evicted turns
-        and bring the best matches for each new message back into the cache for that turn (chat/archive.py)."""
+        and bring the best matches for each new message back into the cache for that turn (chat/archive.py).
+        `archive`: where that text goes: in process if None, or `SessionStore.archive(session_id)` (its file)."""
         if system is not None and not isinstance(system, str):
             raise ValueError("system must be a string")
         recall_on = _recall_choice(recall)
         kv = self.new_cache(cache, pool=pool, **options)
-        return Chat(self, kv, system=system or None, recall=kv.policy.evicts if recall_on is None else recall_on)
+        return Chat(self, kv, system=system or None, recall=kv.policy.evicts if recall_on is None else recall_on,
+                    archive=archive)
 
     def track(self, chat: Chat) -> None:
         """Count `chat` in `memory()` (until it is garbage) and send its KV guard's events to every

@@ -172,7 +172,7 @@ CHILD = textwrap.dedent("""
     llm = kvbound.load(model_dir, dtype="fp32", device="cpu")
     store = SessionStore(db)
     store.create("victim", "be brief", {config!r})
-    chat = llm.chat("be brief", **{config!r})
+    chat = llm.chat("be brief", archive=store.archive("victim"), **{config!r})  # as a server's named session
     for turn, text in enumerate(texts, start=1):
         max_new = 3000 if turn == long_turn else 10  # a long turn: seconds of decoding to be killed in
         for i, piece in enumerate(chat.stream(text, max_new_tokens=max_new, temperature=0.0)):
@@ -245,5 +245,16 @@ def test_kill_9_at_a_random_moment_loses_no_saved_turn(llm, model_dir, tmp_path)
     assert stored == original.messages
     restored = store.load("victim", llm)
     assert restored.restored_from == "snapshot"
+    assert restored.archive.export() == original.archive.export()  # its rows were saved with their turns
     text = texts[turns]
     assert restored.send(text, **GREEDY).token_ids == original.send(text, **GREEDY).token_ids
+
+
+def test_kill_9_mid_turn_keeps_the_archive_of_every_answered_turn(llm, model_dir, tmp_path):
+    texts = messages(25, seed=7)
+    db = tmp_path / "s.db"
+    lines = run_and_kill(model_dir, db, texts, kill_on="streaming 25", long_turn=25)
+    assert lines[-2:] == ["saved 24", "streaming 25"]
+    original = reference(llm, texts[:24])
+    restored = SessionStore(db).load("victim", llm)
+    assert original.archive.keys() and restored.archive.export() == original.archive.export()

@@ -36,7 +36,8 @@ def export_chat(chat: "Chat", cache_state: dict[str, Any]) -> dict[str, Any]:
                   fed_ids=torch.tensor(log.fed_ids, dtype=torch.int32))
     return {"format": snapshot.SESSION_FORMAT, "model": snapshot.model_identity(chat.llm), **fields,
             "ledger": chat.ledger.totals(), "cache": cache_state,
-            "archive": chat.archive.export() if chat.archive is not None else None}
+            "archive": chat.archive.snapshot_entries() if chat.archive is not None else None,
+            "archive_stored": chat.archive is not None and chat.archive.stored}  # then a store keeps the entries
 
 
 def transcript_of(state: dict[str, Any]) -> Transcript:

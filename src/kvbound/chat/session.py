@@ -5,9 +5,10 @@ Segments label the cache's tokens: 0 is the system prompt, turn k (user message 
 its own negative segment. The system prompt, the note and the current turn are always pinned; policies with
 `recent_turns` pin the newest turns too, while that leaves room for the current one.
 
-With recall on, the exact text of every turn the cache evicts goes into the session's archive (chat/archive.py);
-before a turn, the archive's best matches for the new message come back as a pinned note just before it (at most
-an eighth of the capacity, taking room by eviction like any tokens), and leave the cache again after the turn."""
+With recall on, the exact text of every turn the cache evicts goes into the session's archive (chat/archive.py: in
+process, or in the session's SessionStore file when it has one, chat/stored_archive.py); before a turn, the
+archive's best matches for the new message come back as a pinned note just before it (at most an eighth of the
+capacity, taking room by eviction like any tokens), and leave the cache again after the turn."""
 
 from __future__ import annotations
 
@@ -56,10 +57,14 @@ class _Plan:
 
 
 class Chat:
-    def __init__(self, llm: "LLM", cache: "PagedCache", system: str | None = None, recall: bool = False):
+    def __init__(self, llm: "LLM", cache: "PagedCache", system: str | None = None, recall: bool = False,
+                 archive: Archive | None = None):
+        """`archive`: where the text of evicted turns goes with recall on (a store's archive of the session);
+        None: an archive in process of its own."""
         self.llm, self.cache = llm, cache
         self.transcript = Transcript.with_system(system)
-        self.archive = Archive() if recall else None  # the text of evicted turns, for recall
+        # the text of evicted turns, for recall
+        self.archive = (archive if archive is not None else Archive()) if recall else None
         self.last_reply: Reply | None = None
         self.ledger = Ledger(kv_budget_bytes=cache.reserved_bytes)
         # KV thresholds are against what this session may hold: its pool (or its share) and residual window.
@@ -196,6 +201,14 @@ class Chat:
                 if turn > 0 and turn in self.transcript.turn_text:
                     self.archive.add(turn, self.transcript.turn_text[turn])
 
+    def keep_archive_in(self, archive: Archive) -> None:
+        """Keep the archive in `archive` from now on (a SessionStore's for this session): its entries become this
+        chat's."""
+        entries = self.archive.export() if self.archive is not None else []
+        archive.clear()
+        archive.restore(entries)
+        self.archive = archive
+
     def prefill_system(self, ids: list[int], chunk: int) -> int:
         """Feed the system prompt as pinned segment 0, sharing blocks another session already holds; returns the
         tokens found in the pool."""
@@ -254,8 +267,12 @@ class Chat:
 
     # -- the session --------------------------------------------------------------------------------------------------
     def memory(self) -> MemoryReport:
-        """This session's memory: KV reserved/used, tokens held/evicted/quantized/summarized, forecast, RSS."""
-        return self.ledger.report(self.llm, self.cache, self.archive.memory_bytes if self.archive is not None else 0)
+        """This session's memory: KV reserved/used, tokens held/evicted/quantized/summarized, forecast, RSS, and
+        the archive's bytes in process and (kept in a store) on disk."""
+        archive = self.archive
+        if archive is None:
+            return self.ledger.report(self.llm, self.cache)
+        return self.ledger.report(self.llm, self.cache, archive.memory_bytes, archive.stored_bytes)
 
     def close(self) -> None:
         """Give the cache's blocks back to the pool."""
@@ -269,7 +286,7 @@ class Chat:
         system = next((m["content"] for m in self.messages if m["role"] == "system"), None)
         self.transcript = Transcript.with_system(system)
         if self.archive is not None:
-            self.archive = Archive(self.archive.cap_bytes)
+            self.archive.clear()
 
     @property
     def offloaded(self) -> bool:
@@ -303,14 +320,18 @@ class Chat:
 
     @classmethod
     def from_state(cls, llm: "LLM", state: dict[str, Any], pool: "BlockPool | None" = None,
-                   cache: "PagedCache | None" = None) -> "Chat":
+                   cache: "PagedCache | None" = None, archive: Archive | None = None) -> "Chat":
         """The chat `export_state` described, continuing exactly where it was. It restores into `cache` (an
         empty cache of the same KV layout and policy) if given, else into a cache like the original's over
         `pool` (a shared pool) or over a pool of its own. Raises SnapshotError for a state of another model,
-        dtype or KV layout, KVBudgetExceeded (nothing allocated) when the pool lacks free blocks."""
-        chat = cls(llm, restore.restore_cache(llm, state, pool, cache), recall=state.get("archive") is not None)
+        dtype or KV layout, KVBudgetExceeded (nothing allocated) when the pool lacks free blocks. A state whose
+        archive was kept in a store carries none: the chat recalls from `archive` (that store's archive of the
+        session), else from an empty one; a state that carries its archive restores it in process."""
+        stored = archive if state.get("archive_stored") else None
+        chat = cls(llm, restore.restore_cache(llm, state, pool, cache), recall=state.get("archive") is not None,
+                   archive=stored)
         chat.transcript = restore.transcript_of(state)
-        if chat.archive is not None:
+        if chat.archive is not None and stored is None:
             chat.archive.restore(state["archive"])
         chat.ledger.restore(state["ledger"])
         chat.restored_from = "snapshot"
@@ -318,16 +339,17 @@ class Chat:
 
     @classmethod
     def from_messages(cls, llm: "LLM", messages: list[dict[str, str]], cache: "PagedCache",
-                      reserve: int = 0, recall: bool | None = None) -> "Chat":
+                      reserve: int = 0, recall: bool | None = None, archive: Archive | None = None) -> "Chat":
         """A chat holding a saved conversation whose KV state is lost: the system prompt and the newest whole
         turns go through one prefill into `cache`, each turn its own segment (replies are not regenerated).
         Cost: prefill of every token of the conversation if it and `reserve` (tokens the next turn's message will
         add) fit the cache, else of at most 3/4 of the capacity less the reserve (the system prompt and the newest
         turns); older turns stay in `messages` but, as after an eviction, not in the cache. A summarize policy's
         note is not rebuilt. With a template that rewrites earlier turns nothing is fed now: the next turn
-        prefills the conversation."""
+        prefills the conversation. With recall on, turns left out go into `archive` (None: one in process)."""
         system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
-        chat = cls(llm, cache, system=system, recall=cache.policy.evicts if recall is None else recall)
+        chat = cls(llm, cache, system=system, recall=cache.policy.evicts if recall is None else recall,
+                   archive=archive)
         chat.restored_from = "messages"
         restore.rebuild(chat, messages, reserve)
         return chat

@@ -32,7 +32,8 @@ class MemoryReport:
     device_free_bytes: int  # CUDA: free on the device; 0 on CPU
     turns_left_forecast: int | None  # None: no turn yet, or an evicting cache that is full
     forecast: str
-    archive_bytes: int = 0  # the archive of evicted turns kept for recall (outside the KV): its SQLite pages
+    archive_bytes: int = 0  # the archive of evicted turns kept for recall (outside the KV): its SQLite pages in process
+    archive_stored_bytes: int = 0  # its text in a SessionStore's file instead (the index there adds as much again)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,7 +93,7 @@ class Ledger:
         return turns, (f"≈{turns} more turns until the KV budget is full at the current turn size "
                        f"(~{size:.0f} tokens){then}")
 
-    def report(self, llm: Any, cache: Any, archive_bytes: int = 0) -> MemoryReport:
+    def report(self, llm: Any, cache: Any, archive_bytes: int = 0, archive_stored_bytes: int = 0) -> MemoryReport:
         reserved = cache.reserved_bytes
         device = devices.device_memory(llm.device)
         turns_left, text = self.forecast(cache.capacity - cache.num_tokens, cache.policy.name, cache.policy.evicts)
@@ -104,7 +105,7 @@ class Ledger:
             activation_peak_bytes=self.activation_peak_bytes, rss_bytes=(rss := devices.rss_bytes()),
             peak_rss_bytes=devices.peak_rss_bytes(rss), device_allocated_bytes=device.allocated_bytes,
             device_free_bytes=device.free_bytes, turns_left_forecast=turns_left, forecast=text,
-            archive_bytes=archive_bytes)
+            archive_bytes=archive_bytes, archive_stored_bytes=archive_stored_bytes)
 
 
 @dataclass(frozen=True)
