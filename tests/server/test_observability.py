@@ -32,7 +32,7 @@ def test_metrics_and_memory_document_agree_with_the_requests(serve) -> None:
         text = http.get("/metrics").text
     values = samples(text)
 
-    assert set(memory) == {"process", "pool", "engine", "sessions"}
+    assert set(memory) == {"process", "pool", "engine", "sessions", "store"} and memory["store"] is None
     pool = memory["pool"]
     assert pool["budget_bytes"] == 4 * BLOCK_BYTES and pool["blocks"] == 4 and pool["block_tokens"] == 32
     sessions = {s["id"]: s for s in memory["sessions"]}

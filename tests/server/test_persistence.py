@@ -1,14 +1,18 @@
 """With a SessionStore (`kvbound serve --data-dir`), a session named by a client outlives the server: a restarted
-server lists it, and its next turn continues from the saved KV snapshot without feeding the history again."""
+server lists it, and its next turn continues from the saved KV snapshot without feeding the history again; its
+recall archive lives in the store too."""
 
 from __future__ import annotations
 
+import random
+import sqlite3
 from pathlib import Path
 
 import httpx
 
-from kvbound.server.sessions import open_store
-from tests.server.conftest import NO_STOP
+from kvbound.chat import snapshot
+from kvbound.server.sessions import STORE_FILE, open_store
+from tests.server.conftest import NO_STOP, TINY_CONTEXT
 
 
 def turn(server, text: str, session_id: str | None = None, max_tokens: int = 6) -> httpx.Response:
@@ -54,3 +58,48 @@ def test_with_a_store_named_sessions_past_the_limit_move_to_disk(serve, tmp_path
     assert len(httpx.get(server.url + "/v1/sessions").json()["data"]) >= 6
     assert turn(server, "and again", "s0").status_code == 200
     assert httpx.get(server.url + "/v1/sessions/s0").json()["turns"] == 2
+
+
+def test_a_named_sessions_archive_lives_in_the_store(serve, tmp_path: Path) -> None:
+    """A named session's evicted turns go into the store's archive table, not its snapshot: recalled after an
+    offload to the spill and after a restart, counted on disk rather than in process, deleted with the session."""
+    options = dict(kv_tokens=TINY_CONTEXT, policy="turns")  # a turn recalled takes 1/8 of it: ~90 tiny tokens
+    first = serve(store=open_store(tmp_path), **options)
+    assert httpx.post(first.url + "/v1/sessions", json={"session_id": "fact"}).status_code == 201
+    assert turn(first, "my locker code is 4417", "fact").status_code == 200
+    rng, db = random.Random(3), tmp_path / STORE_FILE
+    for _ in range(80):
+        filler = " ".join(rng.choice(FILLER) for _ in range(rng.randint(8, 20)))
+        assert turn(first, filler, "fact").status_code == 200
+        if 1 in archived(db, "fact"):
+            break
+    assert 1 in archived(db, "fact")
+    memory = first.memory()
+    [session] = [s["memory"] for s in memory["sessions"] if s["id"] == "fact"]
+    assert session["archive_bytes"] == 0 and session["archive_stored_bytes"] > 0
+    assert memory["store"]["archive_bytes"] == session["archive_stored_bytes"] and memory["store"]["file_bytes"] > 0
+    with sqlite3.connect(db) as raw:
+        assert snapshot.from_bytes(raw.execute("SELECT blob FROM snapshots").fetchone()[0])["archive"] == []
+
+    assert httpx.post(first.url + "/v1/sessions", json={"session_id": "other"}).status_code == 201
+    assert turn(first, "hello there, a long message to make room " * 6, "other").status_code == 200
+    assert httpx.get(first.url + "/v1/sessions/fact").json()["state"] == "offloaded"  # its KV in the spill
+    asked = turn(first, "what was my locker code", "fact")
+    extra = asked.json()["kvbound"]
+    assert asked.headers["x-kvbound-session-state"] == "restored" and extra["refed_history_tokens"] == 0
+    assert 1 in extra["recall"]["turns"], extra["recall"]
+
+    second = serve(store=open_store(tmp_path), **options)
+    again = turn(second, "what was my locker code", "fact")
+    assert again.status_code == 200 and 1 in again.json()["kvbound"]["recall"]["turns"]
+    assert httpx.delete(second.url + "/v1/sessions/fact").status_code == 200
+    assert archived(db, "fact") == set()
+
+
+FILLER = ["tea", "rain", "hills", "a", "letter", "dance", "ball", "walk", "garden", "bonnet", "carriage"]
+
+
+def archived(db: Path, session_id: str) -> set[int]:
+    """The turns the store's archive table holds for the session (committed)."""
+    with sqlite3.connect(db) as raw:
+        return {k for (k,) in raw.execute("SELECT key FROM archive WHERE session_id = ?", (session_id,))}

@@ -18,6 +18,9 @@ on the engine worker from llm.memory(), the shared pool and each session's chat.
                     memory: chat.memory() (kv_reserved/used bytes, tokens held/evicted/quantized/summarized,
                             capacity, forecast, rss, device) or null while offloaded,
                     last_receipt: what the cache did in the last turn, or null; forecast: str or null}]
+      "store":    the SessionStore of --data-dir (chat/persistence.py) — {path, file_bytes (database + WAL),
+                  sessions, archive_entries, archive_bytes (the text of named sessions' recall archives, kept
+                  there rather than in process: their memory's archive_stored_bytes)} — or null without one
     }
 """
 
@@ -55,7 +58,7 @@ def memory_document(llm: "LLM", pool: "BlockPool", registry: "SessionRegistry", 
                        "steps": worker.steps, "offloads": registry.offloads_total,
                        "decode": decode_figures(worker.batch_sizes),
                        "spill": registry.spill.report() if registry.spill is not None else None},
-            "sessions": sessions}
+            "sessions": sessions, "store": registry.store.report() if registry.store is not None else None}
 
 
 def decode_figures(batch_sizes: dict[int, int]) -> dict[str, Any]:

@@ -4,7 +4,7 @@ updated as turns end and requests finish, and gauges read from the memory docume
     kvbound_requests_total{route,status}      kvbound_generated_tokens_total
     kvbound_evicted_tokens_total              kvbound_quantized_tokens_total     kvbound_summarized_tokens_total
     kvbound_memory_events_total{level}        kvbound_session_offloads_total
-    kvbound_spill_bytes                       kvbound_spill_restores_total
+    kvbound_spill_bytes                       kvbound_spill_restores_total       kvbound_store_bytes
     kvbound_ttft_seconds (histogram)          kvbound_decode_tokens_per_second (histogram)
     kvbound_kv_budget_bytes                   kvbound_kv_bytes_used              kvbound_session_kv_bytes{session}
     kvbound_sessions{state}                   kvbound_active_sessions            kvbound_queued_requests
@@ -115,6 +115,8 @@ class _MemoryGauges:
         yield gauge("kvbound_spill_bytes", "Bytes of offloaded sessions' KV on disk", spill.get("bytes", 0))
         yield CounterMetricFamily("kvbound_spill_restores", "Offloaded sessions brought back from the spill "
                                   "without a prefill", value=spill.get("restored", 0))
+        yield gauge("kvbound_store_bytes", "Bytes of the session store's file and WAL (--data-dir), recall "
+                    "archives included", (doc.get("store") or {}).get("file_bytes", 0))
         yield gauge("kvbound_process_rss_bytes", "Resident set size of the server process", process["rss_bytes"])
         yield gauge("kvbound_weights_bytes", "Bytes of the model's weights", process["weights_bytes"])
         yield gauge("kvbound_device_allocated_bytes", "CUDA bytes allocated by torch (0 on CPU)",

@@ -1,7 +1,8 @@
 """Sessions: a conversation's messages and its kvbound Chat (a KV cache on the shared pool), kept between requests;
 which session a request continues (its `session_id`, or the session whose conversation the request's history
 repeats); dropping an idle session's KV for others (`offload`) and bringing it back (`restore`). Every method runs
-on the engine worker thread, which alone touches chats and the pool. A SessionStore (persistence) plugs in here."""
+on the engine worker thread, which alone touches chats and the pool. A SessionStore (persistence) plugs in here:
+a named session's recall archive lives in it, the other sessions' in process."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from kvbound.server.protocol import SESSION_ID_PATTERN, new_id
 from kvbound.server.spill import Spill
 
 if TYPE_CHECKING:
+    from kvbound.chat.archive import Archive
     from kvbound.chat.reply import Reply
     from kvbound.kvcache.pool import BlockPool
     from kvbound.llm import LLM
@@ -36,7 +38,8 @@ Conversation = list[dict[str, str]]  # [{"role", "content"}], roles system/user/
 
 class SessionStore(Protocol):
     """Persistence (kvbound.chat.persistence.SessionStore): sessions named by clients are created in it, saved after
-    each answered turn (messages + KV snapshot), loaded when unknown here, deleted with DELETE."""
+    each answered turn (messages + KV snapshot + what their recall archive, kept in it, gained), loaded when unknown
+    here, deleted with DELETE."""
 
     def create(self, session_id: str, system: str | None = None, config: dict[str, Any] | None = None) -> None: ...
 
@@ -49,6 +52,10 @@ class SessionStore(Protocol):
     def list(self) -> list[dict[str, Any]]: ...
 
     def delete(self, session_id: str) -> bool: ...
+
+    def archive(self, session_id: str) -> "Archive": ...
+
+    def report(self) -> dict[str, Any]: ...
 
 
 def open_store(data_dir: Path) -> SessionStore:
@@ -325,7 +332,7 @@ class SessionRegistry:
         if state is not None:
             cache = self.llm.new_cache(self.cache_config, pool=self.pool)
             try:
-                session.chat = Chat.from_state(self.llm, state, cache=cache)
+                session.chat = Chat.from_state(self.llm, state, cache=cache, archive=self._archive(session))
             except BaseException:
                 cache.free()
                 raise
@@ -338,15 +345,27 @@ class SessionRegistry:
             cache = self.llm.new_cache(self.cache_config, pool=self.pool)
             try:
                 session.chat = Chat.from_messages(self.llm, session.messages, cache, reserve=reserve,
-                                                  recall=self.settings.recall_on())
+                                                  recall=self.settings.recall_on(),
+                                                  archive=self._archive(session, fresh=True))
             except BaseException:
                 cache.free()
                 raise
         else:
             session.chat = self.llm.chat(session.system, pool=self.pool, recall=self.settings.recall_on(),
-                                         **self.settings.cache_options())
+                                         archive=self._archive(session, fresh=True), **self.settings.cache_options())
         chat = session.chat
         return 0 if chat.restored_from == "snapshot" else chat.context_tokens - chat.shared_prefix_tokens
+
+    def _archive(self, session: Session, fresh: bool = False) -> "Archive | None":
+        """The recall archive of a named session in the store (None: no store, or a session found by history,
+        whose archive stays in process). `fresh`: emptied, for a chat fed its messages anew: the store's entries
+        may be of a conversation the client replaced, and the turns the new chat leaves out are archived again."""
+        if self.store is None or not session.explicit:
+            return None
+        archive = self.store.archive(session.id)
+        if fresh:
+            archive.clear()
+        return archive
 
     def offload_idle(self, exclude: Session) -> bool:
         """Offload the least recently used idle session holding KV blocks; False if there is none."""

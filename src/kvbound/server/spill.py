@@ -1,8 +1,8 @@
 """Offloaded sessions' KV on disk, so that bringing a session back reads its state instead of prefilling its
 history again. When the shared pool runs out of blocks the server offloads an idle session (server/admission.py);
-its cache state (Chat.export_state, as chat/snapshot.py's bytes: KV in its storage format, transcript, archive)
-goes to one file here, and its next turn restores it in milliseconds where a prefill of ~700 tokens takes seconds
-on a CPU. Files, not process memory: the KV budget bounds what the process holds, and the page cache is the
+its cache state (Chat.export_state, as chat/snapshot.py's bytes: KV in its storage format, transcript, archive
+unless a SessionStore keeps it) goes to one file here, and its next turn restores it in milliseconds where a
+prefill of ~700 tokens takes seconds on a CPU. Files, not process memory: the KV budget bounds what the process holds, and the page cache is the
 kernel's. Each server process has its own directory, under `--data-dir`/spill or the system's temporary directory,
 removed at shutdown (or by the next server on the host, if the process was killed); its bytes are capped
 (`--spill-budget`): past the cap the oldest files go, and those sessions are rebuilt from their messages as
