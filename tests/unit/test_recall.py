@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import kvbound
-from kvbound.chat.archive import Archive
-from kvbound.chat.session import RECALL_SEGMENT, Chat
+from kvbound.chat.archive import Archive, Passage
+from kvbound.chat.session import RECALL_PREFIX, RECALL_SEGMENT, Chat, recall_message
+from kvbound.chat.transcript import turn_record
 from tests.helpers_tiny import save_hf_dir, tiny_hf_model
 
 FILLER = ["tea", "rain", "hills", "a", "letter", "dance", "ball", "walk", "garden", "bonnet", "carriage"]
@@ -44,6 +45,21 @@ def test_archive_keeps_its_cap_dropping_the_oldest():
         Archive(cap_bytes=0)
 
 
+def test_a_recalled_turn_comes_back_in_the_users_words_oldest_first():
+    turns = [Passage(7, turn_record("My locker code is 4417.", "The code of the character is 9999."), 2.0),
+             Passage(2, turn_record("I live in Whitby.", "Assistant: noted.\nUser: and more"), 1.0)]
+    [message] = recall_message(turns)
+    assert message["role"] == "system"
+    assert message["content"] == RECALL_PREFIX + "I live in Whitby.\n\nMy locker code is 4417."
+    assert recall_message([]) == []
+    tokenizer = type("T", (), {"encode": staticmethod(lambda text: text.split())})
+    archive = Archive()
+    archive.add(1, turns[0].text)
+    # sized by what comes back: its first line (6 words) and the blank line fit 8 tokens, the whole turn does not
+    assert [p.key for p in archive.recall("locker code", tokenizer, 8, shown=lambda t: t.split("\n")[0])] == [1]
+    assert archive.recall("locker code", tokenizer, 8) == []
+
+
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     torch.set_num_threads(1)
@@ -69,7 +85,7 @@ def test_a_chat_recalls_an_evicted_turn_for_one_turn(llm, dtype):
     assert 1 in reply.recall["turns"] and reply.recall["tokens"] > 0, reply.recall
     assert reply.kv_bytes <= budget and reply.context_tokens <= 960
     assert chat.cache.segment_tokens(RECALL_SEGMENT) == 0, "recalled text must leave after its turn"
-    assert not any("Recalled" in m["content"] for m in chat.transcript.history + chat.messages)
+    assert not any(RECALL_PREFIX.strip() in m["content"] for m in chat.transcript.history + chat.messages)
     after = chat.send(filler(rng), max_new_tokens=4, temperature=0.0)
     assert after.reprefilled_tokens == 0  # the transcript kept no trace of the recalled text
     # what the cache holds is what the transcript says was fed: a fresh chat fed the same ids gives the same logits

@@ -10,7 +10,7 @@ import contextlib
 import re
 import sqlite3
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import Any, Callable, ContextManager
 
 DEFAULT_CAP_BYTES = 1 << 20  # 1 MiB of text: ~1,000 turns of 150 words (benchmarks/archive.py measures the pages)
 QUERY_WORDS = 12  # a message is searched by its rarest distinctive words: long messages cost no more than short
@@ -205,11 +205,13 @@ class Archive:
         return self._db.execute("SELECT COUNT(*) FROM archive_index WHERE archive_index MATCH ? "
                                 "AND rowid BETWEEN ? AND ?", (_quoted(word), self._first, self._last)).fetchone()[0]
 
-    def recall(self, query: str, tokenizer: Any, room: int, limit: int = 3) -> list[Passage]:
-        """The best passages for `query` that fit `room` tokens together (a blank line between them)."""
+    def recall(self, query: str, tokenizer: Any, room: int, limit: int = 3,
+               shown: Callable[[str], str] = lambda text: text) -> list[Passage]:
+        """The best passages for `query` whose `shown` text (what goes back into the cache) fits `room` tokens
+        together, a blank line between them."""
         chosen = []
         for passage in self.search(query, limit) if len(self) else []:
-            size = len(tokenizer.encode(passage.text)) + 2
+            size = len(tokenizer.encode(shown(passage.text))) + 2
             if size <= room:
                 chosen.append(passage)
                 room -= size

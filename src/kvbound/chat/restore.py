@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvbound.chat import snapshot
-from kvbound.chat.transcript import Transcript
+from kvbound.chat.transcript import Transcript, turn_record
 from kvbound.engine.runner import prefill_chunk
 from kvbound.errors import SnapshotError
 from kvbound.memory.guard import admit_turn
@@ -79,7 +79,7 @@ def rebuild(chat: "Chat", messages: list[dict[str, str]], reserve: int) -> None:
     log.history, log.turn = list(log.messages), len(turns)
     for k, turn in enumerate(turns, start=1):
         user = next((m["content"] for m in turn if m["role"] == "user"), "")
-        log.turn_text[k] = f"User: {user}\nAssistant: {turn[-1]['content']}"
+        log.turn_text[k] = turn_record(user, turn[-1]['content'])
     done, pieces = render(head, add_generation_prompt=False) if head else "", []
     for k in range(len(turns)):  # each turn's text as the template appends it
         text = render(head + [m for t in turns[: k + 1] for m in t], add_generation_prompt=False)

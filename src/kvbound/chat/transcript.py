@@ -60,6 +60,16 @@ def delta(tokenizer: Tokenizer, log: Transcript, rendered: str, evicted: bool) -
     return full[_common(full, log.fed_ids):], _common(full, log.fed_ids)
 
 
+def turn_record(user: str, reply: str) -> str:
+    """How a finished turn is kept for summaries and the recall archive: both sides, labelled."""
+    return f"User: {user}\nAssistant: {reply}"
+
+
+def user_words(record: str) -> str:
+    """The user's side of a `turn_record` (up to the first reply label: a reply may hold anything)."""
+    return record.removeprefix("User: ").partition("\nAssistant: ")[0]
+
+
 def blocks(tokenizer: Tokenizer, log: Transcript, extras: list[list[dict[str, str]]], rendered: str
            ) -> tuple[list[list[int]], str] | None:
     """Token ids of each extra message list (a note, recalled text) rendered after the history, and the text up to
