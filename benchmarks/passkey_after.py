@@ -11,6 +11,10 @@ Peer: NVIDIA kvpress on the same token ids, each press compressing the context b
 the saved results instead of running kvbound again.
 
     python -m benchmarks.passkey_after [--max-tokens 4000] [--policies window h2o snapkv tova keydiff] [--peers-only]
+    python -m benchmarks.passkey_after --cases austen --max-tokens 4200   # book text as filler: harder
+
+`--cases austen` hides the key in Sense and Sensibility instead of the repeated "The grass is green" filler: every
+filler token differs, so a scorer cannot keep the key just because it is the one sentence unlike the others.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ from benchmarks import common
 SUITE = "passkey_after"
 QUESTION = "What is the pass key?"
 FRACTIONS = (4, 8)
+CASES = {"classic": "passkey/dev-classic.jsonl", "austen": "passkey/dev-austen.jsonl"}
 PEER = common.BENCH / "peers" / "kvpress_passkey.py"
 
 
-def cases(llm, max_tokens: int) -> list[dict[str, Any]]:
+def cases(llm, max_tokens: int, kind: str = "classic") -> list[dict[str, Any]]:
     out = []
-    for case in common.read_jsonl(common.data_file("passkey/dev-classic.jsonl")):
+    for case in common.read_jsonl(common.data_file(CASES[kind])):
         cut = case["prompt"].rindex(QUESTION)
         context = llm.tokenizer.encode(case["prompt"][:cut], add_special=True)
         question = llm.tokenizer.encode(case["prompt"][cut:])
@@ -92,7 +97,7 @@ def add_peers(result: dict[str, Any]) -> dict[str, Any]:
     from kvbound.loading import resolve_model
 
     common.pin_threads()
-    chosen = cases(kvbound.load(dtype="fp32"), result["max_tokens"])
+    chosen = cases(kvbound.load(dtype="fp32"), result["max_tokens"], result.get("case_set", "classic"))
     ours = {r["id"] for r in result["rows"]}
     if {c["id"] for c in chosen} != ours:
         raise SystemExit(f"the cases up to {result['max_tokens']} tokens ({[c['id'] for c in chosen]}) are not "
@@ -100,13 +105,13 @@ def add_peers(result: dict[str, Any]) -> dict[str, Any]:
     return {**result, "peers": {"kvpress": run_peer(chosen, resolve_model())}}
 
 
-def measure(max_tokens: int, policies: list[str]) -> dict[str, Any]:
+def measure(max_tokens: int, policies: list[str], kind: str = "classic") -> dict[str, Any]:
     import kvbound
     from kvbound.loading import resolve_model
 
     common.pin_threads()
     llm = kvbound.load(dtype="fp32", tune_allocator=True)
-    chosen = cases(llm, max_tokens)
+    chosen = cases(llm, max_tokens, kind)
     rows = []
     with common.progress(len(chosen) * (1 + 2 * len(policies) * len(FRACTIONS)), SUITE) as advance:
         for case in chosen:
@@ -127,7 +132,7 @@ def measure(max_tokens: int, policies: list[str]) -> dict[str, Any]:
                              f"{'hit' if hit else 'miss'}")
     del llm  # the peer runs after, in its own process: the two never share the 2 cores
     return {"rows": rows, "policies": policies, "fractions": list(FRACTIONS), "max_tokens": max_tokens,
-            "cases": len(chosen), "model_dtype": "fp32", "peers": {"kvpress": run_peer(chosen, resolve_model())}}
+            "cases": len(chosen), "case_set": kind, "model_dtype": "fp32", "peers": {"kvpress": run_peer(chosen, resolve_model())}}
 
 
 def _hits(rows: list[dict[str, Any]], policy: str, fraction: int, recall: bool) -> list[bool]:
@@ -200,7 +205,7 @@ def markdown(result: dict[str, Any]) -> str:
                 cells.append(f"{sum(hits)}/{len(hits)}")
         table_rows.append([policy] + cells)
     table = common.markdown_table(header, table_rows)
-    return (f"{result['cases']} cases of `data/passkey/dev-classic.jsonl` up to {result['max_tokens']:,} tokens; "
+    return (f"{result['cases']} cases of `data/{CASES[result.get('case_set', 'classic')]}` up to {result['max_tokens']:,} tokens; "
             f"the question is fed after the context was compressed. Recall on: the prompt's evicted passages are "
             f"searched with its last sentences and the best come back before them, inside the same KV budget."
             f"\n\n{table}" + (f"\n\n{peer}" if (peer := peer_markdown(result)) else ""))
@@ -216,7 +221,8 @@ def headlines(result: dict[str, Any]) -> list[str]:
         on = [sum(_hits(rows, policy, f, True)) for f in result["fractions"]]
         if any(r.get("recall") for r in rows):
             recalled.append(f"{policy} {' / '.join(map(str, on))}")
-    lines = [f"Passkey with the question after compression, KV at 1/4 / 1/8 of the prompt, {result['cases']} cases "
+    filler = " (Austen filler)" if result.get("case_set") == "austen" else ""
+    lines = [f"Passkey{filler} with the question after compression, KV at 1/4 / 1/8 of the prompt, {result['cases']} cases "
              f"(full cache {full}): " + ", ".join(parts) + "."]
     if recalled:
         lines.append("The same with recall on: " + ", ".join(recalled) + ".")
@@ -236,19 +242,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="prompts up to 2,000 tokens")
     parser.add_argument("--max-tokens", type=int, default=4000)
     parser.add_argument("--policies", nargs="+", default=["window", "h2o", "snapkv", "tova", "keydiff"])
+    parser.add_argument("--cases", choices=sorted(CASES), default="classic",
+                        help="the case set: classic filler, or austen (book text as filler; results passkey_austen)")
     parser.add_argument("--peers-only", action="store_true",
                         help="run kvpress on the cases of the saved results and add its rows there")
     args = parser.parse_args(argv)
+    name = SUITE if args.cases == "classic" else f"passkey_{args.cases}"
     if args.peers_only:
-        saved = common.read_result(SUITE)
+        saved = common.read_result(name)
         if saved is None:
-            parser.error(f"no benchmarks/results/{SUITE}.json to add the peers to: run the suite first")
+            parser.error(f"no benchmarks/results/{name}.json to add the peers to: run the suite first")
         result = add_peers(saved)
-        common.rewrite_result(SUITE, result)
+        common.rewrite_result(name, result)
         print(markdown(result))
         return 0
-    result = measure(2000 if args.quick else args.max_tokens, args.policies)
-    return common.finish(SUITE, result, args.quick, markdown)
+    result = measure(2000 if args.quick else args.max_tokens, args.policies, args.cases)
+    return common.finish(name, result, args.quick, markdown)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ greedy through one chat per configuration:
 Per question: whether the reply contains the expected answer, and (recall on) whether the telling turn was among
 the recalled ones. Each configuration runs in its own process.
 
-    python -m benchmarks.recall [--quick] [--budget 64MiB] [--policy turns+h2o] [--max-new-tokens 48]
+    python -m benchmarks.recall [--quick] [--budget 64MiB] [--policy turns+keydiff] [--max-new-tokens 48]
     python -m benchmarks.recall --script conversations/sense-200-turns.jsonl --no-summarize   # the second chat
 """
 
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="16 new tokens per reply, recall off and on only")
     parser.add_argument("--budget", default="64MiB")
-    parser.add_argument("--policy", default="turns+h2o")
+    parser.add_argument("--policy", default="turns+keydiff")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--script", default=DEV_CHAT, help=f"the chat, under data/ (default {DEV_CHAT}; "

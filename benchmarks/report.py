@@ -10,8 +10,8 @@ import json
 import sys
 from typing import Any
 
-from benchmarks import (archive, batch_decode, cluster, common, compression, decode, kv_kernel, load, long_chat,
-                        passkey_after, prefill_memory, quality, recall, revisions, weights)
+from benchmarks import (archive, batch_decode, cluster, common, compression, decode, heldout_ppl, kv_kernel, load,
+                        long_chat, passkey_after, prefill_memory, quality, recall, revisions, weights)
 
 OUT = common.ROOT / "BENCHMARKS.md"
 ESTIMATE_COMMAND = "python benchmarks/estimate_accuracy.py [--device cuda] [--model DIR]"
@@ -57,6 +57,8 @@ SECTIONS = [  # (result name, title, markdown(result))
     ("recall", "Recall: facts told early, asked late, under a small KV budget", recall.markdown),
     ("recall_sense", "Recall in a second chat, made from another book", recall.markdown),
     ("passkey_after", "Passkey with the question after compression", passkey_after.markdown),
+    ("passkey_austen", "Passkey in book text with the question after compression", passkey_after.markdown),
+    ("heldout_ppl", "Perplexity at a quarter of the KV on held-out text", heldout_ppl.markdown),
     ("archive", "The recall archive at 100,000 evicted turns", archive.markdown),
     ("quality", "Quality under a KV budget (perplexity, passkey)", quality.markdown),
     ("kvpress", "Context compression against kvpress", compression.markdown),
@@ -279,7 +281,7 @@ HEADLINES = {"decode": decode_headlines, "kv_kernel": kv_kernel_headlines, "long
              "kvpress": kvpress_headlines, "load": load.headlines, "weights": weights_headlines,
              "prefill_memory": prefill_memory_headlines, "batch_decode": batch_decode_headlines,
              "cluster": cluster_headlines, "estimate_accuracy": estimate_accuracy_headlines,
-             "recall": recall.headlines, "recall_sense": recall.headlines, "revisions": revisions.headlines, "passkey_after": passkey_after.headlines,
+             "recall": recall.headlines, "recall_sense": recall.headlines, "revisions": revisions.headlines, "passkey_after": passkey_after.headlines, "passkey_austen": passkey_after.headlines, "heldout_ppl": heldout_ppl.headlines,
              "archive": archive.headlines}
 
 

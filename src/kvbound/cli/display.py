@@ -44,7 +44,7 @@ def cut_reason(reply: "Reply", in_chat: bool = False) -> str | None:
         return None
     return (f"the reply was cut: the KV cache is full ({reply.context_tokens:,} tokens) and policy "
             f"'{reply.receipt.get('policy', 'none')}' cannot free room; raise --kv-budget, choose an evicting "
-            "--policy (turns+h2o, window, ...)" + (" or /reset" if in_chat else ""))
+            "--policy (turns+keydiff, window, ...)" + (" or /reset" if in_chat else ""))
 
 
 def budget_line(requested: int | None, session: "Chat") -> str:

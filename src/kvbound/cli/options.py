@@ -170,7 +170,8 @@ class CacheOptions:
         rich_help_panel="KV cache")] = KVDtype.auto
     policy: Annotated[str, typer.Option(
         "--policy", help="What happens when the budget is full: none (refuse), window, h2o, snapkv, tova, keydiff, "
-                         "turns, turns+h2o, turns+snapkv, turns+tova, turns+keydiff, summarize.",
+                         "turns, turns+h2o, turns+snapkv, turns+tova, turns+keydiff, summarize. For a chat start "
+                         "with turns+keydiff (whole oldest turns first, the most distinctive keys kept inside one).",
         rich_help_panel="KV cache")] = "none"
 
     def cache_config(self) -> CacheConfig:
@@ -190,7 +191,7 @@ class CacheOptions:
         if self.kv_tokens is not None and self.kv_tokens < max_context:
             return f" or raise --kv-tokens (the model allows {max_context:,})"
         if self.policy == "none":
-            return " or choose an evicting --policy (window, turns+h2o, ...)"
+            return " or choose an evicting --policy (turns+keydiff, window, ...)"
         return ""
 
 
