@@ -1,4 +1,4 @@
-"""Perplexity under a KV budget of 1/4 of the text, on text no policy was chosen or tuned on: Sense and
+"""Perplexity under a KV budget of 1/4 of the text, on text no policy's settings were tuned on: Sense and
 Sensibility (the quality and compression suites and the dev chat use Pride and Prejudice), 8,192 tokens (the
 model's trained context) from the start of the book and from its middle. The text is fed continuously in chunks
 of at most a quarter of the budget, never reset (kvbound.engine.perplexity), once with the full cache and once
@@ -71,7 +71,7 @@ def markdown(result: dict[str, Any]) -> str:
     header = ["policy"] + [f"ΔPPL, {_where(o)}" for o in offsets] + [f"≤ {TARGET_PCT:g}% everywhere"]
     return (f"`{result['text']}`, {result['tokens']:,} tokens from each place, KV budget 1/{result['fraction']} "
             f"({result['tokens'] // result['fraction']:,} tokens), fed in chunks, never reset; Δ against the full "
-            f"cache on the same tokens (full-cache PPL: {full}). No policy was chosen or tuned on this book.\n\n"
+            f"cache on the same tokens (full-cache PPL: {full}). No policy's settings were tuned on this book.\n\n"
             + common.markdown_table(header, table))
 
 
