@@ -105,7 +105,9 @@ def add_peers(result: dict[str, Any]) -> dict[str, Any]:
     return {**result, "peers": {"kvpress": run_peer(chosen, resolve_model())}}
 
 
-def measure(max_tokens: int, policies: list[str], kind: str = "classic") -> dict[str, Any]:
+def measure(max_tokens: int, policies: list[str], kind: str = "classic",
+            peer: dict[str, Any] | None = None) -> dict[str, Any]:
+    """kvbound's rows, and kvpress's: run after them, or `peer` (rows saved for the same cases) as given."""
     import kvbound
     from kvbound.loading import resolve_model
 
@@ -132,7 +134,8 @@ def measure(max_tokens: int, policies: list[str], kind: str = "classic") -> dict
                              f"{'hit' if hit else 'miss'}")
     del llm  # the peer runs after, in its own process: the two never share the 2 cores
     return {"rows": rows, "policies": policies, "fractions": list(FRACTIONS), "max_tokens": max_tokens,
-            "cases": len(chosen), "case_set": kind, "model_dtype": "fp32", "peers": {"kvpress": run_peer(chosen, resolve_model())}}
+            "cases": len(chosen), "case_set": kind, "model_dtype": "fp32",
+            "peers": {"kvpress": peer if peer is not None else run_peer(chosen, resolve_model())}}
 
 
 def _hits(rows: list[dict[str, Any]], policy: str, fraction: int, recall: bool) -> list[bool]:
@@ -244,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", nargs="+", default=["window", "h2o", "snapkv", "tova", "keydiff"])
     parser.add_argument("--cases", choices=sorted(CASES), default="classic",
                         help="the case set: classic filler, or austen (book text as filler; results passkey_austen)")
+    parser.add_argument("--reuse-peers", action="store_true",
+                        help="keep the saved kvpress rows (same cases) instead of running kvpress again")
     parser.add_argument("--peers-only", action="store_true",
                         help="run kvpress on the cases of the saved results and add its rows there")
     args = parser.parse_args(argv)
@@ -256,7 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         common.rewrite_result(name, result)
         print(markdown(result))
         return 0
-    result = measure(2000 if args.quick else args.max_tokens, args.policies, args.cases)
+    max_tokens = 2000 if args.quick else args.max_tokens
+    peer = None
+    if args.reuse_peers:
+        saved = common.read_result(name) or {}
+        if saved.get("max_tokens") != max_tokens or "kvpress" not in saved.get("peers", {}):
+            parser.error(f"benchmarks/results/{name}.json has no kvpress rows for prompts up to {max_tokens} tokens")
+        peer = saved["peers"]["kvpress"]
+    result = measure(max_tokens, args.policies, args.cases, peer)
     return common.finish(name, result, args.quick, markdown)
 
 

@@ -106,3 +106,20 @@ def test_recall_off_and_a_chat_restored_from_its_state_keeps_the_archive(llm):
     assert restored.archive.export() == chat.archive.export()
     rebuilt = Chat.from_messages(llm, chat.messages, llm.new_cache(tokens=128, policy="window"))
     assert rebuilt.archive.keys(), "turns a rebuild leaves out go into the archive"
+
+
+def test_a_raw_prompt_searches_its_tail_one_sentence_at_a_time():
+    """The key's passage holds "pass" and "key" but none of the book's words in the sentence before the question:
+    one query for the whole tail matches nothing, a query per sentence finds it."""
+    from kvbound.chat.passages import search
+
+    tokenizer = type("T", (), {"encode": staticmethod(lambda text: text.split())})
+    archive = Archive()
+    archive.add(0, "The pass key is 72202. Remember it.")
+    for i, words in enumerate(["Elinor walked to the garden", "Marianne sang at the pianoforte",
+                               "Sir John proposed a ball", "Mrs Jennings laughed at noon"], start=1):
+        archive.add(i, f"{words} and spoke of the weather.")
+    tail = "Willoughby rode to Allenham with Margaret before dinner. What is the pass key? The pass key is"
+    assert archive.recall(tail, tokenizer, 100) == []
+    assert [p.key for p in search(archive, tokenizer, tail, 100)] == [0]
+    assert search(archive, tokenizer, tail, 3) == []  # the room holds it or nothing comes back

@@ -11,12 +11,13 @@ The archive lives for the one completion. Without eviction nothing is lost and t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvbound.chat.archive import Archive
+from kvbound.chat.archive import Archive, Passage
 
 if TYPE_CHECKING:
     from kvbound.engine.runner import Runner
@@ -72,6 +73,19 @@ def split(n: int, ends: list[int], tail_tokens: int = TAIL_TOKENS
     return segments, passages, tail
 
 
+def search(archive: Archive, tokenizer: "Tokenizer", tail: str, room: int) -> list[Passage]:
+    """The passages for the tail's sentences, each sentence its own query, the last first (the question is at the
+    end): one query for the whole tail would hold the words of the text before the question too, which no single
+    passage covers. Together they fit `room` tokens."""
+    found: dict[int, Passage] = {}
+    for sentence in reversed(re.split(r"(?<=[.?!\n])\s+", tail.strip())):
+        for passage in archive.recall(sentence, tokenizer, room):
+            if passage.key not in found:
+                found[passage.key] = passage
+                room -= len(tokenizer.encode(passage.text)) + 2
+    return list(found.values())
+
+
 def prefill(runner: "Runner", tokenizer: "Tokenizer", cache: "PagedCache", text: str, ids: list[int],
             chunk: int, reserve: int = 0) -> Generator[None, None, tuple[torch.Tensor, dict[str, Any]]]:
     """Prefill `ids` (the tokens of `text`) with recall, one chunk per step (runner.prefill_steps); returns the
@@ -94,8 +108,8 @@ def prefill(runner: "Runner", tokenizer: "Tokenizer", cache: "PagedCache", text:
             for a, b in parts:
                 archive.add(len(spans), tokenizer.decode(ids[a:b]).strip())
                 spans.append([a, b])
-    found = archive.recall(tokenizer.decode(tail_ids), tokenizer, room - 2)  # 2: the blank line around
-    found = sorted(found, key=lambda p: p.key)  # in the prompt's order
+    found = sorted(search(archive, tokenizer, tokenizer.decode(tail_ids), room - 2),  # 2: the blank line around
+                   key=lambda p: p.key)  # in the prompt's order
     recall_ids = tokenizer.encode(JOIN + JOIN.join(p.text for p in found) + JOIN) if found else []
     pins = {RECALL_SEGMENT} if recall_ids else set()
     if len(recall_ids) + len(tail_ids) + reserve <= cache.capacity // 2:
