@@ -209,13 +209,7 @@ class Archive:
                shown: Callable[[str], str] = lambda text: text) -> list[Passage]:
         """The best passages for `query` whose `shown` text (what goes back into the cache) fits `room` tokens
         together, a blank line between them."""
-        chosen = []
-        for passage in self.search(query, limit) if len(self) else []:
-            size = len(tokenizer.encode(shown(passage.text))) + 2
-            if size <= room:
-                chosen.append(passage)
-                room -= size
-        return chosen
+        return fit(self.search(query, limit) if len(self) else [], tokenizer, room, shown)
 
     def export(self) -> list[list]:
         """The entries, oldest first, as plain data."""
@@ -231,3 +225,15 @@ class Archive:
 def _quoted(word: str) -> str:
     """`word` as an FTS5 string: query syntax (quotes, NEAR, *, -) in a message is text, not an operator."""
     return '"' + word.replace('"', '""') + '"'
+
+
+def fit(passages: list[Passage], tokenizer: Any, room: int,
+        shown: Callable[[str], str] = lambda text: text) -> list[Passage]:
+    """Those of `passages`, in order, whose `shown` text fits `room` tokens together (a blank line between them)."""
+    chosen = []
+    for passage in passages:
+        size = len(tokenizer.encode(shown(passage.text))) + 2
+        if size <= room:
+            chosen.append(passage)
+            room -= size
+    return chosen

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvbound.chat.archive import Archive, Passage
+from kvbound.chat.archive import Archive, Passage, fit
 
 if TYPE_CHECKING:
     from kvbound.engine.runner import Runner
@@ -79,11 +79,9 @@ def search(archive: Archive, tokenizer: "Tokenizer", tail: str, room: int) -> li
     passage covers. Together they fit `room` tokens."""
     found: dict[int, Passage] = {}
     for sentence in reversed(re.split(r"(?<=[.?!\n])\s+", tail.strip())):
-        for passage in archive.recall(sentence, tokenizer, room):
-            if passage.key not in found:
-                found[passage.key] = passage
-                room -= len(tokenizer.encode(passage.text)) + 2
-    return list(found.values())
+        for passage in archive.search(sentence) if len(archive) else []:
+            found.setdefault(passage.key, passage)
+    return fit(list(found.values()), tokenizer, room)
 
 
 def prefill(runner: "Runner", tokenizer: "Tokenizer", cache: "PagedCache", text: str, ids: list[int],
