@@ -69,8 +69,10 @@ def markdown(result: dict[str, Any]) -> str:
              for policy in result["policies"]]
     full = ", ".join(f"{_where(o)} {at[o, 'full cache']['ppl']:.3f}" for o in offsets if (o, "full cache") in at)
     header = ["policy"] + [f"ΔPPL, {_where(o)}" for o in offsets] + [f"≤ {TARGET_PCT:g}% everywhere"]
+    chunks = sorted({r["chunk"] for r in rows if "chunk" in r})
+    fed = f"fed in chunks of {'/'.join(map(str, chunks))} tokens" if chunks else "fed in chunks"
     return (f"`{result['text']}`, {result['tokens']:,} tokens from each place, KV budget 1/{result['fraction']} "
-            f"({result['tokens'] // result['fraction']:,} tokens), fed in chunks, never reset; Δ against the full "
+            f"({result['tokens'] // result['fraction']:,} tokens), {fed}, never reset; Δ against the full "
             f"cache on the same tokens (full-cache PPL: {full}). No policy's settings were tuned on this book.\n\n"
             + common.markdown_table(header, table))
 

@@ -264,8 +264,10 @@ def markdown(result: dict[str, Any]) -> str:
                  f"{r['delta_ppl_pct']:+.2f}%", common.mib(r["kv_peak_bytes"]), r["evicted_tokens"]]
                 for r in result["perplexity"]]
     scored = result["perplexity"][0]["scored_tokens"] if result["perplexity"] else 0
+    share = {r["kv_tokens"] // r["chunk"] for r in result["perplexity"] if r["budget"] != "full" and "chunk" in r}
+    share = f"1/{min(share)}" if share else "a share"  # of the capacity, under eviction: as the run chose
     parts = [f"**Perplexity**, first {cfg['ppl_tokens']} tokens ({scored} scored), fed continuously in chunks of "
-             f"at most {cfg['ppl_chunk']} (a quarter of the capacity under eviction), never reset.", "",
+             f"at most {cfg['ppl_chunk']} ({share} of the capacity under eviction), never reset.", "",
              common.markdown_table(["KV budget", "policy", "KV dtype", "KV tokens", "PPL", "ΔPPL vs full fp32",
                                     "KV peak MiB", "evicted"], ppl_rows), ""]
     if "kv_quantization" in result:  # optional: a results file may lack this section
