@@ -25,6 +25,7 @@ SUITES = {"decode": "benchmarks.decode", "kv_kernel": "benchmarks.kv_kernel", "w
           "passkey_after": "benchmarks.passkey_after", "archive": "benchmarks.archive",
           "revisions": "benchmarks.revisions",
           "recall_sense": "benchmarks.recall --script conversations/sense-200-turns.jsonl --no-summarize",
+          "recall_heldout": "benchmarks.recall --script conversations/heldout-200-turns.jsonl --no-summarize",
           "heldout_ppl": "benchmarks.heldout_ppl",
           "passkey_austen": "benchmarks.passkey_after --cases austen --max-tokens 4200"}
 # (a suite is a module and, for a second configuration of a module, its arguments)

@@ -56,6 +56,7 @@ SECTIONS = [  # (result name, title, markdown(result))
     ("long_chat", "A long chat under a fixed KV budget", long_chat.markdown),
     ("recall", "Recall: facts told early, asked late, under a small KV budget", recall.markdown),
     ("recall_sense", "Recall in a second chat, made from another book", recall.markdown),
+    ("recall_heldout", "Recall in a held-out chat: facts and passages no setting was chosen on", recall.markdown),
     ("passkey_after", "Passkey with the question after compression", passkey_after.markdown),
     ("passkey_austen", "Passkey in book text with the question after compression", passkey_after.markdown),
     ("heldout_ppl", "Perplexity at a quarter of the KV on held-out text", heldout_ppl.markdown),
@@ -281,7 +282,8 @@ HEADLINES = {"decode": decode_headlines, "kv_kernel": kv_kernel_headlines, "long
              "kvpress": kvpress_headlines, "load": load.headlines, "weights": weights_headlines,
              "prefill_memory": prefill_memory_headlines, "batch_decode": batch_decode_headlines,
              "cluster": cluster_headlines, "estimate_accuracy": estimate_accuracy_headlines,
-             "recall": recall.headlines, "recall_sense": recall.headlines, "revisions": revisions.headlines, "passkey_after": passkey_after.headlines, "passkey_austen": passkey_after.headlines, "heldout_ppl": heldout_ppl.headlines,
+             "recall": recall.headlines, "recall_sense": recall.headlines,
+             "recall_heldout": recall.headlines, "revisions": revisions.headlines, "passkey_after": passkey_after.headlines, "passkey_austen": passkey_after.headlines, "heldout_ppl": heldout_ppl.headlines,
              "archive": archive.headlines}
 
 
