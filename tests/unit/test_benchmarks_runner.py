@@ -1,9 +1,10 @@
 """`python -m benchmarks`: every suite it runs has a report section, unknown suites are refused, and setup installs
-only what the chosen suites lack."""
+only what the chosen suites lack; the chats the recall suites replay are what make_chat makes."""
 
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
 
@@ -51,3 +52,22 @@ def test_setup_installs_the_bench_extra_when_missing(monkeypatch, missing):
     assert bool(calls) == bool(missing)
     if missing:
         assert calls[0][:4] == [sys.executable, "-m", "pip", "install"] and calls[0][-1].endswith("[bench]")
+
+
+@pytest.mark.parametrize("name, book, seed, facts", [
+    ("sense-200-turns.jsonl", "texts/sensesensibility.txt", 7, "sense"),
+    ("heldout-200-turns.jsonl", "texts/prideprejudice.txt", 11, "heldout"),
+])
+def test_the_generated_chats_are_what_make_chat_makes(name, book, seed, facts):
+    """The committed chats regenerate byte for byte, and each answer is in its telling turn, asked after it, and
+    nowhere else in the chat (a passage that held it would answer the question for the model)."""
+    from benchmarks import common, make_chat
+
+    path = common.ROOT / "data" / "conversations" / name
+    lines = make_chat.make(common.data_file(book), 200, seed, make_chat.FACT_SETS[facts])
+    assert path.read_text(encoding="utf-8") == "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines)
+    turns = [line["user"] for line in lines[1:]]
+    for told, asked, answer in make_chat.FACT_SETS[facts]:
+        where = [i for i, text in enumerate(turns) if answer.lower() in text.lower()]
+        assert where == [turns.index(told)]
+        assert turns.index(told) < turns.index(asked)
