@@ -26,10 +26,10 @@ def complete(steps: Generator[None, None, T]) -> T:
 
 def prefill_chunk(chunk: int, capacity: int, evicts: bool) -> int:
     """The prefill step for a cache: under an evicting budget a chunk must leave room for what eviction keeps,
-    so it is at most an eighth of the capacity. Before each chunk the cache evicts down to capacity - chunk, so
-    the chunk's queries see at least 7/8 of the budget (a quarter lost 0.1-0.5 points of perplexity at 1/4 KV on
-    Pride and Prejudice, for 5% more prefill time)."""
-    return max(1, min(chunk, capacity // 8)) if evicts else chunk
+    so it is at most a quarter of the capacity (the window stays mostly in view). An eighth kept 0.1-0.5 points of
+    perplexity more at 1/4 KV on Pride and Prejudice, but cost 25-50% more prefill time with int4 weights, which
+    dequantize once per step."""
+    return max(1, min(chunk, capacity // 4)) if evicts else chunk
 
 
 class Runner:

@@ -2,7 +2,8 @@
 score is how far its normalized key points from the mean normalized key (the anchor); the most typical keys go
 first. It needs no attention and no query, so what it keeps does not depend on a question that comes later.
 The newest quarter of the held tokens stays whatever its keys (`recent_share`): the next tokens lean on their
-local context most, and perplexity at 1/4 KV on Pride and Prejudice lost 0.1-0.3 points less than with 32."""
+local context most: at 1/4 KV, perplexity on Pride and Prejudice rose +1.24% / +1.39% (from its start / its middle)
+instead of +1.32% / +1.65% with the newest 32."""
 
 from __future__ import annotations
 
