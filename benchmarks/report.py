@@ -282,8 +282,9 @@ HEADLINES = {"decode": decode_headlines, "kv_kernel": kv_kernel_headlines, "long
              "kvpress": kvpress_headlines, "load": load.headlines, "weights": weights_headlines,
              "prefill_memory": prefill_memory_headlines, "batch_decode": batch_decode_headlines,
              "cluster": cluster_headlines, "estimate_accuracy": estimate_accuracy_headlines,
-             "recall": recall.headlines, "recall_sense": recall.headlines,
-             "recall_heldout": recall.headlines, "revisions": revisions.headlines, "passkey_after": passkey_after.headlines, "passkey_austen": passkey_after.headlines, "heldout_ppl": heldout_ppl.headlines,
+             "recall": recall.headlines, "recall_sense": recall.headlines, "recall_heldout": recall.headlines,
+             "revisions": revisions.headlines, "passkey_after": passkey_after.headlines,
+             "passkey_austen": passkey_after.headlines, "heldout_ppl": heldout_ppl.headlines,
              "archive": archive.headlines}
 
 
