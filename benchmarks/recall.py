@@ -160,9 +160,9 @@ def headlines(result: dict[str, Any]) -> list[str]:
 
 def chat_name(result: dict[str, Any], lower: bool = False) -> str:
     name = result.get("script", DEV_CHAT)
-    text = ("The dev chat" if name == DEV_CHAT else
-            f"The held-out chat, `{Path(name).name}` (facts and passages no setting was chosen on)"
-            if name == HELDOUT_CHAT else f"The second chat, `{Path(name).name}` (from another book)")
+    text = {DEV_CHAT: "The dev chat",
+            HELDOUT_CHAT: f"The held-out chat, `{Path(name).name}` (facts and passages no setting was chosen on)",
+            }.get(name, f"The second chat, `{Path(name).name}` (from another book)")
     return text[0].lower() + text[1:] if lower else text
 
 

@@ -77,9 +77,11 @@ def search(archive: Archive, tokenizer: "Tokenizer", tail: str, room: int) -> li
     """The passages for the tail's sentences, each sentence its own query, the last first (the question is at the
     end): one query for the whole tail would hold the words of the text before the question too, which no single
     passage covers. Together they fit `room` tokens."""
+    if not len(archive):
+        return []
     found: dict[int, Passage] = {}
     for sentence in reversed(re.split(r"(?<=[.?!\n])\s+", tail.strip())):
-        for passage in archive.search(sentence) if len(archive) else []:
+        for passage in archive.search(sentence):
             found.setdefault(passage.key, passage)
     return fit(list(found.values()), tokenizer, room)
 
