@@ -283,3 +283,35 @@ def test_cli_converse_with_every_storage(model_dir, tmp_path, policy, dtype):
     assert sum(r["recall"]["passages"] > 0 for r in done) >= 2
     if policy == "summarize":
         assert sum(bool(r["receipt"].get("summary")) for r in done) >= 2
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_per_head_eviction_keeps_each_heads_own_tokens(llm, dtype):
+    """`compactor` evicts per layer and KV head: after a compaction each head holds exactly the tokens it chose,
+    in order; each key re-rotated to its new position (rotated back, it is the key as written) and each value
+    as it was (int8: within one re-quantization)."""
+    cache = llm.new_cache(CacheConfig(tokens=128, dtype=dtype, policy="compactor"))
+    feed(llm, cache, random_ids(120, seed=5), chunk=40)
+    n, run = cache.num_tokens, storage.consecutive(list(cache.table))
+    with torch.inference_mode():  # a quantized read dequantizes into the pool's scratch
+        keys_before = [k.clone() for k in cache._key_layers(plain=True)]
+        values_before = [cache._read(layer, n, run)[1][:, :n].float().clone()
+                         for layer in range(llm.config.num_layers)]
+    chosen = []
+    compact = cache.seq.compact
+    cache.seq.compact = lambda keep, reposition, heads=None: chosen.append(heads) or compact(keep, reposition, heads)
+    feed(llm, cache, random_ids(40, seed=6), chunk=40)  # 160 > 128: one eviction, then the 40 new tokens
+    heads = chosen[0]
+    K = heads.shape[-1]
+    assert heads.shape[:2] == (llm.config.num_layers, llm.config.num_kv_heads) and K == n - int(128 * 0.1) - 20
+    assert len({tuple(h.tolist()) for h in heads.flatten(0, 1)}) > 1, "every head kept the same tokens"
+    run = storage.consecutive(list(cache.table))
+    tol = 0.0 if dtype == "fp32" else 0.05
+    with torch.inference_mode():
+        keys_after = [k.clone() for k in cache._key_layers(plain=True)]
+        values_after = [cache._read(layer, K, run)[1][:, :K].float().clone() for layer in range(llm.config.num_layers)]
+    for layer in range(llm.config.num_layers):
+        for head in range(llm.config.num_kv_heads):
+            kept = heads[layer, head]
+            assert torch.allclose(keys_after[layer][head, :K], keys_before[layer][head, kept], atol=1e-4 + tol * 10)
+            assert torch.allclose(values_after[layer][head], values_before[layer][head, kept], atol=1e-6 + tol)

@@ -45,6 +45,11 @@ def make_keys() -> list[torch.Tensor]:
 
 
 KEYS = make_keys()
+# What a policy that scores tokens as they are written (Compactor) noted per layer and KV head: (2, 2, S).
+RECEIVED = torch.rand(2, 2, S, generator=torch.Generator().manual_seed(9))
+RECEIVED[0, 0, [12, 13]] += 3.0
+RECEIVED[1, 1, [25, 33]] += 3.0
+RECEIVED[1, 0, 20] = float("nan")  # a decoded token: no multi-token step scored it
 
 
 def pinned() -> torch.Tensor:
@@ -106,6 +111,28 @@ def ref_keydiff(count: int) -> set[int]:
     return lowest(keep_window(-typical, max(RECENT, S // 4)), count)
 
 
+def compactor_heads() -> torch.Tensor:
+    """Compactor, per layer and head: 0.75 × z(leverage of the key among the held keys, ridge 1% of the mean
+    diagonal of XᵀX) + z(the attention the token received when written; unscored: its head's mean)."""
+    def z(x):
+        return (x - x.mean()) / x.std()
+    rows = []
+    for keys, received in zip(KEYS, RECEIVED):
+        lev = torch.empty(keys.shape[:2])
+        for h, x in enumerate(keys):
+            x = x - x.mean(0)
+            gram = x.T @ x
+            lev[h] = (x * torch.linalg.solve(gram + 0.01 * gram.diag().mean() * torch.eye(8), x.T).T).sum(-1)
+        filled = torch.where(received.isnan(), received.nanmean(-1, keepdim=True), received)
+        rows.append(0.75 * z(lev.clamp_min(0)) + z(filled))
+    return keep_window(torch.stack(rows).permute(2, 0, 1), RECENT).permute(1, 2, 0)  # (L, H, S)
+
+
+def ref_compactor(count: int) -> set[int]:
+    """Compactor's token order (which segments lose how many): its heads' scores averaged."""
+    return lowest(compactor_heads().mean(dim=(0, 1)), count)
+
+
 def ref_turns(inner):
     """Whole oldest turns first; inside a turn, the inner rule's order."""
     def pick(count: int) -> set[int]:
@@ -131,12 +158,14 @@ REFERENCES = {
     "snapkv": ref_snapkv,
     "tova": ref_tova,
     "keydiff": ref_keydiff,
+    "compactor": ref_compactor,
     "turns": ref_turns(ref_window),
     "summarize": ref_turns(ref_window),
     "turns+h2o": ref_turns(ref_h2o),
     "turns+snapkv": ref_turns(ref_snapkv),
     "turns+tova": ref_turns(ref_tova),
     "turns+keydiff": ref_turns(ref_keydiff),
+    "turns+compactor": ref_turns(ref_compactor),
 }
 
 
@@ -147,7 +176,8 @@ def observed(policy) -> SequenceView:
             before, attn = scores.clone(), row.clone()
             scores = policy.observe(scores, row, layer, step_tokens)
             assert torch.equal(attn, row) and (scores is not before), "observe must not write its inputs"
-    return SequenceView(torch.arange(S), SEGMENTS.clone(), scores, pinned(), lambda: iter(KEYS))
+    return SequenceView(torch.arange(S), SEGMENTS.clone(), scores, pinned(), lambda plain=False: iter(KEYS),
+                        RECEIVED.clone())
 
 
 def test_every_policy_has_a_reference():
@@ -172,8 +202,9 @@ def test_policy_evicts_what_its_rule_says(name, count):
 
 def test_the_rules_disagree_on_this_pattern():
     """The matrix separates the policies: on this pattern each attention rule keeps a different set."""
-    picks = {name: frozenset(REFERENCES[name](9)) for name in ("window", "h2o", "snapkv", "tova", "keydiff")}
-    assert len(set(picks.values())) == 5, picks
+    names = ("window", "h2o", "snapkv", "tova", "keydiff", "compactor")
+    picks = {name: frozenset(REFERENCES[name](9)) for name in names}
+    assert len(set(picks.values())) == len(names), picks
 
 
 @pytest.mark.parametrize("name", [n for n in policy_names() if n != "none"])
@@ -184,6 +215,32 @@ def test_policy_never_picks_a_pinned_token_when_only_protected_ones_are_left(nam
     view = observed(policy)
     middle = torch.zeros(S, dtype=torch.bool)
     middle[: S - 3] = True  # everything but the 3 newest tokens is pinned
-    view = SequenceView(view.positions, view.segments, view.scores, middle, view.key_layers)
+    view = SequenceView(view.positions, view.segments, view.scores, middle, view.key_layers, view.head_scores)
     chosen = set(policy.select(view, 3).tolist())
     assert chosen == {S - 3, S - 2, S - 1}, f"{name} picked {sorted(chosen)}"
+
+
+@pytest.mark.parametrize("name", [n for n in policy_names() if n != "none" and make_policy(n).per_head])
+@pytest.mark.parametrize("count", [3, 9, 20])
+def test_each_head_drops_its_own_lowest_of_each_segment(name, count):
+    """A per-head policy: every layer and KV head drops as many tokens of each segment as the token-level choice
+    did, its own lowest-scored unpinned ones, so segments and pins keep the same slots in every head."""
+    policy = make_policy(name, **OPTIONS)
+    view = observed(policy)
+    evicted = torch.zeros(S, dtype=torch.bool)
+    evicted[policy.select(view, count)] = True
+    kept = policy.select_heads(view, evicted, policy.score_heads(view))
+    assert kept.shape == (2, 2, S - count)
+    heads = compactor_heads()
+    for layer in range(2):
+        for head in range(2):
+            slots = kept[layer, head].tolist()
+            assert slots == sorted(slots) and not (set(range(S)) - set(slots)) & set(pinned().nonzero().flatten().tolist())
+            assert torch.equal(SEGMENTS[kept[layer, head]], SEGMENTS[~evicted])  # segments line up slot by slot
+            for segment in SEGMENTS[evicted].unique().tolist():
+                members = [i for i in range(S) if SEGMENTS[i] == segment and not pinned()[i]]
+                dropped = sorted(set(members) - set(slots))
+                worst = sorted(members, key=lambda i: float(heads[layer, head, i]))[: len(dropped)]
+                assert dropped == sorted(worst), f"{name} layer {layer} head {head} segment {segment}"
+    differs = {tuple(kept[layer, head].tolist()) for layer in range(2) for head in range(2)}
+    assert len(differs) > 1, "every head kept the same tokens: the choice is not per head"

@@ -2,7 +2,8 @@
 attends over them (float or quantized, eager or the native kernel). What the tokens are — positions, segments,
 pins, scores, which ones to evict — is the Sequence's (sequence.py); this module applies its choices.
 
-Eviction is per token, uniform across layers and heads, followed by compaction: kept tokens move to the front
+Eviction is per token, uniform across layers and heads (a per-head policy lets each layer and KV head choose
+which tokens of a segment it drops, the same number), followed by compaction: kept tokens move to the front
 of the sequence's blocks and get contiguous positions 0..n-1; moved keys are re-rotated by their position
 change (llama.cpp's K-shift), so RoPE stays consistent and positions never pass the trained context however
 long the conversation runs (StreamingLLM assigns positions within the cache the same way).
@@ -141,6 +142,8 @@ class PagedCache(KVCache):
             storage.write_float(pool, layer, step.new_slots, k[0], v[0])
         if step.count == 1 and step.mask is None and (out := decode.attend_native(self, layer, q, end)) is not None:
             return out
+        if self.policy.scores_writes and step.count > 1:
+            self._ingest(layer, q[0], k[0], v[0])
         keys, values = self._read(layer, end, step.run)
         keys, values = keys.unsqueeze(0), values.unsqueeze(0)  # (1, n_kv, S, D)
         if self.policy.needs_attention:
@@ -170,6 +173,13 @@ class PagedCache(KVCache):
         if mask is not None:
             logits = logits.masked_fill(~mask.repeat(H // n_kv, 1)[None], float("-inf"))
         self.observe(layer, logits)
+
+    def _ingest(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The step's new tokens, for a policy that scores each token as it is written: its keys go with and
+        without RoPE (rotated back by their positions)."""
+        step = self.step
+        cos, sin = rope_cos_sin(self.seq.positions[step.start:step.start + step.count], self.inv_freq, torch.float32)
+        self.seq.ingest(layer, q, k, apply_rope(k.float(), cos, -sin), v)
 
     def observe(self, layer: int, logits: torch.Tensor) -> None:
         """Hand the sequence the softmax of scaled logits (n_kv, queries, S), averaged over heads and queries."""
@@ -263,21 +273,31 @@ class PagedCache(KVCache):
         keys = self._key_layers if self.policy.needs_keys else None
         self._apply(self.seq.choose_eviction(needed, keys))
 
-    def _key_layers(self) -> Iterator[torch.Tensor]:
-        """Each layer's held keys, (n_kv, n, D) float (dequantized for int8/int4), one layer at a time."""
+    def _key_layers(self, plain: bool = False) -> Iterator[torch.Tensor]:
+        """Each layer's held keys, (n_kv, n, D) float (dequantized for int8/int4), one layer at a time; `plain`:
+        rotated back by their positions (the keys before RoPE)."""
         n, run = self.seq.n, storage.consecutive(self.seq.block_table)
+        cos, sin = rope_cos_sin(self.seq.positions[:n], self.inv_freq, torch.float32) if plain else (None, None)
         for layer in range(self.spec.num_layers):
-            yield self._read(layer, n, run)[0][:, :n].float()
+            keys = self._read(layer, n, run)[0][:, :n].float()
+            yield apply_rope(keys, cos, -sin) if plain else keys
 
     def _apply(self, plan) -> None:
         """Move the K/V of the tokens the sequence kept to the front of its blocks, re-rotating moved keys."""
         first, held, K = plan.first, plan.held_before, int(plan.keep.numel())
-        cos, sin = rope_cos_sin(plan.delta, self.inv_freq, torch.float32)
+        cos, sin = rope_cos_sin(plan.delta.flatten(), self.inv_freq, torch.float32)
+        D = cos.shape[-1]
+        cos, sin = cos.view(*plan.delta.shape, D), sin.view(*plan.delta.shape, D)  # per head: (L, n_kv, K-first, D)
         run = storage.consecutive(self.seq.block_table)
         for layer in range(self.spec.num_layers):
             keys, values = self._read(layer, held, run)
-            k_keep = apply_rope(keys[:, plan.keep[first:]].float(), cos, sin)  # (n_kv, K-first, D)
-            v_keep = values[:, plan.keep[first:]]
+            if plan.heads is None:
+                k_keep = apply_rope(keys[:, plan.keep[first:]].float(), cos, sin)  # (n_kv, K-first, D)
+                v_keep = values[:, plan.keep[first:]]
+            else:  # each KV head gathers its own slots
+                slots = plan.heads[layer, :, first:, None].expand(-1, -1, keys.shape[-1])
+                k_keep = apply_rope(keys.float().gather(1, slots), cos[layer], sin[layer])
+                v_keep = values.gather(1, slots)
             storage.rewrite(self.pool, layer, self.seq.block_table, first, K, k_keep, v_keep,
                             None if self.res_k is None else self.res_k[layer],
                             None if self.res_v is None else self.res_v[layer])

@@ -44,6 +44,14 @@ class SequenceView:
     pinned: torch.Tensor  # (n,) bool: never evicted
     # For policies that score keys (needs_keys): each layer's held keys in turn, (n_kv, n, D) float, post-RoPE.
     key_layers: Callable[[], Iterator[torch.Tensor]] | None = None
+    head_scores: torch.Tensor | None = None  # (L, n_kv, n): what `ingest` scored; NaN: a token no step scored
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def memo(self, key: str, compute: Callable[[], Any]) -> Any:
+        """`compute()`, once per view: what a policy derives from it and reads twice during one eviction."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     @property
     def n(self) -> int:
@@ -57,8 +65,9 @@ class Compaction:
 
     keep: torch.Tensor  # (K,)
     first: int
-    delta: torch.Tensor  # (K - first,)
+    delta: torch.Tensor  # (K - first,), or (L, n_kv, K - first) with `heads`
     held_before: int
+    heads: torch.Tensor | None = None  # (L, n_kv, K): the slots each layer and KV head keeps (per-head eviction)
 
 
 class Sequence:
@@ -71,6 +80,8 @@ class Sequence:
         self.positions = torch.zeros(capacity, dtype=torch.long, device=device)
         self.segments = torch.full((capacity,), UNLABELED, dtype=torch.long, device=device)
         self.scores = torch.zeros(capacity, dtype=torch.float32, device=device)
+        self.head_scores = torch.zeros(spec.num_layers, spec.num_kv_heads, capacity, dtype=torch.float32,
+                                       device=device) if policy.scores_writes else None
         self.pinned_segments: set[int] = set()
         self.segment = UNLABELED
         self.next_position = 0
@@ -90,7 +101,7 @@ class Sequence:
 
     @property
     def metadata_bytes(self) -> int:
-        return sum(t.nbytes for t in (self.positions, self.segments, self.scores))
+        return sum(t.nbytes for t in (self.positions, self.segments, self.scores, self.head_scores) if t is not None)
 
     def receipt(self) -> Receipt:
         """Return the receipt since the last call and start a new one."""
@@ -114,7 +125,9 @@ class Sequence:
 
     def view(self, key_layers: Callable[[], Iterator[torch.Tensor]] | None = None) -> SequenceView:
         n = self.n
-        return SequenceView(self.positions[:n], self.segments[:n], self.scores[:n], self.pinned_mask(), key_layers)
+        heads = None if self.head_scores is None else self.head_scores[..., :n]
+        return SequenceView(self.positions[:n], self.segments[:n], self.scores[:n], self.pinned_mask(), key_layers,
+                            heads)
 
     # -- steps ----------------------------------------------------------------------------------------------------
     def append(self, num_tokens: int) -> torch.Tensor:
@@ -124,6 +137,8 @@ class Sequence:
         self.positions[start:start + T] = positions
         self.segments[start:start + T] = self.segment
         self.scores[start:start + T] = 0.0
+        if self.head_scores is not None:
+            self.head_scores[..., start:start + T] = float("nan")  # until a multi-token step scores them
         return positions
 
     def commit(self, num_tokens: int) -> None:
@@ -140,6 +155,13 @@ class Sequence:
         the policy's rule turns it and the scores so far into the new scores."""
         S = attn.numel()
         self.scores[:S] = self.policy.observe(self.scores[:S], attn, layer, step_tokens)
+
+    def ingest(self, layer: int, q: torch.Tensor, k: torch.Tensor, k_plain: torch.Tensor, v: torch.Tensor) -> None:
+        """One layer's q (H, T, D) and k / k_plain / v (n_kv, T, D) of the step's T new tokens (appended, not yet
+        committed): the policy scores them, per head. Single-token steps (decode, often on a native kernel that
+        never hands over q/k/v) are not scored: their NaN reads as the held tokens' mean."""
+        T = k.shape[1]
+        self.head_scores[layer, :, self.n:self.n + T] = self.policy.ingest(q, k, k_plain, v)
 
     # -- eviction ----------------------------------------------------------------------------------------------------
     def choose_eviction(self, needed: int, key_layers: Callable[[], Iterator[torch.Tensor]] | None = None
@@ -164,6 +186,7 @@ class Sequence:
         keep[victims] = False
         if bool((view.pinned & ~keep).any()):  # a policy bug must never drop a pinned token
             raise RuntimeError(f"policy '{policy.name}' selected pinned tokens for eviction")
+        heads = policy.select_heads(view, ~keep, policy.score_heads(view)) if policy.per_head else None
         log = self.receipt_log
         for s, c in zip(*torch.unique(view.segments[~keep], return_counts=True)):
             log.evicted_segments[int(s)] = log.evicted_segments.get(int(s), 0) + int(c)
@@ -171,25 +194,35 @@ class Sequence:
         log.evicted_tokens += dropped
         log.evictions += 1
         self.evicted_total += dropped
-        return self.compact(keep.nonzero().flatten(), reposition=True)
+        return self.compact(keep.nonzero().flatten(), reposition=True, heads=heads)
 
-    def compact(self, keep: torch.Tensor, reposition: bool) -> Compaction:
+    def compact(self, keep: torch.Tensor, reposition: bool, heads: torch.Tensor | None = None) -> Compaction:
         """Keep tokens `keep` (ascending) at the front, with positions 0..K-1 if `reposition`. Tokens before the
         first one that moves stay where they are (often the pinned system prompt); a quantized store rewrites
-        whole blocks, so `first` is rounded down to a block."""
+        whole blocks, so `first` is rounded down to a block. With `heads` (L, n_kv, K), each layer and KV head
+        keeps its own slots (the same count of each segment as `keep`, so the metadata follows `keep`)."""
+        if heads is not None and not reposition:
+            raise ValueError("a per-head compaction repositions the kept tokens")
         K, held = int(keep.numel()), self.n
-        old = self.positions[keep]
-        new = torch.arange(K, device=old.device) if reposition else old.clone()
-        moved = (keep != torch.arange(K, device=keep.device)) | (new != old)
+        slots = torch.arange(K, device=keep.device)
+        old = self.positions[keep if heads is None else heads]
+        new = slots if reposition else old.clone()
+        moved = ((keep if heads is None else heads) != slots) | (new != old)
+        if heads is not None:
+            moved = moved.flatten(0, 1).any(0)  # a slot moves if it moves in any head
         first = int(moved.nonzero()[0]) if bool(moved.any()) else K
         if self.spec.quantized:
             first = (first // self.spec.block_size) * self.spec.block_size
         for meta in (self.segments, self.scores):
             meta[:K] = meta[keep].clone()
-        self.positions[:K] = new
+        if self.head_scores is not None:
+            held_scores = self.head_scores[..., :held]
+            self.head_scores[..., :K] = (held_scores[..., keep] if heads is None else
+                                         held_scores.gather(-1, heads)).clone()
+        self.positions[:K] = slots if heads is not None else new
         self.n = K
-        self.next_position = int(new[-1]) + 1 if K else 0
-        return Compaction(keep, first, (new - old)[first:], held)
+        self.next_position = int(self.positions[K - 1]) + 1 if K else 0
+        return Compaction(keep, first, (new - old)[..., first:], held, heads)
 
     def forget(self, tokens: int) -> None:
         """Count tokens that left the conversation without passing through the cache (a rebuild that fed only
@@ -205,6 +238,7 @@ class Sequence:
             "positions": self.positions[:n].to("cpu", torch.int32),  # (n,); int32: 12 bytes a token in all
             "segments": self.segments[:n].to("cpu", torch.int32),
             "scores": self.scores[:n].to("cpu", copy=True),
+            **({} if self.head_scores is None else {"head_scores": self.head_scores[..., :n].to("cpu", copy=True)}),
         }
 
     def import_meta(self, state: dict[str, Any]) -> None:
@@ -212,6 +246,8 @@ class Sequence:
         self.positions[:n] = state["positions"].to(dev)
         self.segments[:n] = state["segments"].to(dev)
         self.scores[:n] = state["scores"].to(dev)
+        if self.head_scores is not None and "head_scores" in state:
+            self.head_scores[..., :n] = state["head_scores"].to(dev)
         self.n, self.next_position = n, int(state["next_position"])
         self.evicted_total = int(state["evicted_total"])
         self.segment = int(state["segment"])

@@ -8,7 +8,7 @@ from dataclasses import fields, is_dataclass
 from typing import Any
 
 from kvbound.policies.base import Policy, register, registry
-from kvbound.policies import h2o, keydiff, snapkv, tova, turns, window  # noqa: F401  (they register themselves)
+from kvbound.policies import compactor, h2o, keydiff, snapkv, tova, turns, window  # noqa: F401  (they register themselves)
 
 
 def make_policy(name: str, **options: Any) -> Policy:
@@ -30,7 +30,7 @@ def make_policy(name: str, **options: Any) -> Policy:
 def policy_names() -> list[str]:
     """Every registered policy, and `turns` around each one that scores by attention or keys."""
     names = registry()
-    scorers = [n for n, cls in sorted(names.items()) if cls.needs_attention or cls.needs_keys]
+    scorers = [n for n, cls in sorted(names.items()) if cls.needs_attention or cls.needs_keys or cls.scores_writes]
     return sorted(names) + [f"turns+{n}" for n in scorers]
 
 

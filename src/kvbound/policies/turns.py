@@ -24,6 +24,14 @@ class TurnsPolicy(Policy):
         self.name = f"{type(self).name}+{self.inner.name}" if self.inner.name != "window" else type(self).name
         self.needs_attention = self.inner.needs_attention
         self.needs_keys = self.inner.needs_keys
+        self.per_head = self.inner.per_head
+        self.scores_writes = self.inner.scores_writes
+
+    def ingest(self, q, k, k_plain, v) -> torch.Tensor:
+        return self.inner.ingest(q, k, k_plain, v)
+
+    def score_heads(self, view) -> torch.Tensor:
+        return self.inner.score_heads(view)  # heads choose inside a segment; `score` chose the segments
 
     def observe(self, scores, attn, layer, step_tokens):
         return self.inner.observe(scores, attn, layer, step_tokens)
