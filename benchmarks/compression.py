@@ -7,7 +7,8 @@ Protocol: the first C tokens of Pride and Prejudice are the context, the next S 
   capacity, evicting as it fills), then score the S tokens in one step: making room for them leaves exactly
   C/f context tokens, so the scored tokens see as many context tokens as under kvpress.
 Kept-token counts are recorded for both. kvpress keeps C/f tokens per layer and KV head (each head chooses);
-kvbound keeps C/f tokens for all layers and heads alike (one choice per token) and re-assigns positions.
+kvbound keeps C/f tokens for all layers and heads alike (one choice per token; `compactor` chooses per layer and KV
+head) and re-assigns positions.
 
     python -m benchmarks.compression [--quick] [--context 3584] [--scored 512]
 """
@@ -26,10 +27,10 @@ from benchmarks import common
 
 SUITE = "kvpress"
 FRACTIONS = (2, 4, 8)
-KVBOUND_POLICIES = ("window", "h2o", "snapkv", "tova", "keydiff")
+KVBOUND_POLICIES = ("window", "h2o", "snapkv", "tova", "keydiff", "compactor")
 # kvbound policy ↔ the kvpress press built on the same idea (None: no counterpart in the other engine)
 PAIRS = [("window", "StreamingLLMPress"), ("snapkv", "SnapKVPress"), ("tova", "TOVAPress"),
-         ("keydiff", "KeyDiffPress"), ("h2o", None),
+         ("keydiff", "KeyDiffPress"), ("compactor", "CompactorPress"), ("h2o", None),
          (None, "KnormPress"), (None, "ExpectedAttentionPress")]
 PEER = common.BENCH / "peers" / "kvpress_ppl.py"
 

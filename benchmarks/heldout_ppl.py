@@ -17,7 +17,7 @@ from benchmarks import common
 
 SUITE = "heldout_ppl"
 TEXT = "texts/sensesensibility.txt"
-POLICIES = ("window", "h2o", "snapkv", "tova", "keydiff")
+POLICIES = ("window", "h2o", "snapkv", "tova", "keydiff", "compactor")
 FRACTION = 4
 TARGET_PCT = 2.0  # issue 16: 1/4 KV within 2% of the full cache's perplexity
 

@@ -10,7 +10,7 @@ Peer: NVIDIA kvpress on the same token ids, each press compressing the context b
 (compression_ratio 1 - 1/f; benchmarks/peers/kvpress_passkey.py in its own venv). `--peers-only` adds its rows to
 the saved results instead of running kvbound again.
 
-    python -m benchmarks.passkey_after [--max-tokens 4000] [--policies window h2o snapkv tova keydiff] [--peers-only]
+    python -m benchmarks.passkey_after [--max-tokens 4000] [--policies window h2o snapkv tova keydiff compactor] [--peers-only]
     python -m benchmarks.passkey_after --cases austen --max-tokens 4200   # book text as filler: harder
 
 `--cases austen` hides the key in Sense and Sensibility instead of the repeated "The grass is green" filler: every
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="prompts up to 2,000 tokens")
     parser.add_argument("--max-tokens", type=int, default=4000)
-    parser.add_argument("--policies", nargs="+", default=["window", "h2o", "snapkv", "tova", "keydiff"])
+    parser.add_argument("--policies", nargs="+", default=["window", "h2o", "snapkv", "tova", "keydiff", "compactor"])
     parser.add_argument("--cases", choices=sorted(CASES), default="classic",
                         help="the case set: classic filler, or austen (book text as filler; results passkey_austen)")
     parser.add_argument("--reuse-peers", action="store_true",

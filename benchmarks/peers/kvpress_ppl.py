@@ -21,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks import common  # noqa: E402
 
-PRESSES = ("StreamingLLMPress", "SnapKVPress", "TOVAPress", "KeyDiffPress", "KnormPress", "ExpectedAttentionPress")
+PRESSES = ("StreamingLLMPress", "SnapKVPress", "TOVAPress", "KeyDiffPress", "CompactorPress", "KnormPress",
+           "ExpectedAttentionPress")
 
 
 def main() -> int:

@@ -57,7 +57,8 @@ def test_restored_chat_continues_identically(llm, dtype):
 
 
 @pytest.mark.parametrize("policy,dtype", [("window", "fp32"), ("h2o", "int8"), ("turns+h2o", "int4"),
-                                          ("turns+snapkv", "fp32"), ("tova", "int4")])
+                                          ("turns+snapkv", "fp32"), ("tova", "int4"), ("compactor", "int8"),
+                                          ("turns+compactor", "fp32")])
 def test_restore_after_evictions_continues_identically(llm, policy, dtype):
     """Scores, positions after compaction and the evicted count come back: later evictions pick the same victims."""
     original = llm.chat(system="be brief", tokens=160, dtype=dtype, policy=policy)
@@ -66,6 +67,9 @@ def test_restore_after_evictions_continues_identically(llm, policy, dtype):
     assert original.cache.evicted_total > 0
     restored = Chat.from_state(llm, round_trip(original.export_state()))
     assert torch.equal(restored.cache.view().scores, original.cache.view().scores)
+    if original.cache.policy.scores_writes:  # per-head scores, NaN for decoded tokens
+        heads = [c.cache.view().head_scores.nan_to_num(-1.0) for c in (original, restored)]
+        assert torch.equal(*heads)
     evicted = original.cache.evicted_total
     assert_same_replies(original, restored, messages(8, seed=3))
     assert restored.cache.evicted_total == original.cache.evicted_total > evicted, "evictions after the restore"
