@@ -235,7 +235,8 @@ def test_each_head_drops_its_own_lowest_of_each_segment(name, count):
     for layer in range(2):
         for head in range(2):
             slots = kept[layer, head].tolist()
-            assert slots == sorted(slots) and not (set(range(S)) - set(slots)) & set(pinned().nonzero().flatten().tolist())
+            assert slots == sorted(slots)
+            assert not (set(range(S)) - set(slots)) & set(pinned().nonzero().flatten().tolist()), "a pin was dropped"
             assert torch.equal(SEGMENTS[kept[layer, head]], SEGMENTS[~evicted])  # segments line up slot by slot
             for segment in SEGMENTS[evicted].unique().tolist():
                 members = [i for i in range(S) if SEGMENTS[i] == segment and not pinned()[i]]

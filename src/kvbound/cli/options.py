@@ -170,8 +170,9 @@ class CacheOptions:
         rich_help_panel="KV cache")] = KVDtype.auto
     policy: Annotated[str, typer.Option(
         "--policy", help="What happens when the budget is full: none (refuse), window, h2o, snapkv, tova, keydiff, "
-                         "turns, turns+h2o, turns+snapkv, turns+tova, turns+keydiff, summarize. For a chat start "
-                         "with turns+keydiff (whole oldest turns first, the most distinctive keys kept inside one).",
+                         "compactor, turns, turns+h2o, turns+snapkv, turns+tova, turns+keydiff, turns+compactor, "
+                         "summarize. For a chat start with turns+keydiff (whole oldest turns first, the most "
+                         "distinctive keys kept inside one).",
         rich_help_panel="KV cache")] = "none"
 
     def cache_config(self) -> CacheConfig:

@@ -178,7 +178,7 @@ class Sequence:
             raise KVBudgetExceeded(
                 f"the KV budget holds {self.capacity} tokens ({format_bytes(self.spec.bytes_for(self.capacity))}); "
                 f"{self.n} are held and this step needs {needed} more; {why}. Raise --kv-budget, choose an "
-                "evicting --policy (window, h2o, snapkv, tova, keydiff, turns) or send a shorter message",
+                "evicting --policy (window, h2o, snapkv, tova, keydiff, compactor, turns) or send a shorter message",
                 needed=self.n + needed, available=self.capacity)
         target = min(evictable, max(needed, int(self.capacity * self.evict_fraction)))
         victims = policy.select(view, target)

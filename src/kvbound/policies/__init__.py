@@ -8,7 +8,8 @@ from dataclasses import fields, is_dataclass
 from typing import Any
 
 from kvbound.policies.base import Policy, register, registry
-from kvbound.policies import compactor, h2o, keydiff, snapkv, tova, turns, window  # noqa: F401  (they register themselves)
+# the policy modules register themselves on import
+from kvbound.policies import compactor, h2o, keydiff, snapkv, tova, turns, window  # noqa: F401
 
 
 def make_policy(name: str, **options: Any) -> Policy:
