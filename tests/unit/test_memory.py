@@ -16,6 +16,8 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+import kvbound
+
 from kvbound.config import CacheConfig, ModelConfig
 from kvbound.errors import MemoryBudgetExceeded
 from kvbound.kvcache.factory import build_cache
@@ -362,6 +364,29 @@ def test_cli_table_and_budget_inverse(tiny_gguf) -> None:
     assert "total peak" in result.output and "turns that fit" in result.output
     bad = run_estimate(str(tiny_gguf), "--kv-dtype", "int3")
     assert isinstance(bad.exception, ValueError) and "--kv-dtype" in str(bad.exception)
+
+
+def test_cli_counts_what_the_policy_and_recall_add(tiny_gguf) -> None:
+    """--policy and --recall: an evicting policy with recall adds an archive per session; compactor adds its
+    per-layer, per-head scores to the cache metadata, as the cache it builds holds them."""
+    def run(*extra: str) -> dict:
+        result = run_estimate(str(tiny_gguf), "--kv-budget", "1MiB", "--sessions", "2", "--json", "--device", "cpu",
+                              *extra)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    none, keydiff, compactor = run(), run("--policy", "turns+keydiff"), run("--policy", "compactor")
+    off = run("--policy", "turns+keydiff", "--recall", "off")
+    assert none["archive_bytes"] == off["archive_bytes"] == 0 < keydiff["archive_bytes"] == compactor["archive_bytes"]
+    assert keydiff["total_peak_bytes"] - off["total_peak_bytes"] == keydiff["archive_bytes"]
+    cache = kvbound.load(tiny_gguf, dtype="fp32").new_cache(CacheConfig(budget="1MiB", policy="compactor"))
+    assert compactor["cache_metadata_bytes"] == 2 * cache.metadata_bytes
+    per_token = {name: r["cache_metadata_bytes"] / r["capacity_tokens"] for name, r in
+                 (("keydiff", keydiff), ("compactor", compactor))}
+    assert per_token["compactor"] > per_token["keydiff"]  # 4 bytes per token per layer and KV head more
+    bad = run_estimate(str(tiny_gguf), "--policy", "bogus")
+    assert isinstance(bad.exception, ValueError) and "unknown policy" in str(bad.exception)
+    assert isinstance(run_estimate(str(tiny_gguf), "--recall", "maybe").exception, ValueError)
 
 
 def test_loading_drops_each_source_tensor_once_it_is_adopted() -> None:

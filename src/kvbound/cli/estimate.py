@@ -40,6 +40,13 @@ def estimate_command(
     ] = "auto",
     device: Annotated[str, typer.Option(
         "--device", help="Device to predict for: auto, cpu or cuda (a GPU need not be present).")] = "auto",
+    policy: Annotated[str, typer.Option(
+        "--policy", help="The eviction policy the sessions run (as for chat/serve): an evicting one keeps the KV "
+                         "full and, with recall, an archive of evicted text; compactor adds per-head scores.")
+    ] = "none",
+    recall: Annotated[str, typer.Option(
+        "--recall", help="auto (an archive per session when the policy evicts), on, or off (no recall, or "
+                         "archives kept in a server's --data-dir store).")] = "auto",
     model_flag: ModelFlag = None,
 ) -> None:
     """Predict memory before loading: weights, KV (per token, at the context), activations, baseline, total."""
@@ -51,7 +58,8 @@ def estimate_command(
     if turn_tokens is not None and memory_budget is None:
         raise ValueError("--turn-tokens counts the turns that fit a --memory-budget; give one")
     result = estimate(model, context=context, kv_dtype=kv_dtype, kv_budget=kv_budget, chunk=chunk, sessions=sessions,
-                      dtype=dtype, device=device, memory_budget=memory_budget, weights=weights)
+                      dtype=dtype, device=device, memory_budget=memory_budget, weights=weights, policy=policy,
+                      recall=recall)
     turns = result.turns_that_fit(memory_budget, turn_tokens) if turn_tokens is not None else None
     out = Console(soft_wrap=True, highlight=False)
     if json_out:
@@ -77,9 +85,9 @@ def _table(result, turns: int | None) -> Table:
             f"{count} {kind}" for kind, count in sorted(r.weights_storage.items()))),
         ("KV per token", format_bytes(r.kv_bytes_per_token), r.kv_dtype),
         ("KV cache", format_bytes(r.kv_bytes), f"{r.capacity_tokens:,} tokens{each}, when full"),
-        ("cache metadata", format_bytes(r.cache_metadata_bytes), "positions, segments, scores"),
+        ("cache metadata", format_bytes(r.cache_metadata_bytes), "positions, segments, scores (per head: compactor)"),
         ("workspace", format_bytes(r.workspace_bytes), "dequantize scratch"),
-        ("recall archive", format_bytes(r.archive_bytes), "evicted turns' text, full (recall on)"),
+        ("recall archive", format_bytes(r.archive_bytes), "evicted turns' text, full (recall on, evicting policy)"),
         ("activations", format_bytes(r.activation_peak_bytes), f"{r.chunk}-token prefill chunk"),
         ("baseline", format_bytes(r.baseline_bytes), "runtime + tokenizer"),
         ("loading", format_bytes(r.loader_bytes), "metadata + conversion, until loaded"),

@@ -55,7 +55,7 @@ DEVICE_TYPES = ("cpu", "cuda")
 
 # A full recall archive in process (chat/archive.py) under its default 1 MiB cap of text: its SQLite pages (text,
 # index, reused free pages): 3.52 MiB after 100,000 archived turns (benchmarks/archive.py's procedure). Sessions
-# whose archive a SessionStore keeps hold next to none of it in process; the estimate counts every session's.
+# whose archive a SessionStore keeps hold next to none of it in process: estimate them with recall="off".
 ARCHIVE_BYTES = 15 << 18  # 3.75 MiB
 
 @dataclass
@@ -107,17 +107,21 @@ class Estimate:
 def estimate(model: str | Path | ModelConfig | Any | None = None, context: int | None = None, kv_dtype: str = "auto",
              kv_budget: int | str | None = None, chunk: int = DEFAULT_CHUNK, sessions: int = 1, dtype: str = "auto",
              device: str = "cpu", memory_budget: int | str | None = None, policy: str = "none",
-             weights: str = "auto") -> Estimate:
+             weights: str = "auto", recall: str = "auto") -> Estimate:
     """Predict the memory of running `model` (a path or known name, an opened Checkpoint, or a ModelConfig).
 
     `context` (default: the model's limit) is the tokens each session holds, prefilled in `chunk`-token steps.
     `kv_budget` sizes each session's cache in bytes instead (an evicting `policy` then keeps it full).
     `memory_budget` (the whole process) sets max_context_tokens to the longest context that fits it.
     `weights` is the storage mode `load()` takes; the bytes are what that storage allocates (models/weights.py).
+    `recall` ("auto", "on", "off"): whether each session keeps a recall archive in process (it fills only when the
+    policy evicts; "off" for sessions without recall or whose archive a SessionStore keeps in its file).
     """
+    if recall not in ("auto", "on", "off"):
+        raise ValueError(f"recall must be auto, on or off, got {recall!r}")
     source = _source(model)
     inputs = dict(source=source, kv_dtype=kv_dtype, kv_budget=kv_budget, chunk=chunk, sessions=sessions,
-                  dtype=dtype, device=device, policy=policy, weights=weights)
+                  dtype=dtype, device=device, policy=policy, weights=weights, recall=recall)
     result = _estimate(context=context, **inputs)
     longest = result.capacity_tokens if kv_budget is not None else source.config.max_context
     if memory_budget is not None:
@@ -174,7 +178,8 @@ def _device_type(device: str | torch.device) -> str:
 
 
 def _estimate(context: int | None, source: _Source, kv_dtype: str, kv_budget: int | str | None, chunk: int,
-              sessions: int, dtype: str, device: str, policy: str, weights: str = "auto") -> Estimate:
+              sessions: int, dtype: str, device: str, policy: str, weights: str = "auto", recall: str = "auto"
+              ) -> Estimate:
     config = source.config
     device = _device_type(device)
     plan = plan_weights(config, source.file_types, weights, dtype, device)
@@ -194,7 +199,7 @@ def _estimate(context: int | None, source: _Source, kv_dtype: str, kv_budget: in
     metadata = cache.metadata_bytes
     # Every read of a quantized cache dequantizes into the pool's scratch, allocated on first use and kept.
     workspace = scratch_bytes(spec, pool.num_blocks) if spec.quantized else 0
-    archive = ARCHIVE_BYTES if cache.policy.evicts else 0  # recall's default: on when the policy evicts
+    archive = ARCHIVE_BYTES if cache.policy.evicts and recall != "off" else 0  # only what evicts fills one
     held = min(context, cache.capacity)
     chunk = prefill_chunk(chunk, cache.capacity, cache.policy.evicts)  # the step the chat will use
     activation = activation_peak(config, spec, min(chunk, held), held, device, cache.policy.needs_attention)
