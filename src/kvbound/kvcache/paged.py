@@ -142,8 +142,8 @@ class PagedCache(KVCache):
             storage.write_float(pool, layer, step.new_slots, k[0], v[0])
         if step.count == 1 and step.mask is None and (out := decode.attend_native(self, layer, q, end)) is not None:
             return out
-        if self.policy.scores_writes and step.count > 1:
-            self._ingest(layer, q[0], k[0], v[0])
+        if self.policy.scores_writes and step.count > 1:  # a policy that scores tokens as they are written
+            self.seq.ingest(layer, q[0], k[0], v[0])
         keys, values = self._read(layer, end, step.run)
         keys, values = keys.unsqueeze(0), values.unsqueeze(0)  # (1, n_kv, S, D)
         if self.policy.needs_attention:
@@ -173,13 +173,6 @@ class PagedCache(KVCache):
         if mask is not None:
             logits = logits.masked_fill(~mask.repeat(H // n_kv, 1)[None], float("-inf"))
         self.observe(layer, logits)
-
-    def _ingest(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """The step's new tokens, for a policy that scores each token as it is written: its keys go with and
-        without RoPE (rotated back by their positions)."""
-        step = self.step
-        cos, sin = rope_cos_sin(self.seq.positions[step.start:step.start + step.count], self.inv_freq, torch.float32)
-        self.seq.ingest(layer, q, k, apply_rope(k.float(), cos, -sin), v)
 
     def observe(self, layer: int, logits: torch.Tensor) -> None:
         """Hand the sequence the softmax of scaled logits (n_kv, queries, S), averaged over heads and queries."""

@@ -156,12 +156,12 @@ class Sequence:
         S = attn.numel()
         self.scores[:S] = self.policy.observe(self.scores[:S], attn, layer, step_tokens)
 
-    def ingest(self, layer: int, q: torch.Tensor, k: torch.Tensor, k_plain: torch.Tensor, v: torch.Tensor) -> None:
-        """One layer's q (H, T, D) and k / k_plain / v (n_kv, T, D) of the step's T new tokens (appended, not yet
+    def ingest(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """One layer's q (H, T, D) and k / v (n_kv, T, D) of the step's T new tokens (appended, not yet
         committed): the policy scores them, per head. Single-token steps (decode, often on a native kernel that
         never hands over q/k/v) are not scored: their NaN reads as the held tokens' mean."""
         T = k.shape[1]
-        self.head_scores[layer, :, self.n:self.n + T] = self.policy.ingest(q, k, k_plain, v)
+        self.head_scores[layer, :, self.n:self.n + T] = self.policy.ingest(q, k, v)
 
     # -- eviction ----------------------------------------------------------------------------------------------------
     def choose_eviction(self, needed: int, key_layers: Callable[[], Iterator[torch.Tensor]] | None = None

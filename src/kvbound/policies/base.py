@@ -49,9 +49,9 @@ class Policy:
         """(n,) float: how much each held token is worth keeping. Default: age (oldest lowest)."""
         return torch.arange(view.n, dtype=torch.float32, device=view.positions.device)
 
-    def ingest(self, q: torch.Tensor, k: torch.Tensor, k_plain: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """(n_kv, T): one layer's scores of a step's T new tokens, from their q (H, T, D) and keys after / before
-        RoPE and values (n_kv, T, D); the sequence keeps them per layer and head (view.head_scores)."""
+    def ingest(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(n_kv, T): one layer's scores of a step's T new tokens, from their q (H, T, D), keys (RoPE applied) and
+        values (n_kv, T, D); the sequence keeps them per layer and head (view.head_scores)."""
         raise NotImplementedError(f"policy '{self.name}' does not score tokens as they are written")
 
     def score_heads(self, view: "SequenceView") -> torch.Tensor:

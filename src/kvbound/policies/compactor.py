@@ -38,7 +38,7 @@ class CompactorPolicy(Policy):
     recent_tokens: int = 32
     sink_tokens: int = 8
 
-    def ingest(self, q, k, k_plain, v):
+    def ingest(self, q, k, v):
         return tile_attention(q, k, v, self.tile)
 
     def score_heads(self, view):

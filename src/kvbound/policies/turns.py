@@ -27,8 +27,8 @@ class TurnsPolicy(Policy):
         self.per_head = self.inner.per_head
         self.scores_writes = self.inner.scores_writes
 
-    def ingest(self, q, k, k_plain, v) -> torch.Tensor:
-        return self.inner.ingest(q, k, k_plain, v)
+    def ingest(self, q, k, v) -> torch.Tensor:
+        return self.inner.ingest(q, k, v)
 
     def score_heads(self, view) -> torch.Tensor:
         return self.inner.score_heads(view)  # heads choose inside a segment; `score` chose the segments
