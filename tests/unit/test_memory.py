@@ -17,7 +17,6 @@ import typer
 from typer.testing import CliRunner
 
 import kvbound
-
 from kvbound.config import CacheConfig, ModelConfig
 from kvbound.errors import MemoryBudgetExceeded
 from kvbound.kvcache.factory import build_cache

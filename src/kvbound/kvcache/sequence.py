@@ -219,9 +219,9 @@ class Sequence:
             held_scores = self.head_scores[..., :held]
             self.head_scores[..., :K] = (held_scores[..., keep] if heads is None else
                                          held_scores.gather(-1, heads)).clone()
-        self.positions[:K] = slots if heads is not None else new
+        self.positions[:K] = new  # per head too: a per-head compaction repositions, so `new` is 0..K-1
         self.n = K
-        self.next_position = int(self.positions[K - 1]) + 1 if K else 0
+        self.next_position = int(new[-1]) + 1 if K else 0
         return Compaction(keep, first, (new - old)[..., first:], held, heads)
 
     def forget(self, tokens: int) -> None:

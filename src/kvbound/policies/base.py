@@ -72,8 +72,9 @@ class Policy:
         L, H, n = scores.shape
         kept = (~evicted).expand(L, H, n).clone()
         for segment in torch.unique(view.segments[evicted]).tolist():
-            candidates = ((view.segments == segment) & ~view.pinned).nonzero().flatten()
-            count = int((evicted & (view.segments == segment)).sum())
+            members = view.segments == segment
+            candidates = (members & ~view.pinned).nonzero().flatten()
+            count = int((evicted & members).sum())
             lowest = torch.topk(scores[:, :, candidates], count, dim=-1, largest=False).indices
             chosen = torch.ones(L, H, candidates.numel(), dtype=torch.bool, device=kept.device)
             chosen.scatter_(-1, lowest, False)
@@ -83,10 +84,11 @@ class Policy:
 
 
 def protect(scores: torch.Tensor, recent: int = 0, sinks: int = 0) -> torch.Tensor:
-    """A copy of `scores` that keeps the newest `recent` tokens (H2O/SnapKV/TOVA keep a local window) and the
-    first `sinks` tokens (StreamingLLM's attention sinks) whatever their score."""
+    """A copy of `scores` (tokens on the last dim: (n,), or (L, n_kv, n) per head) that keeps the newest `recent`
+    tokens (H2O/SnapKV/TOVA keep a local window) and the first `sinks` tokens (StreamingLLM's attention sinks)
+    whatever their score."""
     scores = scores.clone()
     if recent > 0:
-        scores[-recent:] = float("inf")
-    scores[:sinks] = float("inf")
+        scores[..., -recent:] = float("inf")
+    scores[..., :sinks] = float("inf")
     return scores

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvbound.policies.base import Policy, register
+from kvbound.policies.base import Policy, protect, register
 
 
 @register
@@ -45,11 +45,7 @@ class CompactorPolicy(Policy):
         def compute() -> torch.Tensor:
             rows = [self.blending * _zscore(leverage(keys)) + _zscore(_unscored_as_mean(received))
                     for keys, received in zip(view.key_layers(plain=True), view.head_scores)]
-            scores = torch.stack(rows)  # (L, n_kv, n)
-            if self.recent_tokens > 0:
-                scores[..., -self.recent_tokens:] = float("inf")
-            scores[..., : self.sink_tokens] = float("inf")
-            return scores
+            return protect(torch.stack(rows), self.recent_tokens, self.sink_tokens)  # (L, n_kv, n)
         return view.memo("compactor", compute)  # `score` and the heads' choice read it once per eviction
 
     def score(self, view):
