@@ -31,7 +31,8 @@ from benchmarks import common
 SUITE = "passkey_after"
 QUESTION = "What is the pass key?"
 FRACTIONS = (4, 8)
-CASES = {"classic": "passkey/dev-classic.jsonl", "austen": "passkey/dev-austen.jsonl"}
+CASES = {"classic": "passkey/dev-classic.jsonl", "austen": "passkey/dev-austen.jsonl",
+         "heldout": "passkey/heldout-austen.jsonl"}
 PEER = common.BENCH / "peers" / "kvpress_passkey.py"
 
 
@@ -224,7 +225,7 @@ def headlines(result: dict[str, Any]) -> list[str]:
         on = [sum(_hits(rows, policy, f, True)) for f in result["fractions"]]
         if any(r.get("recall") for r in rows):
             recalled.append(f"{policy} {' / '.join(map(str, on))}")
-    filler = " (Austen filler)" if result.get("case_set") == "austen" else ""
+    filler = {"austen": " (Austen filler)", "heldout": " (held-out Austen cases)"}.get(result.get("case_set"), "")
     lines = [f"Passkey{filler} with the question after compression, KV at 1/4 / 1/8 of the prompt, {result['cases']} cases "
              f"(full cache {full}): " + ", ".join(parts) + "."]
     if recalled:
@@ -246,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=4000)
     parser.add_argument("--policies", nargs="+", default=["window", "h2o", "snapkv", "tova", "keydiff", "compactor"])
     parser.add_argument("--cases", choices=sorted(CASES), default="classic",
-                        help="the case set: classic filler, or austen (book text as filler; results passkey_austen)")
+                        help="the case set: classic filler, austen (Sense and Sensibility as filler; results "
+                             "passkey_austen) or heldout (30 cases in Pride and Prejudice, benchmarks/make_passkey.py; "
+                             "results passkey_heldout)")
     parser.add_argument("--reuse-peers", action="store_true",
                         help="keep the saved kvpress rows (same cases) instead of running kvpress again")
     parser.add_argument("--peers-only", action="store_true",

@@ -315,3 +315,25 @@ def test_per_head_eviction_keeps_each_heads_own_tokens(llm, dtype):
             kept = heads[layer, head]
             assert torch.allclose(keys_after[layer][head, :K], keys_before[layer][head, kept], atol=1e-4 + tol * 10)
             assert torch.allclose(values_after[layer][head], values_before[layer][head, kept], atol=1e-6 + tol)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_key_moments_count_every_key_written_before_rope(llm, dtype):
+    """`compactor`'s key moments: fed in uneven chunks, they are the mean and covariance of the keys before RoPE
+    (the held keys rotated back, while nothing is evicted; as written, not as quantized); after evictions they
+    still count every token written, not only the held ones."""
+    cache = llm.new_cache(CacheConfig(tokens=256, dtype=dtype, policy="compactor"))
+    feed(llm, cache, random_ids(150, seed=8), chunk=37)
+    with torch.inference_mode():
+        keys = [k.clone() for k in cache._key_layers(plain=True)]
+    moments = cache.seq.key_moments
+    tol = 1e-4 if dtype == "fp32" else 0.05
+    for layer, held in enumerate(keys):
+        mean, cov = moments.layer(layer)
+        assert int(moments.count[layer]) == 150
+        assert torch.allclose(mean, held.mean(1), atol=tol)
+        centred = held - held.mean(1, keepdim=True)
+        assert torch.allclose(cov, centred.transpose(1, 2) @ centred / 150, atol=tol * 10)
+    feed(llm, cache, random_ids(200, seed=9), chunk=50)
+    assert cache.evicted_total > 0 and cache.num_tokens < 350
+    assert int(moments.count[0]) == 350 == int(moments.count[-1])

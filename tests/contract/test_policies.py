@@ -245,3 +245,40 @@ def test_each_head_drops_its_own_lowest_of_each_segment(name, count):
                 assert dropped == sorted(worst), f"{name} layer {layer} head {head} segment {segment}"
     differs = {tuple(kept[layer, head].tolist()) for layer in range(2) for head in range(2)}
     assert len(differs) > 1, "every head kept the same tokens: the choice is not per head"
+
+
+def test_compactor_judges_keys_against_every_key_written():
+    """With key moments (every key the sequence wrote, evicted ones too), a key's leverage is measured against
+    their mean and covariance, not the held keys': once the text was full of keys like the held outliers, those
+    are typical and go first."""
+    from kvbound.kvcache.moments import KeyMoments
+
+    gen = torch.Generator().manual_seed(3)
+    moments = KeyMoments.zeros(2, 2, 8)
+    written = []
+    for layer, keys in enumerate(KEYS):
+        evicted = keys[:, [11, 14, 19, 22]].repeat(1, 30, 1) + 0.1 * torch.randn(2, 120, 8, generator=gen)
+        everything = torch.cat([keys, evicted], dim=1)
+        moments.add(layer, everything)
+        written.append(everything)
+    policy = make_policy("compactor", **OPTIONS)
+    view = observed(policy)
+    view = SequenceView(view.positions, view.segments, view.scores, view.pinned, view.key_layers, view.head_scores,
+                        moments)
+
+    def z(x):
+        return (x - x.mean()) / x.std()
+    rows = []
+    for keys, every, received in zip(KEYS, written, RECEIVED):
+        lev = torch.empty(keys.shape[:2])
+        for h in range(2):
+            mean, cov = every[h].mean(0), torch.cov(every[h].T, correction=0)
+            x = keys[h] - mean
+            lev[h] = (x * torch.linalg.solve(cov + 0.01 * cov.diag().mean() * torch.eye(8), x.T).T).sum(-1)
+        filled = torch.where(received.isnan(), received.nanmean(-1, keepdim=True), received)
+        rows.append(0.75 * z(lev.clamp_min(0)) + z(filled))
+    heads = keep_window(torch.stack(rows).permute(2, 0, 1), RECENT).permute(1, 2, 0)
+    assert torch.allclose(policy.score_heads(view), heads, atol=1e-4)
+    chosen = set(policy.select(view, 9).tolist())
+    assert chosen == lowest(heads.mean(dim=(0, 1)), 9)
+    assert chosen != ref_compactor(9), "the moments changed nothing"

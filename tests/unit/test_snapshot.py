@@ -70,6 +70,10 @@ def test_restore_after_evictions_continues_identically(llm, policy, dtype):
     if original.cache.policy.scores_writes:  # per-head scores, NaN for decoded tokens
         heads = [c.cache.view().head_scores.nan_to_num(-1.0) for c in (original, restored)]
         assert torch.equal(*heads)
+    if original.cache.policy.key_moments:  # the mean and covariance of every key written, evicted ones too
+        moments = [c.cache.view().key_moments for c in (original, restored)]
+        assert int(moments[0].count[0]) > 0
+        assert all(torch.equal(getattr(moments[0], t), getattr(moments[1], t)) for t in ("count", "mean", "scatter"))
     evicted = original.cache.evicted_total
     assert_same_replies(original, restored, messages(8, seed=3))
     assert restored.cache.evicted_total == original.cache.evicted_total > evicted, "evictions after the restore"

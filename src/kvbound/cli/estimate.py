@@ -85,7 +85,7 @@ def _table(result, turns: int | None) -> Table:
             f"{count} {kind}" for kind, count in sorted(r.weights_storage.items()))),
         ("KV per token", format_bytes(r.kv_bytes_per_token), r.kv_dtype),
         ("KV cache", format_bytes(r.kv_bytes), f"{r.capacity_tokens:,} tokens{each}, when full"),
-        ("cache metadata", format_bytes(r.cache_metadata_bytes), "positions, segments, scores (per head: compactor)"),
+        ("cache metadata", format_bytes(r.cache_metadata_bytes), "positions, segments, scores (compactor: per head, and key moments)"),
         ("workspace", format_bytes(r.workspace_bytes), "dequantize scratch"),
         ("recall archive", format_bytes(r.archive_bytes), "evicted turns' text, full (recall on, evicting policy)"),
         ("activations", format_bytes(r.activation_peak_bytes), f"{r.chunk}-token prefill chunk"),

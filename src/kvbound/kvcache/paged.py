@@ -40,6 +40,7 @@ class Step:
     new_slots: torch.Tensor | None
     blocks: torch.Tensor
     run: bool
+    unrotate: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, -sin of the new tokens: their keys before RoPE
 
 
 class PagedCache(KVCache):
@@ -128,8 +129,12 @@ class PagedCache(KVCache):
         held = (start + T) // B if self.spec.quantized else -(-(start + T) // B)
         new_slots = None if self.spec.quantized else torch.tensor(
             [table[i // B] * B + i % B for i in range(start, start + T)], dtype=torch.long, device=dev)
+        unrotate = None
+        if self.policy.key_moments and T > 1:
+            cos, sin = rope_cos_sin(positions, self.inv_freq, torch.float32)
+            unrotate = cos, -sin
         self.step = Step(start, T, mask, new_slots, torch.tensor(table[:held], dtype=torch.long, device=dev),
-                          storage.consecutive(table))
+                          storage.consecutive(table), unrotate)
         return positions
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -142,8 +147,9 @@ class PagedCache(KVCache):
             storage.write_float(pool, layer, step.new_slots, k[0], v[0])
         if step.count == 1 and step.mask is None and (out := decode.attend_native(self, layer, q, end)) is not None:
             return out
-        if self.policy.scores_writes and step.count > 1:  # a policy that scores tokens as they are written
-            self.seq.ingest(layer, q[0], k[0], v[0])
+        if (self.policy.scores_writes or step.unrotate is not None) and step.count > 1:
+            plain = apply_rope(k[0].float(), *step.unrotate) if step.unrotate is not None else None
+            self.seq.ingest(layer, q[0], k[0], v[0], plain)  # a policy that scores tokens as they are written
         keys, values = self._read(layer, end, step.run)
         keys, values = keys.unsqueeze(0), values.unsqueeze(0)  # (1, n_kv, S, D)
         if self.policy.needs_attention:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvbound.errors import KVBudgetExceeded
+from kvbound.kvcache.moments import KeyMoments
 from kvbound.kvcache.spec import KVSpec, format_bytes
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class SequenceView:
     # For policies that score keys (needs_keys): each layer's held keys in turn, (n_kv, n, D) float, post-RoPE.
     key_layers: Callable[[], Iterator[torch.Tensor]] | None = None
     head_scores: torch.Tensor | None = None  # (L, n_kv, n): what `ingest` scored; NaN: a token no step scored
+    key_moments: KeyMoments | None = None  # every key written in a multi-token step, before RoPE (key_moments)
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def memo(self, key: str, compute: Callable[[], Any]) -> Any:
@@ -82,6 +84,8 @@ class Sequence:
         self.scores = torch.zeros(capacity, dtype=torch.float32, device=device)
         self.head_scores = torch.zeros(spec.num_layers, spec.num_kv_heads, capacity, dtype=torch.float32,
                                        device=device) if policy.scores_writes else None
+        self.key_moments = KeyMoments.zeros(spec.num_layers, spec.num_kv_heads, spec.head_dim, device) \
+            if policy.key_moments else None
         self.pinned_segments: set[int] = set()
         self.segment = UNLABELED
         self.next_position = 0
@@ -101,7 +105,8 @@ class Sequence:
 
     @property
     def metadata_bytes(self) -> int:
-        return sum(t.nbytes for t in (self.positions, self.segments, self.scores, self.head_scores) if t is not None)
+        tensors = sum(t.nbytes for t in (self.positions, self.segments, self.scores, self.head_scores) if t is not None)
+        return tensors + (self.key_moments.nbytes if self.key_moments is not None else 0)
 
     def receipt(self) -> Receipt:
         """Return the receipt since the last call and start a new one."""
@@ -127,7 +132,7 @@ class Sequence:
         n = self.n
         heads = None if self.head_scores is None else self.head_scores[..., :n]
         return SequenceView(self.positions[:n], self.segments[:n], self.scores[:n], self.pinned_mask(), key_layers,
-                            heads)
+                            heads, self.key_moments)
 
     # -- steps ----------------------------------------------------------------------------------------------------
     def append(self, num_tokens: int) -> torch.Tensor:
@@ -156,12 +161,17 @@ class Sequence:
         S = attn.numel()
         self.scores[:S] = self.policy.observe(self.scores[:S], attn, layer, step_tokens)
 
-    def ingest(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def ingest(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               plain: torch.Tensor | None = None) -> None:
         """One layer's q (H, T, D) and k / v (n_kv, T, D) of the step's T new tokens (appended, not yet
-        committed): the policy scores them, per head. Single-token steps (decode, often on a native kernel that
-        never hands over q/k/v) are not scored: their NaN reads as the held tokens' mean."""
+        committed), and `plain`, the keys before RoPE: the policy scores them per head, and the key moments take
+        them in. Single-token steps (decode, often on a native kernel that never hands over q/k/v) are neither
+        scored (their NaN reads as the held tokens' mean) nor counted in the moments."""
         T = k.shape[1]
-        self.head_scores[layer, :, self.n:self.n + T] = self.policy.ingest(q, k, v)
+        if self.head_scores is not None:
+            self.head_scores[layer, :, self.n:self.n + T] = self.policy.ingest(q, k, v)
+        if self.key_moments is not None and plain is not None:
+            self.key_moments.add(layer, plain)
 
     # -- eviction ----------------------------------------------------------------------------------------------------
     def choose_eviction(self, needed: int, key_layers: Callable[[], Iterator[torch.Tensor]] | None = None
@@ -239,6 +249,7 @@ class Sequence:
             "segments": self.segments[:n].to("cpu", torch.int32),
             "scores": self.scores[:n].to("cpu", copy=True),
             **({} if self.head_scores is None else {"head_scores": self.head_scores[..., :n].to("cpu", copy=True)}),
+            **({} if self.key_moments is None else {"key_moments": self.key_moments.export()}),
         }
 
     def import_meta(self, state: dict[str, Any]) -> None:
@@ -248,6 +259,8 @@ class Sequence:
         self.scores[:n] = state["scores"].to(dev)
         if self.head_scores is not None and "head_scores" in state:
             self.head_scores[..., :n] = state["head_scores"].to(dev)
+        if self.key_moments is not None and "key_moments" in state:
+            self.key_moments.load(state["key_moments"])
         self.n, self.next_position = n, int(state["next_position"])
         self.evicted_total = int(state["evicted_total"])
         self.segment = int(state["segment"])

@@ -37,6 +37,7 @@ class Policy:
     needs_keys = False  # whether `score` reads the held keys (view.key_layers; read only when evicting)
     per_head = False  # whether each layer and KV head evicts its own tokens (`score_heads`), not all alike
     scores_writes = False  # whether `ingest` scores each multi-token step's new tokens per layer and KV head
+    key_moments = False  # whether the sequence keeps the mean and covariance of every key written (view.key_moments)
     recent_turns = 0  # newest whole turns a chat pins besides the current one (while they leave room)
     summarizes = False  # whether a chat writes a pinned note about the turns this policy evicts
 

@@ -26,6 +26,7 @@ class TurnsPolicy(Policy):
         self.needs_keys = self.inner.needs_keys
         self.per_head = self.inner.per_head
         self.scores_writes = self.inner.scores_writes
+        self.key_moments = self.inner.key_moments
 
     def ingest(self, q, k, v) -> torch.Tensor:
         return self.inner.ingest(q, k, v)

@@ -1,0 +1,79 @@
+"""Passkey cases hidden in a book, in the format of data/passkey/dev-austen.jsonl: the same instruction, a
+contiguous excerpt of the book as filler, "The pass key is N. Remember it. N is the pass key." at a sentence
+boundary near the chosen depth, and the question at the end. The dev file has 9 cases up to 4k tokens, of which the
+full cache finds 6: too few to tell two good policies apart. This makes a larger set from another book, made after
+the policies were chosen on the dev set, so nothing was tuned on it.
+
+Lengths are counted in tokens of the default model's tokenizer (the context, before the question). Deterministic:
+the same book, seed, lengths and depths give the same file.
+
+    python -m benchmarks.make_passkey [--book texts/prideprejudice.txt] [--seed 5] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+from benchmarks import common
+
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz "
+         "you about the important information there.")
+QUESTION = "What is the pass key? The pass key is"
+LENGTHS = (1000, 1600, 2200, 2800, 3400, 4000)
+DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def sentences(text: str) -> list[str]:
+    """The book's sentences, whitespace collapsed (a sentence ends at . ! or ? and a closing quote, if any)."""
+    flat = re.sub(r"\s+", " ", text).strip()
+    return [s for s in re.split(r"(?:(?<=[.!?])|(?<=[.!?]\")) (?=[A-Z\"])", flat) if s]
+
+
+def make_case(book: list[str], count_tokens, rng: random.Random, case_id: int, tokens: int,
+              depth: float) -> dict:
+    """One case: sentences from a random start until the context holds about `tokens` tokens."""
+    start = rng.randrange(len(book) // 2)
+    excerpt: list[str] = []
+    total = count_tokens(INTRO)
+    for sentence in book[start:]:
+        total += count_tokens(" " + sentence)
+        if total > tokens:
+            break
+        excerpt.append(sentence)
+    key = str(rng.randrange(10_000, 100_000))
+    at = round(depth * len(excerpt))
+    filler = excerpt[:at] + [f"The pass key is {key}. Remember it. {key} is the pass key."] + excerpt[at:]
+    return {"id": case_id, "tokens": tokens, "depth": depth,
+            "prompt": " ".join([INTRO, *filler, QUESTION]), "answer": key}
+
+
+def make(book_text: str, count_tokens, seed: int) -> list[dict]:
+    book, rng = sentences(book_text), random.Random(seed)
+    grid = [(tokens, depth) for tokens in LENGTHS for depth in DEPTHS]
+    return [make_case(book, count_tokens, rng, i, tokens, depth) for i, (tokens, depth) in enumerate(grid)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--book", default="texts/prideprejudice.txt", help="a text under data/ (or ../shared/data)")
+    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=common.ROOT / "data" / "passkey" / "heldout-austen.jsonl")
+    args = parser.parse_args(argv)
+    import kvbound
+
+    tokenizer = kvbound.load().tokenizer
+    cases = make(common.data_file(args.book).read_text(encoding="utf-8"), lambda s: len(tokenizer.encode(s)),
+                 args.seed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("".join(json.dumps(case) + "\n" for case in cases))
+    print(f"{len(cases)} cases -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
