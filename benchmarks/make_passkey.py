@@ -36,7 +36,8 @@ def sentences(text: str) -> list[str]:
 
 def make_case(book: list[str], count_tokens, rng: random.Random, case_id: int, tokens: int,
               depth: float) -> dict:
-    """One case: sentences from a random start until the context holds about `tokens` tokens."""
+    """One case: sentences from a random start while they hold at most `tokens` tokens; the key sentence adds
+    its ~25 on top."""
     start = rng.randrange(len(book) // 2)
     excerpt: list[str] = []
     total = count_tokens(INTRO)
@@ -64,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--out", type=Path, default=common.ROOT / "data" / "passkey" / "heldout-austen.jsonl")
     args = parser.parse_args(argv)
-    import kvbound
+    from kvbound.loading import resolve_model
+    from kvbound.tokenizer import Tokenizer
 
-    tokenizer = kvbound.load().tokenizer
+    tokenizer = Tokenizer.from_gguf(resolve_model())
     cases = make(common.data_file(args.book).read_text(encoding="utf-8"), lambda s: len(tokenizer.encode(s)),
                  args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -241,6 +241,15 @@ def headlines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def merge(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`new` (some policies run again, and the full cache) over `saved`: the saved rows of the other policies stay."""
+    if {r["id"] for r in saved["rows"]} != {r["id"] for r in new["rows"]}:
+        raise SystemExit("the saved results hold other cases: run the whole suite")
+    kept = [r for r in saved["rows"] if r["budget"] != "full" and r["policy"] not in new["policies"]]
+    policies = list(dict.fromkeys(saved["policies"] + new["policies"]))
+    return {**new, "rows": new["rows"] + kept, "policies": policies}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="prompts up to 2,000 tokens")
@@ -252,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                              "results passkey_heldout)")
     parser.add_argument("--reuse-peers", action="store_true",
                         help="keep the saved kvpress rows (same cases) instead of running kvpress again")
+    parser.add_argument("--update", action="store_true",
+                        help="run only --policies (and the full cache) again; keep the saved rows of the other "
+                             "policies and the saved kvpress rows (same cases)")
     parser.add_argument("--peers-only", action="store_true",
                         help="run kvpress on the cases of the saved results and add its rows there")
     args = parser.parse_args(argv)
@@ -266,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     max_tokens = 2000 if args.quick else args.max_tokens
     peer = None
+    if args.update:
+        saved = common.read_result(name) or {}
+        if saved.get("max_tokens") != max_tokens or "kvpress" not in saved.get("peers", {}):
+            parser.error(f"benchmarks/results/{name}.json holds no full run for prompts up to {max_tokens} tokens")
+        result = measure(max_tokens, args.policies, args.cases, saved["peers"]["kvpress"])
+        return common.finish(name, merge(saved, result), args.quick, markdown)
     if args.reuse_peers:
         saved = common.read_result(name) or {}
         if saved.get("max_tokens") != max_tokens or "kvpress" not in saved.get("peers", {}):

@@ -59,6 +59,7 @@ SECTIONS = [  # (result name, title, markdown(result))
     ("recall_heldout", "Recall in a held-out chat: facts and passages no setting was chosen on", recall.markdown),
     ("passkey_after", "Passkey with the question after compression", passkey_after.markdown),
     ("passkey_austen", "Passkey in book text with the question after compression", passkey_after.markdown),
+    ("passkey_heldout", "Passkey in book text, held-out cases", passkey_after.markdown),
     ("heldout_ppl", "Perplexity at a quarter of the KV on held-out text", heldout_ppl.markdown),
     ("archive", "The recall archive at 100,000 evicted turns", archive.markdown),
     ("quality", "Quality under a KV budget (perplexity, passkey)", quality.markdown),
@@ -284,7 +285,8 @@ HEADLINES = {"decode": decode_headlines, "kv_kernel": kv_kernel_headlines, "long
              "cluster": cluster_headlines, "estimate_accuracy": estimate_accuracy_headlines,
              "recall": recall.headlines, "recall_sense": recall.headlines, "recall_heldout": recall.headlines,
              "revisions": revisions.headlines, "passkey_after": passkey_after.headlines,
-             "passkey_austen": passkey_after.headlines, "heldout_ppl": heldout_ppl.headlines,
+             "passkey_austen": passkey_after.headlines, "passkey_heldout": passkey_after.headlines,
+             "heldout_ppl": heldout_ppl.headlines,
              "archive": archive.headlines}
 
 

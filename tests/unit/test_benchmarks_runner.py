@@ -71,3 +71,39 @@ def test_the_generated_chats_are_what_make_chat_makes(name, book, seed, facts):
         where = [i for i, text in enumerate(turns) if answer.lower() in text.lower()]
         assert where == [turns.index(told)]
         assert turns.index(told) < turns.index(asked)
+
+
+def test_the_heldout_passkeys_are_what_make_passkey_makes(smollm2_tokenizer):
+    """The committed held-out passkey cases regenerate byte for byte; each prompt holds its key twice, in the key
+    sentence only, near its depth, and its context is within a sentence (and the key sentence) of its length in tokens."""
+    from benchmarks import make_passkey
+
+    path = common.ROOT / "data" / "passkey" / "heldout-austen.jsonl"
+    count = lambda text: len(smollm2_tokenizer.encode(text))  # noqa: E731
+    cases = make_passkey.make(common.data_file("texts/prideprejudice.txt").read_text(encoding="utf-8"), count, 5)
+    assert path.read_text(encoding="utf-8") == "".join(json.dumps(case) + "\n" for case in cases)
+    assert len(cases) == 30 and len({case["answer"] for case in cases}) == 30
+    for case in cases:
+        prompt, key = case["prompt"], case["answer"]
+        sentence = f"The pass key is {key}. Remember it. {key} is the pass key."
+        assert prompt.count(key) == 2 and prompt.count(sentence) == 1
+        assert prompt.endswith(make_passkey.QUESTION) and prompt.startswith(make_passkey.INTRO)
+        assert abs(prompt.index(sentence) / len(prompt) - case["depth"]) < 0.1
+        context = count(prompt[: prompt.rindex(make_passkey.QUESTION)])
+        assert case["tokens"] - 150 < context <= case["tokens"] + 30  # the key sentence comes on top
+
+
+def test_update_keeps_the_other_policies_rows():
+    from benchmarks import passkey_after
+
+    row = lambda policy, budget, hit: {"id": 0, "policy": policy, "budget": budget, "hit": hit}  # noqa: E731
+    saved = {"policies": ["keydiff", "compactor"], "rows": [row("none", "full", True), row("keydiff", "1/4", True),
+                                                          row("compactor", "1/4", False)]}
+    new = {"policies": ["compactor"], "max_tokens": 10, "rows": [row("none", "full", True),
+                                                                 row("compactor", "1/4", True)]}
+    merged = passkey_after.merge(saved, new)
+    assert merged["policies"] == ["keydiff", "compactor"] and merged["max_tokens"] == 10
+    assert sorted((r["policy"], r["hit"]) for r in merged["rows"]) == [("compactor", True), ("keydiff", True),
+                                                                      ("none", True)]
+    with pytest.raises(SystemExit):
+        passkey_after.merge(saved, {**new, "rows": [{**r, "id": 1} for r in new["rows"]]})
