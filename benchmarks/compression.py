@@ -65,7 +65,8 @@ def kvbound_runs(llm, context: list[int], continuation: list[int], advance) -> l
     return rows
 
 
-def measure(context_tokens: int, scored: int) -> dict[str, Any]:
+def measure(context_tokens: int, scored: int, saved: dict[str, Any] | None = None) -> dict[str, Any]:
+    """kvbound's rows, then kvpress's: run in its venv, or taken from `saved` (a result of the same protocol)."""
     common.pin_threads()
     import torch
 
@@ -84,7 +85,10 @@ def measure(context_tokens: int, scored: int) -> dict[str, Any]:
 
     peer: dict[str, Any] = {}
     python = common.venv_python("kvpress")
-    if not python.is_file():
+    if saved is not None:
+        peer = saved["peer"]
+        rows += [r for r in saved["rows"] if r["engine"] == "kvpress"]
+    elif not python.is_file():
         peer = {"error": f"no kvpress venv at {python.parent.parent}; see benchmarks/README (setup)"}
     else:
         with tempfile.TemporaryDirectory() as tmp:
@@ -149,8 +153,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a context of 1024 tokens instead of 3584")
     parser.add_argument("--context", type=int)
     parser.add_argument("--scored", type=int, default=512)
+    parser.add_argument("--reuse-peers", action="store_true",
+                        help="keep the saved kvpress rows (same context and scored tokens) instead of running kvpress")
     args = parser.parse_args(argv)
-    result = measure(args.context or (1024 if args.quick else 3584), args.scored)
+    context = args.context or (1024 if args.quick else 3584)
+    saved = None
+    if args.reuse_peers:
+        saved = common.read_result(SUITE) or {}
+        config = saved.get("config", {})
+        if (config.get("context_tokens"), config.get("scored_tokens")) != (context, args.scored) or not any(
+                r["engine"] == "kvpress" for r in saved.get("rows", [])):
+            parser.error(f"benchmarks/results/{SUITE}.json holds no kvpress rows for {context} context and "
+                         f"{args.scored} scored tokens")
+    result = measure(context, args.scored, saved)
     return common.finish(SUITE, result, args.quick, markdown)
 
 
