@@ -21,13 +21,13 @@ import torch
 
 @dataclass
 class KeyMoments:
-    count: torch.Tensor  # (L,) int64: keys merged per layer
+    count: torch.Tensor  # (L,) int64 on the CPU (read every step; no device sync): keys merged per layer
     mean: torch.Tensor  # (L, n_kv, D) float32
     scatter: torch.Tensor  # (L, n_kv, D, D) float32: Σ (x - mean)(x - mean)ᵀ
 
     @classmethod
     def zeros(cls, layers: int, kv_heads: int, head_dim: int, device: torch.device | str = "cpu") -> "KeyMoments":
-        return cls(torch.zeros(layers, dtype=torch.long, device=device),
+        return cls(torch.zeros(layers, dtype=torch.long),
                    torch.zeros(layers, kv_heads, head_dim, dtype=torch.float32, device=device),
                    torch.zeros(layers, kv_heads, head_dim, head_dim, dtype=torch.float32, device=device))
 
