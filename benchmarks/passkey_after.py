@@ -277,20 +277,14 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(result))
         return 0
     max_tokens = 2000 if args.quick else args.max_tokens
-    peer = None
-    if args.update:
-        saved = common.read_result(name) or {}
-        if saved.get("max_tokens") != max_tokens or "kvpress" not in saved.get("peers", {}):
-            parser.error(f"benchmarks/results/{name}.json holds no full run for prompts up to {max_tokens} tokens")
-        result = measure(max_tokens, args.policies, args.cases, saved["peers"]["kvpress"])
-        return common.finish(name, merge(saved, result), args.quick, markdown)
-    if args.reuse_peers:
+    saved, peer = {}, None
+    if args.update or args.reuse_peers:  # an update keeps the saved kvpress rows too
         saved = common.read_result(name) or {}
         if saved.get("max_tokens") != max_tokens or "kvpress" not in saved.get("peers", {}):
             parser.error(f"benchmarks/results/{name}.json has no kvpress rows for prompts up to {max_tokens} tokens")
         peer = saved["peers"]["kvpress"]
     result = measure(max_tokens, args.policies, args.cases, peer)
-    return common.finish(name, result, args.quick, markdown)
+    return common.finish(name, merge(saved, result) if args.update else result, args.quick, markdown)
 
 
 if __name__ == "__main__":
