@@ -28,7 +28,7 @@ SUITES = {"decode": "benchmarks.decode", "kv_kernel": "benchmarks.kv_kernel", "w
           "recall_heldout": "benchmarks.recall --script conversations/heldout-200-turns.jsonl --no-summarize",
           "heldout_ppl": "benchmarks.heldout_ppl",
           "passkey_austen": "benchmarks.passkey_after --cases austen --max-tokens 4200",
-          "passkey_heldout": "benchmarks.passkey_after --cases heldout --max-tokens 4200 --policies keydiff compactor"}
+          "passkey_heldout": "benchmarks.passkey_after --cases heldout --max-tokens 4200 --policies keydiff compactor --peer-jobs 2"}
 # (a suite is a module and, for a second configuration of a module, its arguments)
 PEERS = {"decode": ("llamacpp",), "weights": ("llamacpp",), "long_chat": ("llamacpp",), "quality": ("llamacpp",),
          "load": ("llamacpp",), "kvpress": ("kvpress",),

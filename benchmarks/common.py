@@ -289,16 +289,25 @@ def venv_python(name: str) -> Path:
     return VENVS / name / "bin" / "python"
 
 
-def run_python(python: Path | str, args: list[str], threads: int = THREADS, timeout: float | None = None,
-               capture: bool = False) -> subprocess.CompletedProcess:
-    """Run a benchmark script in its own process (clean RSS, its own venv), threads pinned by environment."""
+def _script_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
         env[var] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     env.pop("VIRTUAL_ENV", None)
-    return subprocess.run([str(python), *args], cwd=ROOT, env=env, timeout=timeout, check=False,
+    return env
+
+
+def run_python(python: Path | str, args: list[str], threads: int = THREADS, timeout: float | None = None,
+               capture: bool = False) -> subprocess.CompletedProcess:
+    """Run a benchmark script in its own process (clean RSS, its own venv), threads pinned by environment."""
+    return subprocess.run([str(python), *args], cwd=ROOT, env=_script_env(threads), timeout=timeout, check=False,
                           stdout=subprocess.PIPE if capture else None, text=True)
+
+
+def start_python(python: Path | str, args: list[str], threads: int = THREADS) -> subprocess.Popen:
+    """`run_python` without waiting: for shards of an accuracy run (never a timing) side by side."""
+    return subprocess.Popen([str(python), *args], cwd=ROOT, env=_script_env(threads))
 
 
 def hf_cache_kwarg(model) -> str:

@@ -8,7 +8,8 @@ evicted are searched with the prompt's last sentences and come back before them;
 
 Peer: NVIDIA kvpress on the same token ids, each press compressing the context before the question exists
 (compression_ratio 1 - 1/f; benchmarks/peers/kvpress_passkey.py in its own venv). `--peers-only` adds its rows to
-the saved results instead of running kvbound again.
+the saved results instead of running kvbound again; `--peer-jobs N` splits kvpress's cases over N one-thread
+processes (its hits do not depend on the split).
 
     python -m benchmarks.passkey_after [--max-tokens 4000] [--policies window h2o snapkv tova keydiff compactor] [--peers-only]
     python -m benchmarks.passkey_after --cases austen --max-tokens 4200   # book text as filler: harder
@@ -75,24 +76,34 @@ def answer_with_recall(llm, case: dict[str, Any], tokens: int, policy: str) -> t
     return reply.text, reply.recall
 
 
-def run_peer(chosen: list[dict[str, Any]], model: Path) -> dict[str, Any]:
+def run_peer(chosen: list[dict[str, Any]], model: Path, jobs: int = 1) -> dict[str, Any]:
     """kvpress on the cases' token ids: {"build", "rows", ...} from benchmarks/peers/kvpress_passkey.py, or
-    {"error"}."""
+    {"error"}. `jobs` > 1 splits the cases into that many one-thread processes side by side (hits and kept tokens
+    do not depend on it; the rows' elapsed_s then do), longest cases dealt first so the shards end together."""
     python = common.venv_python("kvpress")
     if not python.is_file():
         return {"error": "peer not installed: run bash benchmarks/peers/setup.sh kvpress"}
+    order = sorted(range(len(chosen)), key=lambda i: -len(chosen[i]["context"]))
+    shards = [s for s in ([chosen[i] for i in order[j::jobs]] for j in range(jobs)) if s]
     with tempfile.TemporaryDirectory() as tmp:
-        cases_file, out = Path(tmp) / "cases.json", Path(tmp) / "out.json"
-        cases_file.write_text(json.dumps([{k: c[k] for k in ("id", "context", "question", "answer")}
-                                          for c in chosen]))
-        proc = common.run_python(python, [str(PEER), "--cases", str(cases_file), "--model", str(model),
-                                          "--fractions", *map(str, FRACTIONS), "--out", str(out)])
-        if proc.returncode != 0 or not out.is_file():
-            return {"error": f"kvpress_passkey.py exited with status {proc.returncode}"}
-        return json.loads(out.read_text())
+        procs = []
+        for j, shard in enumerate(shards):
+            cases_file, out = Path(tmp) / f"cases{j}.json", Path(tmp) / f"out{j}.json"
+            cases_file.write_text(json.dumps([{k: c[k] for k in ("id", "context", "question", "answer")}
+                                              for c in shard]))
+            procs.append((out, common.start_python(python, [
+                str(PEER), "--cases", str(cases_file), "--model", str(model),
+                "--fractions", *map(str, FRACTIONS), "--out", str(out)])))
+        codes = [proc.wait() for _, proc in procs]
+        if any(codes) or not all(out.is_file() for out, _ in procs):
+            return {"error": f"kvpress_passkey.py exited with status {max(codes, key=abs)}"}
+        parts = [json.loads(out.read_text()) for out, _ in procs]
+    place = {c["id"]: i for i, c in enumerate(chosen)}
+    rows = sorted((r for part in parts for r in part["rows"]), key=lambda r: place[r["id"]])  # stable: press order
+    return {**parts[0], "rows": rows, "build": {**parts[0]["build"], "jobs": len(parts)}}
 
 
-def add_peers(result: dict[str, Any]) -> dict[str, Any]:
+def add_peers(result: dict[str, Any], jobs: int = 1) -> dict[str, Any]:
     """The saved kvbound result with kvpress run on the same cases (token ids from our tokenizer, as `cases()`)."""
     import kvbound
     from kvbound.loading import resolve_model
@@ -103,11 +114,11 @@ def add_peers(result: dict[str, Any]) -> dict[str, Any]:
     if {c["id"] for c in chosen} != ours:
         raise SystemExit(f"the cases up to {result['max_tokens']} tokens ({[c['id'] for c in chosen]}) are not "
                          f"those of the saved result ({sorted(ours)}); re-run the whole suite")
-    return {**result, "peers": {"kvpress": run_peer(chosen, resolve_model())}}
+    return {**result, "peers": {"kvpress": run_peer(chosen, resolve_model(), jobs)}}
 
 
 def measure(max_tokens: int, policies: list[str], kind: str = "classic",
-            peer: dict[str, Any] | None = None) -> dict[str, Any]:
+            peer: dict[str, Any] | None = None, peer_jobs: int = 1) -> dict[str, Any]:
     """kvbound's rows, and kvpress's: run after them, or `peer` (rows saved for the same cases) as given."""
     import kvbound
     from kvbound.loading import resolve_model
@@ -136,7 +147,7 @@ def measure(max_tokens: int, policies: list[str], kind: str = "classic",
     del llm  # the peer runs after, in its own process: the two never share the 2 cores
     return {"rows": rows, "policies": policies, "fractions": list(FRACTIONS), "max_tokens": max_tokens,
             "cases": len(chosen), "case_set": kind, "model_dtype": "fp32",
-            "peers": {"kvpress": peer if peer is not None else run_peer(chosen, resolve_model())}}
+            "peers": {"kvpress": peer if peer is not None else run_peer(chosen, resolve_model(), peer_jobs)}}
 
 
 def _hits(rows: list[dict[str, Any]], policy: str, fraction: int, recall: bool) -> list[bool]:
@@ -266,13 +277,18 @@ def main(argv: list[str] | None = None) -> int:
                              "policies and the saved kvpress rows (same cases)")
     parser.add_argument("--peers-only", action="store_true",
                         help="run kvpress on the cases of the saved results and add its rows there")
+    parser.add_argument("--peer-jobs", type=int, default=1,
+                        help="run kvpress as this many one-thread processes side by side, each on a share of the "
+                             "cases (accuracy only: use the machine's cores for a long peer run)")
     args = parser.parse_args(argv)
+    if args.peer_jobs < 1:
+        parser.error(f"--peer-jobs must be at least 1, got {args.peer_jobs}")
     name = SUITE if args.cases == "classic" else f"passkey_{args.cases}"
     if args.peers_only:
         saved = common.read_result(name)
         if saved is None:
             parser.error(f"no benchmarks/results/{name}.json to add the peers to: run the suite first")
-        result = add_peers(saved)
+        result = add_peers(saved, args.peer_jobs)
         common.rewrite_result(name, result)
         print(markdown(result))
         return 0
@@ -283,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         if saved.get("max_tokens") != max_tokens or "kvpress" not in saved.get("peers", {}):
             parser.error(f"benchmarks/results/{name}.json has no kvpress rows for prompts up to {max_tokens} tokens")
         peer = saved["peers"]["kvpress"]
-    result = measure(max_tokens, args.policies, args.cases, peer)
+    result = measure(max_tokens, args.policies, args.cases, peer, args.peer_jobs)
     return common.finish(name, merge(saved, result) if args.update else result, args.quick, markdown)
 
 

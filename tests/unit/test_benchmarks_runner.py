@@ -107,3 +107,38 @@ def test_update_keeps_the_other_policies_rows():
                                                                       ("none", True)]
     with pytest.raises(SystemExit):
         passkey_after.merge(saved, {**new, "rows": [{**r, "id": 1} for r in new["rows"]]})
+
+
+FAKE_PEER = """
+import argparse, json, sys
+p = argparse.ArgumentParser(); p.add_argument("--cases"); p.add_argument("--model"); p.add_argument("--out")
+p.add_argument("--fractions", nargs="+")
+a = p.parse_args()
+cases = json.load(open(a.cases))
+if any(c["id"] == "bad" for c in cases):
+    sys.exit(3)
+rows = [{"id": c["id"], "press": press, "budget": b, "hit": c["answer"] == "1"}
+        for c in cases for press, b in (("none", "full"), ("P", "1/4"))]
+json.dump({"rows": rows, "missing": {}, "build": {"threads": 1, "shard": [c["id"] for c in cases]}}, open(a.out, "w"))
+"""
+
+
+@pytest.mark.parametrize("jobs", [1, 2, 3, 7])
+def test_peer_shards_cover_every_case_once_in_case_order(monkeypatch, tmp_path, jobs):
+    from benchmarks import passkey_after
+
+    script = tmp_path / "fake_peer.py"
+    script.write_text(FAKE_PEER)
+    monkeypatch.setattr(passkey_after, "PEER", script)
+    monkeypatch.setattr(common, "venv_python", lambda name: __import__("pathlib").Path(sys.executable))
+    chosen = [{"id": i, "context": [0] * n, "question": [1], "answer": str(i % 2)}
+              for i, n in enumerate([30, 10, 50, 20, 40])]
+    result = passkey_after.run_peer(chosen, tmp_path / "m.gguf", jobs)
+    assert [(r["id"], r["press"]) for r in result["rows"]] == [(i, p) for i in range(5) for p in ("none", "P")]
+    assert [r["hit"] for r in result["rows"] if r["press"] == "P"] == [False, True, False, True, False]
+    assert result["build"]["jobs"] == min(jobs, 5)
+    if jobs == 2:  # longest first, dealt in turn: 50, 30, 10 and 40, 20
+        assert result["build"]["shard"] == [2, 0, 1]
+    failed = passkey_after.run_peer(chosen + [{"id": "bad", "context": [0], "question": [1], "answer": "1"}],
+                                    tmp_path / "m.gguf", jobs)
+    assert failed == {"error": "kvpress_passkey.py exited with status 3"}
