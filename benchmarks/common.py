@@ -289,7 +289,9 @@ def venv_python(name: str) -> Path:
     return VENVS / name / "bin" / "python"
 
 
-def _script_env(threads: int) -> dict[str, str]:
+def script_env(threads: int = THREADS) -> dict[str, str]:
+    """This process's environment for a child script: BLAS/OpenMP pinned to `threads`, the repo on the path, and no
+    VIRTUAL_ENV (a peer's venv python must not think it runs in ours)."""
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
         env[var] = str(threads)
@@ -301,13 +303,13 @@ def _script_env(threads: int) -> dict[str, str]:
 def run_python(python: Path | str, args: list[str], threads: int = THREADS, timeout: float | None = None,
                capture: bool = False) -> subprocess.CompletedProcess:
     """Run a benchmark script in its own process (clean RSS, its own venv), threads pinned by environment."""
-    return subprocess.run([str(python), *args], cwd=ROOT, env=_script_env(threads), timeout=timeout, check=False,
+    return subprocess.run([str(python), *args], cwd=ROOT, env=script_env(threads), timeout=timeout, check=False,
                           stdout=subprocess.PIPE if capture else None, text=True)
 
 
 def start_python(python: Path | str, args: list[str], threads: int = THREADS) -> subprocess.Popen:
     """`run_python` without waiting: for shards of an accuracy run (never a timing) side by side."""
-    return subprocess.Popen([str(python), *args], cwd=ROOT, env=_script_env(threads))
+    return subprocess.Popen([str(python), *args], cwd=ROOT, env=script_env(threads))
 
 
 def hf_cache_kwarg(model) -> str:

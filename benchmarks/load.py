@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -80,12 +79,7 @@ def free_port() -> int:
 
 def server_env() -> dict[str, str]:
     """One thread for the server (the box has two cores; the clients need the other), repo on the path."""
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
-        env[var] = str(common.THREADS)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(common.ROOT), env.get("PYTHONPATH", "")]))
-    env.pop("VIRTUAL_ENV", None)
-    return env
+    return common.script_env(common.THREADS)
 
 
 def kvbound_server(kv_budget: str, policy: str) -> Server:

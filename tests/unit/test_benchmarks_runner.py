@@ -7,6 +7,7 @@ import importlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -130,7 +131,7 @@ def test_peer_shards_cover_every_case_once_in_case_order(monkeypatch, tmp_path, 
     script = tmp_path / "fake_peer.py"
     script.write_text(FAKE_PEER)
     monkeypatch.setattr(passkey_after, "PEER", script)
-    monkeypatch.setattr(common, "venv_python", lambda name: __import__("pathlib").Path(sys.executable))
+    monkeypatch.setattr(common, "venv_python", lambda name: Path(sys.executable))
     chosen = [{"id": i, "context": [0] * n, "question": [1], "answer": str(i % 2)}
               for i, n in enumerate([30, 10, 50, 20, 40])]
     result = passkey_after.run_peer(chosen, tmp_path / "m.gguf", jobs)
