@@ -282,3 +282,39 @@ def test_compactor_judges_keys_against_every_key_written():
     chosen = set(policy.select(view, 9).tolist())
     assert chosen == lowest(heads.mean(dim=(0, 1)), 9)
     assert chosen != ref_compactor(9), "the moments changed nothing"
+
+
+@pytest.mark.parametrize("neighbours", [1, 3, 7])
+def test_compactor_ingest_is_tiled_noncausal_attention_averaged_over_neighbours(neighbours):
+    """What compactor notes when a step writes T tokens: per tile, the softmax of every query over every key of
+    the tile (no causal mask), summed over queries and averaged over the KV head's query heads, times the value
+    norm, then averaged over the `neighbours` tokens around each (fewer at the edges). A key that one tile's
+    queries all look at raises its neighbours too, as far as the window reaches and no further."""
+    from kvbound.policies.compactor import tile_attention
+
+    gen = torch.Generator().manual_seed(4)
+    H, n_kv, T, D, tile = 4, 2, 20, 8, 8
+    q, k = torch.randn(H, T, D, generator=gen), torch.randn(n_kv, T, D, generator=gen)
+    v = torch.rand(n_kv, T, D, generator=gen)
+    k[:, [0, 1, 2, 3, 4, 6, 7]] *= 0.1
+    q[:, :8] = k[:, 5].repeat_interleave(H // n_kv, 0)[:, None] * 4  # the first tile's queries all match key 5
+    ref = torch.zeros(n_kv, T)
+    for h in range(n_kv):
+        for start in range(0, T, tile):
+            sl = slice(start, min(T, start + tile))
+            for g in range(H // n_kv):
+                weights = torch.softmax(q[h * (H // n_kv) + g, sl] @ k[h, sl].T / D ** 0.5, dim=-1)
+                ref[h, sl] += weights.sum(0) / (H // n_kv)
+    ref = ref * v.norm(dim=-1)
+    half = neighbours // 2
+    ref = torch.stack([ref[:, max(0, i - half):i + half + 1].mean(-1) for i in range(T)], dim=-1)
+    got = make_policy("compactor", tile=tile, neighbours=neighbours).ingest(q, k, v)
+    assert torch.allclose(got, ref, atol=1e-5)
+    raised = got[:, :8] > got[:, 5:6] / 2  # the first tile's keys but 5 get almost nothing: only the window lifts them
+    assert raised.all(dim=0).nonzero().flatten().tolist() == list(range(max(0, 5 - half), min(8, 6 + half)))
+
+
+def test_compactor_rejects_an_even_or_empty_window():
+    for bad in (0, 2, -3):
+        with pytest.raises(ValueError, match="odd number"):
+            make_policy("compactor", neighbours=bad)
