@@ -274,6 +274,14 @@ def read_result(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def merge_policies(saved: dict[str, Any], new: dict[str, Any], baseline: str) -> dict[str, Any]:
+    """`new` (some policies run again, and the `baseline` policy's rows, e.g. the full cache, they are measured
+    against) over `saved`: the saved rows of the other policies stay, the saved baseline rows go."""
+    kept = [r for r in saved["rows"] if r["policy"] != baseline and r["policy"] not in new["policies"]]
+    policies = list(dict.fromkeys(saved["policies"] + new["policies"]))
+    return {**new, "rows": new["rows"] + kept, "policies": policies}
+
+
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()

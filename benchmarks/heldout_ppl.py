@@ -5,6 +5,7 @@ of at most a quarter of the budget, never reset (kvbound.engine.perplexity), onc
 per policy; Δ is against the full cache on the same tokens. Dense fp32 weights, fp32 KV.
 
     python -m benchmarks.heldout_ppl [--quick] [--tokens 8192] [--offsets 0 0.5] [--policies window h2o ...]
+    python -m benchmarks.heldout_ppl --update --policies compactor   # one policy again, the others' rows kept
 """
 
 from __future__ import annotations
@@ -93,12 +94,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--offsets", type=float, nargs="+", default=[0.0, 0.5])
     parser.add_argument("--policies", nargs="+", default=list(POLICIES))
+    parser.add_argument("--update", action="store_true",
+                        help="run only --policies (and the full cache) again; keep the saved rows of the others")
     args = parser.parse_args(argv)
     if args.quick:
         args.tokens, args.offsets = 2048, [0.0]
     if args.tokens < 2 * FRACTION or not all(0 <= o < 1 for o in args.offsets):
         parser.error("--tokens must be at least 8 and each --offsets value in [0, 1)")
-    return common.finish(SUITE, measure(args.tokens, args.offsets, args.policies), args.quick, markdown)
+    saved = common.read_result(SUITE) if args.update else None
+    if args.update and (saved is None or (saved["tokens"], saved["offsets"]) != (args.tokens, args.offsets)):
+        parser.error(f"benchmarks/results/{SUITE}.json holds no run of {args.tokens} tokens at offsets "
+                     f"{args.offsets} to update: run the whole suite")
+    result = measure(args.tokens, args.offsets, args.policies)
+    return common.finish(SUITE, common.merge_policies(saved, result, "full cache") if saved else result,
+                         args.quick, markdown)
 
 
 if __name__ == "__main__":

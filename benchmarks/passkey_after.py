@@ -256,9 +256,7 @@ def merge(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """`new` (some policies run again, and the full cache) over `saved`: the saved rows of the other policies stay."""
     if {r["id"] for r in saved["rows"]} != {r["id"] for r in new["rows"]}:
         raise SystemExit("the saved results hold other cases: run the whole suite")
-    kept = [r for r in saved["rows"] if r["budget"] != "full" and r["policy"] not in new["policies"]]
-    policies = list(dict.fromkeys(saved["policies"] + new["policies"]))
-    return {**new, "rows": new["rows"] + kept, "policies": policies}
+    return common.merge_policies(saved, new, baseline="none")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,6 +110,35 @@ def test_update_keeps_the_other_policies_rows():
         passkey_after.merge(saved, {**new, "rows": [{**r, "id": 1} for r in new["rows"]]})
 
 
+
+def test_heldout_ppl_update_runs_only_the_named_policies(tmp_path, monkeypatch):
+    """`heldout_ppl --update --policies compactor`: compactor and the full cache measured again, the other
+    policies' saved rows kept, and a saved run of other lengths refused instead of mixed in."""
+    from benchmarks import heldout_ppl
+
+    row = lambda policy, ppl: {"offset": 0.0, "policy": policy, "ppl": ppl, "delta_ppl_pct": 0.0}  # noqa: E731
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    (tmp_path / "heldout_ppl.json").write_text(json.dumps({
+        "tokens": 64, "offsets": [0.0], "policies": ["window", "compactor"], "fraction": 4, "text": "t",
+        "rows": [row("full cache", 10.0), row("window", 11.0), row("compactor", 12.0)]}))
+    ran = []
+
+    def measure(tokens, offsets, policies):
+        ran.append(policies)
+        return {"tokens": tokens, "offsets": offsets, "policies": policies, "fraction": 4, "text": "t",
+                "rows": [row("full cache", 10.5), row("compactor", 10.8)]}
+    monkeypatch.setattr(heldout_ppl, "measure", measure)
+    monkeypatch.setattr(common, "machine_info", lambda threads=1: {})
+    assert heldout_ppl.main(["--tokens", "64", "--offsets", "0", "--update", "--policies", "compactor"]) == 0
+    saved = json.loads((tmp_path / "heldout_ppl.json").read_text())
+    assert ran == [["compactor"]] and saved["policies"] == ["window", "compactor"]
+    assert sorted((r["policy"], r["ppl"]) for r in saved["rows"]) == [("compactor", 10.8), ("full cache", 10.5),
+                                                                      ("window", 11.0)]
+    with pytest.raises(SystemExit):
+        heldout_ppl.main(["--tokens", "128", "--offsets", "0", "--update", "--policies", "compactor"])
+    assert ran == [["compactor"]]
+
 FAKE_PEER = """
 import argparse, json, sys
 p = argparse.ArgumentParser(); p.add_argument("--cases"); p.add_argument("--model"); p.add_argument("--out")
