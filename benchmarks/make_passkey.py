@@ -8,6 +8,10 @@ Lengths are counted in tokens of the default model's tokenizer (the context, bef
 the same book, seed, lengths and depths give the same file.
 
     python -m benchmarks.make_passkey [--book texts/prideprejudice.txt] [--seed 5] [--out PATH]
+    python -m benchmarks.make_passkey --book texts/sensesensibility.txt --seed 7 8 --out data/passkey/dev-sense.jsonl
+
+The second makes the 60-case dev set in Sense and Sensibility (one grid per seed, numbered on) on which
+compactor's settings were chosen, in a book apart from the held-out cases'.
 """
 
 from __future__ import annotations
@@ -53,16 +57,22 @@ def make_case(book: list[str], count_tokens, rng: random.Random, case_id: int, t
             "prompt": " ".join([INTRO, *filler, QUESTION]), "answer": key}
 
 
-def make(book_text: str, count_tokens, seed: int) -> list[dict]:
-    book, rng = sentences(book_text), random.Random(seed)
+def make(book_text: str, count_tokens, seeds: int | list[int]) -> list[dict]:
+    """One grid of lengths × depths per seed, the cases numbered on from one grid to the next."""
+    book = sentences(book_text)
     grid = [(tokens, depth) for tokens in LENGTHS for depth in DEPTHS]
-    return [make_case(book, count_tokens, rng, i, tokens, depth) for i, (tokens, depth) in enumerate(grid)]
+    cases = []
+    for seed in [seeds] if isinstance(seeds, int) else seeds:
+        rng = random.Random(seed)
+        cases += [make_case(book, count_tokens, rng, len(cases) + i, tokens, depth)
+                  for i, (tokens, depth) in enumerate(grid)]
+    return cases
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--book", default="texts/prideprejudice.txt", help="a text under data/ (or ../shared/data)")
-    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--seed", type=int, nargs="+", default=[5], help="one grid of 30 cases per seed")
     parser.add_argument("--out", type=Path, default=common.ROOT / "data" / "passkey" / "heldout-austen.jsonl")
     args = parser.parse_args(argv)
     from kvbound.loading import resolve_model

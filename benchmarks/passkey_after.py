@@ -33,7 +33,7 @@ SUITE = "passkey_after"
 QUESTION = "What is the pass key?"
 FRACTIONS = (4, 8)
 CASES = {"classic": "passkey/dev-classic.jsonl", "austen": "passkey/dev-austen.jsonl",
-         "heldout": "passkey/heldout-austen.jsonl"}
+         "sense": "passkey/dev-sense.jsonl", "heldout": "passkey/heldout-austen.jsonl"}
 PEER = common.BENCH / "peers" / "kvpress_passkey.py"
 
 
@@ -266,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", nargs="+", default=["window", "h2o", "snapkv", "tova", "keydiff", "compactor"])
     parser.add_argument("--cases", choices=sorted(CASES), default="classic",
                         help="the case set: classic filler, austen (Sense and Sensibility as filler; results "
-                             "passkey_austen) or heldout (30 cases in Pride and Prejudice, benchmarks/make_passkey.py; "
-                             "results passkey_heldout)")
+                             "passkey_austen), sense (60 dev cases in Sense and Sensibility, benchmarks/make_passkey.py; "
+                             "results passkey_sense) or heldout (30 cases in Pride and Prejudice; results "
+                             "passkey_heldout)")
     parser.add_argument("--reuse-peers", action="store_true",
                         help="keep the saved kvpress rows (same cases) instead of running kvpress again")
     parser.add_argument("--update", action="store_true",

@@ -74,22 +74,29 @@ def test_the_generated_chats_are_what_make_chat_makes(name, book, seed, facts):
         assert turns.index(told) < turns.index(asked)
 
 
-def test_the_heldout_passkeys_are_what_make_passkey_makes(smollm2_tokenizer):
-    """The committed held-out passkey cases regenerate byte for byte; each prompt holds its key twice, in the key
-    sentence only, near its depth, and its context is within a sentence (and the key sentence) of its length in tokens."""
+@pytest.mark.parametrize("name, book, seeds", [("heldout-austen", "prideprejudice", [5]),
+                                              ("dev-sense", "sensesensibility", [7, 8])])
+def test_the_committed_passkeys_are_what_make_passkey_makes(smollm2_tokenizer, name, book, seeds):
+    """The committed passkey cases (held-out, and the 60-case dev set) regenerate byte for byte, numbered in
+    order; each prompt holds its key twice, in the key sentence only, near its depth, and its context is within
+    a sentence (and the key sentence) of its length in tokens."""
     from benchmarks import make_passkey
 
-    path = common.ROOT / "data" / "passkey" / "heldout-austen.jsonl"
+    path = common.ROOT / "data" / "passkey" / f"{name}.jsonl"
     count = lambda text: len(smollm2_tokenizer.encode(text))  # noqa: E731
-    cases = make_passkey.make(common.data_file("texts/prideprejudice.txt").read_text(encoding="utf-8"), count, 5)
+    cases = make_passkey.make(common.data_file(f"texts/{book}.txt").read_text(encoding="utf-8"), count, seeds)
     assert path.read_text(encoding="utf-8") == "".join(json.dumps(case) + "\n" for case in cases)
-    assert len(cases) == 30 and len({case["answer"] for case in cases}) == 30
+    assert [case["id"] for case in cases] == list(range(30 * len(seeds)))
+    assert len({case["answer"] for case in cases}) == len(cases)
     for case in cases:
         prompt, key = case["prompt"], case["answer"]
         sentence = f"The pass key is {key}. Remember it. {key} is the pass key."
         assert prompt.count(key) == 2 and prompt.count(sentence) == 1
         assert prompt.endswith(make_passkey.QUESTION) and prompt.startswith(make_passkey.INTRO)
-        assert abs(prompt.index(sentence) / len(prompt) - case["depth"]) < 0.1
+        parts = make_passkey.sentences(prompt)  # the key sits at its depth counted in sentences, not characters
+        at = parts.index(f"The pass key is {key}.")
+        before, after = at - len(make_passkey.sentences(make_passkey.INTRO)), len(parts) - at - 3 - 2
+        assert abs(before / (before + after) - case["depth"]) < 0.05
         context = count(prompt[: prompt.rindex(make_passkey.QUESTION)])
         assert case["tokens"] - 150 < context <= case["tokens"] + 30  # the key sentence comes on top
 
