@@ -77,11 +77,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_env() -> dict[str, str]:
-    """One thread for the server (the box has two cores; the clients need the other), repo on the path."""
-    return common.script_env(common.THREADS)
-
-
 def kvbound_server(kv_budget: str, policy: str) -> Server:
     port = free_port()
     argv = [sys.executable, "-m", "kvbound", "serve", "--host", "127.0.0.1", "--port", str(port),
@@ -111,7 +106,7 @@ def llamacpp_available() -> tuple[str | None, str]:
     if not python.is_file():
         return None, f"no venv at {python.parent.parent} (bash benchmarks/peers/setup.sh llamacpp)"
     probe = subprocess.run([str(python), "-c", "import llama_cpp.server.app"], capture_output=True, text=True,
-                           env=server_env(), check=False)
+                           env=common.script_env(), check=False)
     if probe.returncode != 0:
         return None, ("llama_cpp.server does not import in its venv (pip install 'llama-cpp-python[server]'): "
                       + probe.stderr.strip().splitlines()[-1][:200])
@@ -121,7 +116,8 @@ def llamacpp_available() -> tuple[str | None, str]:
 def start(server: Server, log_file) -> subprocess.Popen:
     import httpx
 
-    proc = subprocess.Popen(server.argv, cwd=common.ROOT, env=server_env(), stdout=log_file,
+    # one thread for the server: the box has two cores and the clients need the other
+    proc = subprocess.Popen(server.argv, cwd=common.ROOT, env=common.script_env(), stdout=log_file,
                             stderr=subprocess.STDOUT)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:

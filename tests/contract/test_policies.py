@@ -290,8 +290,6 @@ def test_compactor_ingest_is_tiled_noncausal_attention_averaged_over_neighbours(
     the tile (no causal mask), summed over queries and averaged over the KV head's query heads, times the value
     norm, then averaged over the `neighbours` tokens around each (fewer at the edges). A key that one tile's
     queries all look at raises its neighbours too, as far as the window reaches and no further."""
-    from kvbound.policies.compactor import tile_attention
-
     gen = torch.Generator().manual_seed(4)
     H, n_kv, T, D, tile = 4, 2, 20, 8, 8
     q, k = torch.randn(H, T, D, generator=gen), torch.randn(n_kv, T, D, generator=gen)

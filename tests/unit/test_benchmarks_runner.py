@@ -95,7 +95,8 @@ def test_the_committed_passkeys_are_what_make_passkey_makes(smollm2_tokenizer, n
         assert prompt.endswith(make_passkey.QUESTION) and prompt.startswith(make_passkey.INTRO)
         parts = make_passkey.sentences(prompt)  # the key sits at its depth counted in sentences, not characters
         at = parts.index(f"The pass key is {key}.")
-        before, after = at - len(make_passkey.sentences(make_passkey.INTRO)), len(parts) - at - 3 - 2
+        after = len(parts) - at - sum(len(make_passkey.sentences(text)) for text in (sentence, make_passkey.QUESTION))
+        before = at - len(make_passkey.sentences(make_passkey.INTRO))
         assert abs(before / (before + after) - case["depth"]) < 0.05
         context = count(prompt[: prompt.rindex(make_passkey.QUESTION)])
         assert case["tokens"] - 150 < context <= case["tokens"] + 30  # the key sentence comes on top
@@ -115,7 +116,6 @@ def test_update_keeps_the_other_policies_rows():
                                                                       ("none", True)]
     with pytest.raises(SystemExit):
         passkey_after.merge(saved, {**new, "rows": [{**r, "id": 1} for r in new["rows"]]})
-
 
 
 def test_heldout_ppl_update_runs_only_the_named_policies(tmp_path, monkeypatch):
@@ -145,6 +145,7 @@ def test_heldout_ppl_update_runs_only_the_named_policies(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         heldout_ppl.main(["--tokens", "128", "--offsets", "0", "--update", "--policies", "compactor"])
     assert ran == [["compactor"]]
+
 
 FAKE_PEER = """
 import argparse, json, sys

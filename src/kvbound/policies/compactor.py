@@ -24,8 +24,7 @@ key is 5 tokens plus the words that name it), and one evicted token of it loses 
 Sense and Sensibility at 1/4 KV (benchmarks/make_passkey.py, seeds 7 and 8; the full cache finds 39) a window
 of 3 finds 36 and one of 7 finds 43; on the classic dev cases at 1/8, 6 of 9 and 8 of 9. It costs perplexity where
 nothing is a span to keep: +4.6% at 1/4 of 3,584 tokens of Pride and Prejudice against +3.3%
-(benchmarks/compression.py).
-On the 30 held-out cases it left 1/4 at 15 and took 1/8 from 7 to 8."""
+(benchmarks/compression.py). On the 30 held-out cases it left 1/4 at 15 and took 1/8 from 7 to 8."""
 
 from __future__ import annotations
 
@@ -89,7 +88,7 @@ def leverage(keys: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor] | 
     return (x * solved.transpose(1, 2)).sum(-1).clamp_min(0)
 
 
-def tile_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: int, neighbours: int = 3) -> torch.Tensor:
+def tile_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile: int, neighbours: int) -> torch.Tensor:
     """(n_kv, T): the attention each of T keys receives from every query of its tile, no causal mask, summed
     over the tile's queries and averaged over the query heads of its KV head; times the value's norm, averaged
     over the `neighbours` (odd) tokens centred on it. q (H, T, D), k and v (n_kv, T, D), RoPE applied to q and k."""
