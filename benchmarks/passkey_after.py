@@ -33,7 +33,8 @@ SUITE = "passkey_after"
 QUESTION = "What is the pass key?"
 FRACTIONS = (4, 8)
 CASES = {"classic": "passkey/dev-classic.jsonl", "austen": "passkey/dev-austen.jsonl",
-         "sense": "passkey/dev-sense.jsonl", "heldout": "passkey/heldout-austen.jsonl"}
+         "sense": "passkey/dev-sense.jsonl", "heldout": "passkey/heldout-austen.jsonl",
+         "heldout2": "passkey/heldout2-austen.jsonl"}
 PEER = common.BENCH / "peers" / "kvpress_passkey.py"
 
 
@@ -76,7 +77,8 @@ def answer_with_recall(llm, case: dict[str, Any], tokens: int, policy: str) -> t
     return reply.text, reply.recall
 
 
-def run_peer(chosen: list[dict[str, Any]], model: Path, jobs: int = 1) -> dict[str, Any]:
+def run_peer(chosen: list[dict[str, Any]], model: Path, jobs: int = 1,
+             fractions: tuple[int, ...] = FRACTIONS) -> dict[str, Any]:
     """kvpress on the cases' token ids: {"build", "rows", ...} from benchmarks/peers/kvpress_passkey.py, or
     {"error"}. `jobs` > 1 splits the cases into that many one-thread processes side by side (hits and kept tokens
     do not depend on it; the rows' elapsed_s then do), longest cases dealt first so the shards end together."""
@@ -93,7 +95,7 @@ def run_peer(chosen: list[dict[str, Any]], model: Path, jobs: int = 1) -> dict[s
                                               for c in shard]))
             procs.append((out, common.start_python(python, [
                 str(PEER), "--cases", str(cases_file), "--model", str(model),
-                "--fractions", *map(str, FRACTIONS), "--out", str(out)])))
+                "--fractions", *map(str, fractions), "--out", str(out)])))
         codes = [proc.wait() for _, proc in procs]
         if any(codes) or not all(out.is_file() for out, _ in procs):
             return {"error": f"kvpress_passkey.py exited with status {max(codes, key=abs)}"}
@@ -114,11 +116,12 @@ def add_peers(result: dict[str, Any], jobs: int = 1) -> dict[str, Any]:
     if {c["id"] for c in chosen} != ours:
         raise SystemExit(f"the cases up to {result['max_tokens']} tokens ({[c['id'] for c in chosen]}) are not "
                          f"those of the saved result ({sorted(ours)}); re-run the whole suite")
-    return {**result, "peers": {"kvpress": run_peer(chosen, resolve_model(), jobs)}}
+    return {**result, "peers": {"kvpress": run_peer(chosen, resolve_model(), jobs, tuple(result["fractions"]))}}
 
 
 def measure(max_tokens: int, policies: list[str], kind: str = "classic",
-            peer: dict[str, Any] | None = None, peer_jobs: int = 1) -> dict[str, Any]:
+            peer: dict[str, Any] | None = None, peer_jobs: int = 1,
+            fractions: tuple[int, ...] = FRACTIONS) -> dict[str, Any]:
     """kvbound's rows, and kvpress's: run after them, or `peer` (rows saved for the same cases) as given."""
     import kvbound
     from kvbound.loading import resolve_model
@@ -127,11 +130,11 @@ def measure(max_tokens: int, policies: list[str], kind: str = "classic",
     llm = kvbound.load(dtype="fp32", tune_allocator=True)
     chosen = cases(llm, max_tokens, kind)
     rows = []
-    with common.progress(len(chosen) * (1 + 2 * len(policies) * len(FRACTIONS)), SUITE) as advance:
+    with common.progress(len(chosen) * (1 + 2 * len(policies) * len(fractions)), SUITE) as advance:
         for case in chosen:
             n = len(case["context"]) + len(case["question"])
             configs = [("full", "none", None, False)] + [
-                (f"1/{f}", p, n // f, recall) for p in policies for f in FRACTIONS for recall in (False, True)]
+                (f"1/{f}", p, n // f, recall) for p in policies for f in fractions for recall in (False, True)]
             for budget, policy, tokens, recall in configs:
                 recalled: dict[str, Any] = {}
                 if recall:
@@ -145,9 +148,10 @@ def measure(max_tokens: int, policies: list[str], kind: str = "classic",
                 advance(note=f"{case['id']} {budget} {policy}{' +recall' if recall else ''}: "
                              f"{'hit' if hit else 'miss'}")
     del llm  # the peer runs after, in its own process: the two never share the 2 cores
-    return {"rows": rows, "policies": policies, "fractions": list(FRACTIONS), "max_tokens": max_tokens,
+    return {"rows": rows, "policies": policies, "fractions": list(fractions), "max_tokens": max_tokens,
             "cases": len(chosen), "case_set": kind, "model_dtype": "fp32",
-            "peers": {"kvpress": peer if peer is not None else run_peer(chosen, resolve_model(), peer_jobs)}}
+            "peers": {"kvpress": peer if peer is not None else
+                      run_peer(chosen, resolve_model(), peer_jobs, fractions)}}
 
 
 def _hits(rows: list[dict[str, Any]], policy: str, fraction: int, recall: bool) -> list[bool]:
@@ -236,9 +240,11 @@ def headlines(result: dict[str, Any]) -> list[str]:
         on = [sum(_hits(rows, policy, f, True)) for f in result["fractions"]]
         if any(r.get("recall") for r in rows):
             recalled.append(f"{policy} {' / '.join(map(str, on))}")
-    filler = {"austen": " (Austen filler)", "heldout": " (held-out Austen cases)"}.get(result.get("case_set"), "")
-    lines = [f"Passkey{filler} with the question after compression, KV at 1/4 / 1/8 of the prompt, {result['cases']} cases "
-             f"(full cache {full}): " + ", ".join(parts) + "."]
+    filler = {"austen": " (Austen filler)", "heldout": " (held-out Austen cases)",
+              "heldout2": " (second held-out draw of Austen cases)"}.get(result.get("case_set"), "")
+    budgets = " / ".join(f"1/{f}" for f in result["fractions"])
+    lines = [f"Passkey{filler} with the question after compression, KV at {budgets} of the prompt, "
+             f"{result['cases']} cases (full cache {full}): " + ", ".join(parts) + "."]
     if recalled:
         lines.append("The same with recall on: " + ", ".join(recalled) + ".")
     peer = result.get("peers", {}).get("kvpress")
@@ -247,9 +253,51 @@ def headlines(result: dict[str, Any]) -> list[str]:
         peer_full = sum(r.get("hit", False) for r in peer["rows"] if r["press"] == "none")
         scores = [f"{p} " + " / ".join(str(sum(ran)) if ran else "error" for ran, _ in
                                        (_peer_hits(peer, p, f) for f in result["fractions"])) for p in presses]
-        lines.append(f"kvpress {peer['build']['kvpress_version']} on the same cases, KV at 1/4 / 1/8 of the context, "
+        lines.append(f"kvpress {peer['build']['kvpress_version']} on the same cases, KV at {budgets} of the context, "
                      f"question after compression (full cache {peer_full}): " + ", ".join(scores) + ".")
     return lines
+
+
+def pooled(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Hits summed over several runs (draws of cases), recall off, at the fractions every run has: {"cases",
+    "fractions", "full": (kvbound, kvpress), "policies": {policy: [hits per fraction]}, "presses": {press: [...]}}.
+    A press that failed on some case, or is missing from a run, is left out."""
+    fractions = [f for f in results[0]["fractions"] if all(f in r["fractions"] for r in results)]
+    policies = [p for p in results[0]["policies"] if all(p in r["policies"] for r in results)]
+    peers = [r.get("peers", {}).get("kvpress", {"error": "not run"}) for r in results]
+    usable = all("error" not in peer for peer in peers)
+    presses = [] if not usable else [
+        press for press in dict.fromkeys(row["press"] for row in peers[0]["rows"]) if press != "none"
+        and all(len(_peer_hits(peer, press, f)[0]) == r["cases"] for peer, r in zip(peers, results) for f in fractions)]
+    return {
+        "cases": sum(r["cases"] for r in results), "fractions": fractions,
+        "full": (sum(row["hit"] for r in results for row in r["rows"] if row["budget"] == "full"),
+                 sum(row.get("hit", False) for peer in peers if usable for row in peer["rows"]
+                     if row["press"] == "none") if usable else None),
+        "policies": {p: [sum(sum(_hits(r["rows"], p, f, False)) for r in results) for f in fractions]
+                     for p in policies},
+        "presses": {press: [sum(sum(_peer_hits(peer, press, f)[0]) for peer in peers) for f in fractions]
+                    for press in presses}}
+
+
+def heldout_markdown(result: dict[str, Any]) -> str:
+    """The second held-out draw, and both draws together (the first from its saved results)."""
+    first = common.read_result("passkey_heldout")
+    text = markdown(result)
+    if first is None:
+        return text
+    both = pooled([first, result])
+    if not both["fractions"]:
+        return text
+    budgets = [f"KV 1/{f}" for f in both["fractions"]]
+    rows = [["full cache, kvbound", *[str(both["full"][0])] * len(budgets)]]
+    if both["full"][1] is not None:
+        rows.append(["full cache, kvpress", *[str(both["full"][1])] * len(budgets)])
+    rows += [[f"kvbound `{p}`, alone", *map(str, hits)] for p, hits in both["policies"].items()]
+    rows += [[f"kvpress {press}", *map(str, hits)] for press, hits in both["presses"].items()]
+    return (f"{text}\n\nBoth held-out draws together ({both['cases']} cases in Pride and Prejudice, "
+            f"`--cases heldout` and `--cases heldout2`), hits with recall off:\n\n"
+            f"{common.markdown_table(['', *budgets], rows)}")
 
 
 def merge(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -267,8 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", choices=sorted(CASES), default="classic",
                         help="the case set: classic filler, austen (Sense and Sensibility as filler; results "
                              "passkey_austen), sense (60 dev cases in Sense and Sensibility, benchmarks/make_passkey.py; "
-                             "results passkey_sense) or heldout (30 cases in Pride and Prejudice; results "
-                             "passkey_heldout)")
+                             "results passkey_sense), heldout (30 cases in Pride and Prejudice; results "
+                             "passkey_heldout) or heldout2 (30 more in it, another seed; results passkey_heldout2)")
+    parser.add_argument("--fractions", type=int, nargs="+", default=list(FRACTIONS),
+                        help="keep 1/f of the prompt for each f given (kvpress runs the same fractions)")
     parser.add_argument("--reuse-peers", action="store_true",
                         help="keep the saved kvpress rows (same cases) instead of running kvpress again")
     parser.add_argument("--update", action="store_true",
@@ -282,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.peer_jobs < 1:
         parser.error(f"--peer-jobs must be at least 1, got {args.peer_jobs}")
+    if any(f < 2 for f in args.fractions):
+        parser.error(f"--fractions keeps 1/f of the prompt: each f must be at least 2, got {args.fractions}")
     name = SUITE if args.cases == "classic" else f"passkey_{args.cases}"
     if args.peers_only:
         saved = common.read_result(name)
@@ -298,7 +350,12 @@ def main(argv: list[str] | None = None) -> int:
         if saved.get("max_tokens") != max_tokens or "kvpress" not in saved.get("peers", {}):
             parser.error(f"benchmarks/results/{name}.json has no kvpress rows for prompts up to {max_tokens} tokens")
         peer = saved["peers"]["kvpress"]
-    result = measure(max_tokens, args.policies, args.cases, peer, args.peer_jobs)
+    fractions = tuple(dict.fromkeys(args.fractions))
+    if (args.update or args.reuse_peers) and list(fractions) != saved.get("fractions"):
+        kept = " ".join(map(str, saved.get("fractions", [])))
+        parser.error(f"benchmarks/results/{name}.json was run at fractions {kept}; --update and --reuse-peers keep "
+                     f"them: pass --fractions {kept}")
+    result = measure(max_tokens, args.policies, args.cases, peer, args.peer_jobs, fractions)
     return common.finish(name, merge(saved, result) if args.update else result, args.quick, markdown)
 
 

@@ -75,6 +75,7 @@ def test_the_generated_chats_are_what_make_chat_makes(name, book, seed, facts):
 
 
 @pytest.mark.parametrize("name, book, seeds", [("heldout-austen", "prideprejudice", [5]),
+                                              ("heldout2-austen", "prideprejudice", [9]),
                                               ("dev-sense", "sensesensibility", [7, 8])])
 def test_the_committed_passkeys_are_what_make_passkey_makes(smollm2_tokenizer, name, book, seeds):
     """The committed passkey cases (held-out, and the 60-case dev set) regenerate byte for byte, numbered in
@@ -116,6 +117,62 @@ def test_update_keeps_the_other_policies_rows():
                                                                       ("none", True)]
     with pytest.raises(SystemExit):
         passkey_after.merge(saved, {**new, "rows": [{**r, "id": 1} for r in new["rows"]]})
+
+
+def _passkey_run(ids, fractions, ours, peer):
+    """A saved passkey_after result: `ours` {(policy, f): hits}, `peer` {(press, f): hits} over cases `ids`."""
+    row = lambda i, policy, budget, hit, recall=False: {"id": i, "policy": policy, "budget": budget,  # noqa: E731
+                                                        "hit": hit, "recall": recall}
+    rows = [row(i, "none", "full", k % 2 == 0) for k, i in enumerate(ids)]
+    rows += [row(i, p, f"1/{f}", k < hits, recall) for (p, f), hits in ours.items() for k, i in enumerate(ids)
+             for recall in (False, True)]
+    peer_rows = [{"id": i, "press": "none", "budget": "full", "hit": True} for i in ids]
+    peer_rows += [{"id": i, "press": press, "budget": f"1/{f}", "hit": k < hits}
+                  for (press, f), hits in peer.items() for k, i in enumerate(ids)]
+    return {"rows": rows, "policies": sorted({p for p, _ in ours}), "fractions": fractions, "cases": len(ids),
+            "max_tokens": 10, "case_set": "heldout", "peers": {"kvpress": {"rows": peer_rows, "new_tokens": 8,
+                                                                             "build": {
+        "kvpress_version": "0", "transformers_version": "0", "attn_implementation": "sdpa", "dtype": "float32"}}}}
+
+
+def test_pooled_passkey_draws_sum_recall_off_hits_at_the_shared_fractions():
+    from benchmarks import passkey_after
+
+    first = _passkey_run(range(4), [4, 8], {("compactor", 4): 2, ("compactor", 8): 1, ("keydiff", 4): 1},
+                         {("A", 4): 3, ("A", 8): 0, ("B", 4): 1, ("B", 8): 1})
+    second = _passkey_run(range(3), [4], {("compactor", 4): 3}, {("A", 4): 1, ("B", 4): 0})
+    second["peers"]["kvpress"]["rows"][-1]["error"] = "RuntimeError: on CPU"  # B failed on one case: left out
+    both = passkey_after.pooled([first, second])
+    assert both["cases"] == 7 and both["fractions"] == [4]
+    assert both["full"] == (2 + 2, 4 + 3)
+    assert both["policies"] == {"compactor": [5]}  # keydiff ran in one draw only; recall-on rows not counted
+    assert both["presses"] == {"A": [4]}
+
+
+def test_the_second_heldout_section_pools_both_draws(tmp_path, monkeypatch):
+    from benchmarks import passkey_after
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    second = _passkey_run(range(3), [4], {("compactor", 4): 3}, {("A", 4): 1})
+    assert "together" not in passkey_after.heldout_markdown(second)  # no first draw saved: only its own tables
+    (tmp_path / "passkey_heldout.json").write_text(json.dumps(_passkey_run(range(4), [4, 8], {
+        ("compactor", 4): 2, ("compactor", 8): 1}, {("A", 4): 3, ("A", 8): 0})))
+    text = passkey_after.heldout_markdown(second)
+    assert "Both held-out draws together (7 cases" in text
+    assert "| kvbound `compactor`, alone | 5 |" in text and "| kvpress A | 4 |" in text
+
+
+def test_passkey_fractions_are_checked_before_anything_runs(tmp_path, monkeypatch):
+    from benchmarks import passkey_after
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(passkey_after, "measure", lambda *a, **k: pytest.fail("measured despite bad arguments"))
+    with pytest.raises(SystemExit):
+        passkey_after.main(["--fractions", "1"])
+    (tmp_path / "passkey_after.json").write_text(json.dumps(_passkey_run(range(2), [4, 8], {("compactor", 4): 1},
+                                                                         {("A", 4): 1})))
+    with pytest.raises(SystemExit):  # an update keeps the saved fractions
+        passkey_after.main(["--update", "--max-tokens", "10", "--fractions", "4"])
 
 
 def test_heldout_ppl_update_runs_only_the_named_policies(tmp_path, monkeypatch):
