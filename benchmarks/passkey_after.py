@@ -266,14 +266,15 @@ def pooled(results: list[dict[str, Any]]) -> dict[str, Any]:
     policies = [p for p in results[0]["policies"] if all(p in r["policies"] for r in results)]
     peers = [r.get("peers", {}).get("kvpress", {"error": "not run"}) for r in results]
     usable = all("error" not in peer for peer in peers)
-    presses = [] if not usable else [
-        press for press in dict.fromkeys(row["press"] for row in peers[0]["rows"]) if press != "none"
-        and all(len(_peer_hits(peer, press, f)[0]) == r["cases"] for peer, r in zip(peers, results) for f in fractions)]
+    ran_everywhere = lambda press: all(len(_peer_hits(peer, press, f)[0]) == r["cases"]  # noqa: E731
+                                       for peer, r in zip(peers, results) for f in fractions)
+    presses = [press for press in dict.fromkeys(row["press"] for row in peers[0]["rows"])
+               if press != "none" and ran_everywhere(press)] if usable else []
+    peer_full = sum(row.get("hit", False) for peer in peers for row in peer["rows"] if row["press"] == "none") \
+        if usable else None
     return {
         "cases": sum(r["cases"] for r in results), "fractions": fractions,
-        "full": (sum(row["hit"] for r in results for row in r["rows"] if row["budget"] == "full"),
-                 sum(row.get("hit", False) for peer in peers if usable for row in peer["rows"]
-                     if row["press"] == "none") if usable else None),
+        "full": (sum(row["hit"] for r in results for row in r["rows"] if row["budget"] == "full"), peer_full),
         "policies": {p: [sum(sum(_hits(r["rows"], p, f, False)) for r in results) for f in fractions]
                      for p in policies},
         "presses": {press: [sum(sum(_peer_hits(peer, press, f)[0]) for peer in peers) for f in fractions]
