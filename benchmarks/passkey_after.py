@@ -77,11 +77,12 @@ def answer_with_recall(llm, case: dict[str, Any], tokens: int, policy: str) -> t
     return reply.text, reply.recall
 
 
-def run_peer(chosen: list[dict[str, Any]], model: Path, jobs: int = 1,
-             fractions: tuple[int, ...] = FRACTIONS) -> dict[str, Any]:
+def run_peer(chosen: list[dict[str, Any]], model: Path, jobs: int = 1, fractions: tuple[int, ...] = FRACTIONS,
+             presses: list[str] | None = None) -> dict[str, Any]:
     """kvpress on the cases' token ids: {"build", "rows", ...} from benchmarks/peers/kvpress_passkey.py, or
     {"error"}. `jobs` > 1 splits the cases into that many one-thread processes side by side (hits and kept tokens
-    do not depend on it; the rows' elapsed_s then do), longest cases dealt first so the shards end together."""
+    do not depend on it; the rows' elapsed_s then do), longest cases dealt first so the shards end together.
+    `presses`: only these (and the full cache); None: the peer script's list."""
     python = common.venv_python("kvpress")
     if not python.is_file():
         return {"error": "peer not installed: run bash benchmarks/peers/setup.sh kvpress"}
@@ -95,7 +96,8 @@ def run_peer(chosen: list[dict[str, Any]], model: Path, jobs: int = 1,
                                               for c in shard]))
             procs.append((out, common.start_python(python, [
                 str(PEER), "--cases", str(cases_file), "--model", str(model),
-                "--fractions", *map(str, fractions), "--out", str(out)])))
+                "--fractions", *map(str, fractions), "--out", str(out),
+                *(["--presses", *presses] if presses else [])])))
         codes = [proc.wait() for _, proc in procs]
         if any(codes) or not all(out.is_file() for out, _ in procs):
             return {"error": f"kvpress_passkey.py exited with status {max(codes, key=abs)}"}
@@ -105,8 +107,9 @@ def run_peer(chosen: list[dict[str, Any]], model: Path, jobs: int = 1,
     return {**parts[0], "rows": rows, "build": {**parts[0]["build"], "jobs": len(parts)}}
 
 
-def add_peers(result: dict[str, Any], jobs: int = 1) -> dict[str, Any]:
-    """The saved kvbound result with kvpress run on the same cases (token ids from our tokenizer, as `cases()`)."""
+def add_peers(result: dict[str, Any], jobs: int = 1, presses: list[str] | None = None) -> dict[str, Any]:
+    """The saved kvbound result with kvpress run on the same cases (token ids from our tokenizer, as `cases()`).
+    `presses`: run only these and put their rows beside the saved ones of the other presses."""
     import kvbound
     from kvbound.loading import resolve_model
 
@@ -116,7 +119,20 @@ def add_peers(result: dict[str, Any], jobs: int = 1) -> dict[str, Any]:
     if {c["id"] for c in chosen} != ours:
         raise SystemExit(f"the cases up to {result['max_tokens']} tokens ({[c['id'] for c in chosen]}) are not "
                          f"those of the saved result ({sorted(ours)}); re-run the whole suite")
-    return {**result, "peers": {"kvpress": run_peer(chosen, resolve_model(), jobs, tuple(result["fractions"]))}}
+    peer = run_peer(chosen, resolve_model(), jobs, tuple(result["fractions"]), presses)
+    saved = result.get("peers", {}).get("kvpress", {})
+    if presses and "error" not in peer and "rows" in saved:
+        peer = merge_presses(saved, peer, presses)
+    return {**result, "peers": {"kvpress": peer}}
+
+
+def merge_presses(saved: dict[str, Any], new: dict[str, Any], presses: list[str]) -> dict[str, Any]:
+    """kvpress rows of `presses` from `new`, the saved rows of every other press (the full cache included): case
+    order kept, each case's rows in the saved press order, then the new presses."""
+    rows = [r for r in saved["rows"] if r["press"] not in presses] + [r for r in new["rows"] if r["press"] in presses]
+    order = {case: i for i, case in enumerate(dict.fromkeys(r["id"] for r in saved["rows"]))}
+    missing = {**{k: v for k, v in saved.get("missing", {}).items() if k not in presses}, **new.get("missing", {})}
+    return {**saved, "rows": sorted(rows, key=lambda r: order[r["id"]]), "missing": missing}
 
 
 def measure(max_tokens: int, policies: list[str], kind: str = "classic",
@@ -327,12 +343,17 @@ def main(argv: list[str] | None = None) -> int:
                              "policies and the saved kvpress rows (same cases)")
     parser.add_argument("--peers-only", action="store_true",
                         help="run kvpress on the cases of the saved results and add its rows there")
+    parser.add_argument("--peer-presses", nargs="+", metavar="PRESS",
+                        help="with --peers-only: run only these kvpress presses and keep the saved rows of the "
+                             "others, e.g. 'KeyRerotationPress(CompactorPress)'")
     parser.add_argument("--peer-jobs", type=int, default=1,
                         help="run kvpress as this many one-thread processes side by side, each on a share of the "
                              "cases (accuracy only: use the machine's cores for a long peer run)")
     args = parser.parse_args(argv)
     if args.peer_jobs < 1:
         parser.error(f"--peer-jobs must be at least 1, got {args.peer_jobs}")
+    if args.peer_presses and not args.peers_only:
+        parser.error("--peer-presses adds presses to saved results: use it with --peers-only")
     if any(f < 2 for f in args.fractions):
         parser.error(f"--fractions keeps 1/f of the prompt: each f must be at least 2, got {args.fractions}")
     name = SUITE if args.cases == "classic" else f"passkey_{args.cases}"
@@ -340,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         saved = common.read_result(name)
         if saved is None:
             parser.error(f"no benchmarks/results/{name}.json to add the peers to: run the suite first")
-        result = add_peers(saved, args.peer_jobs)
+        result = add_peers(saved, args.peer_jobs, args.peer_presses)
         common.rewrite_result(name, result)
         print(markdown(result))
         return 0

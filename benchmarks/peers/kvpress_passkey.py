@@ -24,13 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks import common  # noqa: E402
 
 NEW_TOKENS = 8
+SEED = 0  # of kvpress's random parts, per row: a case's hits do not depend on the shards or on the rows before it
 PRESSES = ("CompactorPress", "KeyDiffPress", "LagKVPress", "KVzipPress", "ExpectedAttentionPress", "TOVAPress",
-           "StreamingLLMPress", "KnormPress", "SnapKVPress")
+           "StreamingLLMPress", "KnormPress", "SnapKVPress", "KeyRerotationPress(CompactorPress)")
 
 
 def build_press(kvpress, name: str, ratio: float):
     """A press as kvpress's leaderboard runs it: ExpectedAttention head-wise (AdaKV) with epsilon 1e-2, the others
-    with their defaults."""
+    with their defaults. `Wrapper(Press)` wraps one in another: KeyRerotationPress(CompactorPress) re-rotates the
+    kept keys to positions 0..K-1, as kvbound stores them."""
+    if "(" in name:
+        wrapper, inner = name.rstrip(")").split("(", 1)
+        return getattr(kvpress, wrapper)(build_press(kvpress, inner, ratio))
     if name == "ExpectedAttentionPress":
         return kvpress.AdaKVPress(kvpress.ExpectedAttentionPress(compression_ratio=ratio, epsilon=1e-2))
     return getattr(kvpress, name)(compression_ratio=ratio)
@@ -56,14 +61,17 @@ def kept_tokens(model, cache) -> float:
 
 
 def answer(pipe, press, context, question) -> tuple[str, float]:
-    """kvpress's pipeline `_forward` for a prefill press and one question: (decoded text, kept context tokens)."""
+    """kvpress's pipeline `_forward` for a prefill press and one question: (decoded text, kept context tokens).
+    After a KeyRerotationPress the question continues from the kept length, as the pipeline feeds it."""
+    import kvpress
     import transformers
 
     cache = transformers.DynamicCache()
     with press(pipe.model) if press is not None else contextlib.nullcontext():
         pipe.model.model(input_ids=context, past_key_values=cache)
     kept = kept_tokens(pipe.model, cache)
-    text = pipe.generate_answer(question_ids=question, cache=cache, context_length=context.shape[1],
+    length = cache.get_seq_length() if isinstance(press, kvpress.KeyRerotationPress) else context.shape[1]
+    text = pipe.generate_answer(question_ids=question, cache=cache, context_length=length,
                                 max_new_tokens=NEW_TOKENS)
     return text, kept
 
@@ -93,7 +101,8 @@ def main() -> int:
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(args.model.parent), gguf_file=args.model.name)
     pipe = kvpress.KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer, device="cpu")
     version = metadata.version("kvpress")
-    missing = {name: f"not in kvpress {version}" for name in args.presses if not hasattr(kvpress, name)}
+    missing = {name: f"not in kvpress {version}" for name in args.presses
+               if not all(hasattr(kvpress, part) for part in name.rstrip(")").split("("))}
     runs = [("none", 1)] + [(name, f) for name in args.presses if name not in missing for f in args.fractions]
 
     rows = []
@@ -109,6 +118,7 @@ def main() -> int:
                        "budget": "full" if press is None else f"1/{f}", "compression_ratio": 1.0 - 1.0 / f,
                        "context_tokens": context.shape[1], "press_config": repr(press) if press is not None else None}
                 started = time.perf_counter()
+                torch.manual_seed(SEED)  # CompactorPress sketches the keys with torch.randn: one draw for every row
                 try:
                     text, kept = answer(pipe, press, context, question)
                     row.update(kept_context_tokens=round(kept, 1), hit=str(case["answer"]) in text, text=text)
@@ -120,7 +130,7 @@ def main() -> int:
                              f"{row.get('error') or ('hit' if row['hit'] else 'miss')}")
     args.out.write_text(json.dumps({
         "rows": rows, "missing": missing, "new_tokens": NEW_TOKENS,
-        "build": {"kvpress_version": version, "transformers_version": transformers.__version__,
+        "build": {"kvpress_version": version, "seed": SEED, "transformers_version": transformers.__version__,
                   "torch_version": torch.__version__, "attn_implementation": model.config._attn_implementation,
                   "dtype": str(model.dtype), "threads": torch.get_num_threads()}}, indent=2))
     return 0

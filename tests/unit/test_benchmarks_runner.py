@@ -207,13 +207,13 @@ def test_heldout_ppl_update_runs_only_the_named_policies(tmp_path, monkeypatch):
 FAKE_PEER = """
 import argparse, json, sys
 p = argparse.ArgumentParser(); p.add_argument("--cases"); p.add_argument("--model"); p.add_argument("--out")
-p.add_argument("--fractions", nargs="+")
+p.add_argument("--fractions", nargs="+"); p.add_argument("--presses", nargs="+", default=["P"])
 a = p.parse_args()
 cases = json.load(open(a.cases))
 if any(c["id"] == "bad" for c in cases):
     sys.exit(3)
 rows = [{"id": c["id"], "press": press, "budget": b, "hit": c["answer"] == "1"}
-        for c in cases for press, b in (("none", "full"), ("P", "1/4"))]
+        for c in cases for press, b in [("none", "full")] + [(p, "1/4") for p in a.presses]]
 json.dump({"rows": rows, "missing": {}, "build": {"threads": 1, "shard": [c["id"] for c in cases]}}, open(a.out, "w"))
 """
 
@@ -237,3 +237,25 @@ def test_peer_shards_cover_every_case_once_in_case_order(monkeypatch, tmp_path, 
     failed = passkey_after.run_peer(chosen + [{"id": "bad", "context": [0], "question": [1], "answer": "1"}],
                                     tmp_path / "m.gguf", jobs)
     assert failed == {"error": "kvpress_passkey.py exited with status 3"}
+
+
+def test_peer_presses_run_alone_and_join_the_saved_rows(monkeypatch, tmp_path):
+    """`--peers-only --peer-presses Q`: kvpress runs Q only; its rows join the saved rows of the other presses,
+    which (the full cache's too) stay as they were, in case order."""
+    from benchmarks import passkey_after
+
+    script = tmp_path / "fake_peer.py"
+    script.write_text(FAKE_PEER)
+    monkeypatch.setattr(passkey_after, "PEER", script)
+    monkeypatch.setattr(common, "venv_python", lambda name: Path(sys.executable))
+    chosen = [{"id": i, "context": [0] * 3, "question": [1], "answer": str(i % 2)} for i in range(3)]
+    saved = passkey_after.run_peer(chosen, tmp_path / "m.gguf", 1, (4,))
+    for row in saved["rows"]:
+        row["hit"] = "saved"
+    new = passkey_after.run_peer(chosen, tmp_path / "m.gguf", 2, (4,), ["Q(P)"])
+    assert {r["press"] for r in new["rows"]} == {"none", "Q(P)"}
+    merged = passkey_after.merge_presses(saved, new, ["Q(P)"])
+    assert [(r["id"], r["press"]) for r in merged["rows"]] == [(i, p) for i in range(3) for p in ("none", "P", "Q(P)")]
+    assert [r["hit"] for r in merged["rows"] if r["press"] != "Q(P)"] == ["saved"] * 6
+    with pytest.raises(SystemExit):
+        passkey_after.main(["--peer-presses", "Q(P)"])  # only beside --peers-only
