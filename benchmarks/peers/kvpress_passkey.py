@@ -3,8 +3,10 @@ benchmarks/passkey_after.py, which gives it the token ids kvbound ran.
 
 Per case, press and kept fraction 1/f (compression_ratio 1 - 1/f): prefill the context ids with the press active,
 question-agnostic, then let kvpress's own pipeline (`generate_answer`) feed the question ids at
-positions continuing from the context's length and greedy-decode 8 tokens over the compressed cache.
-Each press is built as kvpress's evaluation registry builds it (evaluation/evaluate_registry.py).
+positions continuing from the context's length (from the kept length after KeyRerotationPress, as the pipeline
+does) and greedy-decode 8 tokens over the compressed cache. Each press is built as kvpress's evaluation registry
+builds it (evaluation/evaluate_registry.py). CompactorPress sketches the keys with an unseeded torch.randn; every
+row here starts from the same seed, so a run repeats and its split over processes does not change a hit.
 
     benchmarks/.venvs/kvpress/bin/python benchmarks/peers/kvpress_passkey.py --cases C.json --model M.gguf --out O.json
 """
