@@ -221,7 +221,9 @@ def peer_markdown(result: dict[str, Any]) -> str:
              f"registry builds them (ExpectedAttentionPress as {', '.join(configs) or 'AdaKV with epsilon 1e-2'}; "
              f"KVzipPress with the tokenizer's chat template off, the context being raw text). kvpress keeps {share} "
              f"of the context per layer and KV head and puts the question and the answer on top; kvbound's budget "
-             f"of 1/f of the prompt holds the question and the answer too.")
+             f"of 1/f of the prompt holds the question and the answer too. CompactorPress sketches the keys at "
+             f"random: " + (f"seeded with {build['seed']} for every row." if "seed" in build else
+                            "unseeded in this run, so its hits are one random draw."))
     return "\n".join([table, "", notes, *([""] + errors if errors else [])])
 
 
