@@ -132,7 +132,18 @@ def merge_presses(saved: dict[str, Any], new: dict[str, Any], presses: list[str]
     rows = [r for r in saved["rows"] if r["press"] not in presses] + [r for r in new["rows"] if r["press"] in presses]
     order = {case: i for i, case in enumerate(dict.fromkeys(r["id"] for r in saved["rows"]))}
     missing = {**{k: v for k, v in saved.get("missing", {}).items() if k not in presses}, **new.get("missing", {})}
-    return {**saved, "rows": sorted(rows, key=lambda r: order[r["id"]]), "missing": missing}
+    build, seed = dict(saved["build"]), new["build"].get("seed")  # "seed": every random press's rows had it
+    if any(_random(r) for r in rows if r["press"] in presses) and build.get("seed") != seed:
+        if seed is not None and all(r["press"] in presses for r in rows if _random(r)):
+            build["seed"] = seed
+        else:
+            build.pop("seed", None)
+    return {**saved, "rows": sorted(rows, key=lambda r: order[r["id"]]), "missing": missing, "build": build}
+
+
+def _random(row: dict[str, Any]) -> bool:
+    """A row of a press with a random part: CompactorPress sketches the keys with torch.randn."""
+    return "CompactorPress" in row["press"]
 
 
 def measure(max_tokens: int, policies: list[str], kind: str = "classic",

@@ -259,3 +259,16 @@ def test_peer_presses_run_alone_and_join_the_saved_rows(monkeypatch, tmp_path):
     assert [r["hit"] for r in merged["rows"] if r["press"] != "Q(P)"] == ["saved"] * 6
     with pytest.raises(SystemExit):
         passkey_after.main(["--peer-presses", "Q(P)"])  # only beside --peers-only
+
+
+@pytest.mark.parametrize("saved_seed, presses, seed", [(None, ["CompactorPress"], 0), (None, ["KeyDiffPress"], None),
+                                                       (0, ["KeyDiffPress"], 0), (1, ["KeyDiffPress"], 1),
+                                                       (1, ["KeyRerotationPress(CompactorPress)"], None)])
+def test_merged_peer_rows_keep_a_seed_only_when_every_random_row_has_it(saved_seed, presses, seed):
+    from benchmarks import passkey_after
+
+    rows = lambda names: [{"id": 0, "press": n, "budget": "1/4", "hit": True} for n in names]  # noqa: E731
+    seeded = lambda s: {} if s is None else {"seed": s}  # noqa: E731
+    saved = {"rows": rows(["none", "CompactorPress", "KeyDiffPress"]), "build": {"v": 1, **seeded(saved_seed)}}
+    merged = passkey_after.merge_presses(saved, {"rows": rows(presses), "build": {"seed": 0}}, presses)
+    assert merged["build"].get("seed") == seed and merged["build"]["v"] == 1
