@@ -347,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
                              "passkey_austen), sense (60 dev cases in Sense and Sensibility, benchmarks/make_passkey.py; "
                              "results passkey_sense), heldout (30 cases in Pride and Prejudice; results "
                              "passkey_heldout) or heldout2 (30 more in it, another seed; results passkey_heldout2)")
-    parser.add_argument("--fractions", type=int, nargs="+", default=list(FRACTIONS),
-                        help="keep 1/f of the prompt for each f given (kvpress runs the same fractions)")
+    parser.add_argument("--fractions", type=int, nargs="+",
+                        help="keep 1/f of the prompt for each f given (kvpress runs the same fractions; default 4 8, "
+                             "or the saved run's with --update, --reuse-peers and --peers-only, which keep them)")
     parser.add_argument("--reuse-peers", action="store_true",
                         help="keep the saved kvpress rows (same cases) instead of running kvpress again")
     parser.add_argument("--update", action="store_true",
@@ -367,29 +368,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--peer-jobs must be at least 1, got {args.peer_jobs}")
     if args.peer_presses and not args.peers_only:
         parser.error("--peer-presses adds presses to saved results: use it with --peers-only")
-    if any(f < 2 for f in args.fractions):
+    if args.fractions and any(f < 2 for f in args.fractions):
         parser.error(f"--fractions keeps 1/f of the prompt: each f must be at least 2, got {args.fractions}")
     name = SUITE if args.cases == "classic" else f"passkey_{args.cases}"
+    keeps_saved = args.update or args.reuse_peers or args.peers_only
+    saved = (common.read_result(name) or {}) if keeps_saved else {}
+    if saved and args.fractions and list(dict.fromkeys(args.fractions)) != saved.get("fractions"):
+        kept = " ".join(map(str, saved.get("fractions", [])))
+        parser.error(f"benchmarks/results/{name}.json was run at fractions {kept}; --update, --reuse-peers and "
+                     f"--peers-only keep them: leave out --fractions or pass --fractions {kept}")
     if args.peers_only:
-        saved = common.read_result(name)
-        if saved is None:
+        if not saved:
             parser.error(f"no benchmarks/results/{name}.json to add the peers to: run the suite first")
         result = add_peers(saved, args.peer_jobs, args.peer_presses)
         common.rewrite_result(name, result)
         print(markdown(result))
         return 0
     max_tokens = 2000 if args.quick else args.max_tokens
-    saved, peer = {}, None
+    peer = None
     if args.update or args.reuse_peers:  # an update keeps the saved kvpress rows too
-        saved = common.read_result(name) or {}
         if saved.get("max_tokens") != max_tokens or "kvpress" not in saved.get("peers", {}):
             parser.error(f"benchmarks/results/{name}.json has no kvpress rows for prompts up to {max_tokens} tokens")
         peer = saved["peers"]["kvpress"]
-    fractions = tuple(dict.fromkeys(args.fractions))
-    if (args.update or args.reuse_peers) and list(fractions) != saved.get("fractions"):
-        kept = " ".join(map(str, saved.get("fractions", [])))
-        parser.error(f"benchmarks/results/{name}.json was run at fractions {kept}; --update and --reuse-peers keep "
-                     f"them: pass --fractions {kept}")
+    fractions = tuple(dict.fromkeys(args.fractions or saved.get("fractions", FRACTIONS)))
     result = measure(max_tokens, args.policies, args.cases, peer, args.peer_jobs, fractions)
     return common.finish(name, merge(saved, result) if args.update else result, args.quick, markdown)
 

@@ -31,16 +31,23 @@ PRESSES = ("CompactorPress", "KeyDiffPress", "LagKVPress", "KVzipPress", "Expect
            "StreamingLLMPress", "KnormPress", "SnapKVPress", "KeyRerotationPress(CompactorPress)")
 
 
+def press_classes(name: str) -> list[str]:
+    """The kvpress classes a press name builds, outermost first: 'KeyRerotationPress(CompactorPress)' → both."""
+    return name.rstrip(")").split("(")
+
+
 def build_press(kvpress, name: str, ratio: float):
     """A press as kvpress's leaderboard runs it: ExpectedAttention head-wise (AdaKV) with epsilon 1e-2, the others
     with their defaults. `Wrapper(Press)` wraps one in another: KeyRerotationPress(CompactorPress) re-rotates the
     kept keys to positions 0..K-1, as kvbound stores them."""
-    if "(" in name:
-        wrapper, inner = name.rstrip(")").split("(", 1)
-        return getattr(kvpress, wrapper)(build_press(kvpress, inner, ratio))
-    if name == "ExpectedAttentionPress":
-        return kvpress.AdaKVPress(kvpress.ExpectedAttentionPress(compression_ratio=ratio, epsilon=1e-2))
-    return getattr(kvpress, name)(compression_ratio=ratio)
+    *wrappers, inner = press_classes(name)
+    if inner == "ExpectedAttentionPress":
+        press = kvpress.AdaKVPress(kvpress.ExpectedAttentionPress(compression_ratio=ratio, epsilon=1e-2))
+    else:
+        press = getattr(kvpress, inner)(compression_ratio=ratio)
+    for wrapper in reversed(wrappers):
+        press = getattr(kvpress, wrapper)(press)
+    return press
 
 
 def kvzip_tokenizer_dir(tokenizer, model, workdir: Path) -> None:
@@ -104,7 +111,7 @@ def main() -> int:
     pipe = kvpress.KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer, device="cpu")
     version = metadata.version("kvpress")
     missing = {name: f"not in kvpress {version}" for name in args.presses
-               if not all(hasattr(kvpress, part) for part in name.rstrip(")").split("("))}
+               if not all(hasattr(kvpress, part) for part in press_classes(name))}
     runs = [("none", 1)] + [(name, f) for name in args.presses if name not in missing for f in args.fractions]
 
     rows = []

@@ -173,6 +173,9 @@ def test_passkey_fractions_are_checked_before_anything_runs(tmp_path, monkeypatc
                                                                          {("A", 4): 1})))
     with pytest.raises(SystemExit):  # an update keeps the saved fractions
         passkey_after.main(["--update", "--max-tokens", "10", "--fractions", "4"])
+    monkeypatch.setattr(passkey_after, "add_peers", lambda *a, **k: pytest.fail("peers run despite bad arguments"))
+    with pytest.raises(SystemExit):  # so does adding peers
+        passkey_after.main(["--peers-only", "--fractions", "8"])
 
 
 def test_heldout_ppl_update_runs_only_the_named_policies(tmp_path, monkeypatch):
