@@ -78,11 +78,12 @@ def answer_with_recall(llm, case: dict[str, Any], tokens: int, policy: str) -> t
 
 
 def run_peer(chosen: list[dict[str, Any]], model: Path, jobs: int = 1, fractions: tuple[int, ...] = FRACTIONS,
-             presses: list[str] | None = None) -> dict[str, Any]:
+             presses: list[str] | None = None, seed: int | None = None) -> dict[str, Any]:
     """kvpress on the cases' token ids: {"build", "rows", ...} from benchmarks/peers/kvpress_passkey.py, or
     {"error"}. `jobs` > 1 splits the cases into that many one-thread processes side by side (hits and kept tokens
     do not depend on it; the rows' elapsed_s then do), longest cases dealt first so the shards end together.
-    `presses`: only these (and the full cache); None: the peer script's list."""
+    `presses`: only these (and the full cache); None: the peer script's list. `seed`: the presses' random parts
+    from this seed instead of the script's own, and no full-cache rows (another draw of the same presses)."""
     python = common.venv_python("kvpress")
     if not python.is_file():
         return {"error": "peer not installed: run bash benchmarks/peers/setup.sh kvpress"}
@@ -97,7 +98,8 @@ def run_peer(chosen: list[dict[str, Any]], model: Path, jobs: int = 1, fractions
             procs.append((out, common.start_python(python, [
                 str(PEER), "--cases", str(cases_file), "--model", str(model),
                 "--fractions", *map(str, fractions), "--out", str(out),
-                *(["--presses", *presses] if presses else [])])))
+                *(["--presses", *presses] if presses else []),
+                *(["--seed", str(seed), "--skip-full"] if seed is not None else [])])))
         codes = [proc.wait() for _, proc in procs]
         if any(codes) or not all(out.is_file() for out, _ in procs):
             return {"error": f"kvpress_passkey.py exited with status {max(codes, key=abs)}"}
@@ -126,6 +128,53 @@ def add_peers(result: dict[str, Any], jobs: int = 1, presses: list[str] | None =
     return {**result, "peers": {"kvpress": peer}}
 
 
+def add_seeds(result: dict[str, Any], seeds: list[int], presses: list[str], jobs: int = 1,
+              fractions: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """The saved result with more draws of kvpress's random presses: `presses` run again from each of `seeds`
+    (at `fractions`, default the saved ones), their rows, marked with their seed, kept apart from the main rows
+    in peers.kvpress.seed_rows (a draw run again replaces its old rows)."""
+    import kvbound
+    from kvbound.loading import resolve_model
+
+    peer = result.get("peers", {}).get("kvpress", {})
+    if "rows" not in peer or "seed" not in peer.get("build", {}):
+        raise SystemExit("the saved kvpress rows are not from a seeded run: run --peers-only first")
+    if peer["build"]["seed"] in seeds:
+        raise SystemExit(f"seed {peer['build']['seed']} is the saved rows' own: give other seeds")
+    if fixed := [p for p in presses if not _random(p)]:
+        raise SystemExit(f"{', '.join(fixed)} has no random part: another seed gives the same hits")
+    common.pin_threads()
+    chosen = cases(kvbound.load(dtype="fp32"), result["max_tokens"], result.get("case_set", "classic"))
+    fractions = fractions or tuple(result["fractions"])
+    new = []
+    for seed in seeds:
+        run = run_peer(chosen, resolve_model(), jobs, fractions, presses, seed)
+        if "error" in run:
+            raise SystemExit(f"kvpress with seed {seed}: {run['error']}")
+        new += [{**row, "seed": seed} for row in run["rows"]]
+    redone = {(r["press"], r["seed"], r["budget"]) for r in new}
+    kept = [r for r in peer.get("seed_rows", []) if (r["press"], r["seed"], r["budget"]) not in redone]
+    return {**result, "peers": {"kvpress": {**peer, "seed_rows": kept + new}}}
+
+
+def seed_hits(peer: dict[str, Any], press: str, fraction: int, cases: int) -> dict[int, int]:
+    """{seed: hits} of a random press at 1/fraction: the main rows' seed and every other seed that ran on all
+    `cases` cases without an error."""
+    draws = {peer["build"]["seed"]: _peer_hits(peer, press, fraction)} if "seed" in peer.get("build", {}) else {}
+    for seed in sorted({r["seed"] for r in peer.get("seed_rows", [])}):
+        draws[seed] = _peer_hits({"rows": [r for r in peer["seed_rows"] if r["seed"] == seed]}, press, fraction)
+    return {seed: sum(ran) for seed, (ran, errors) in draws.items() if len(ran) == cases and not errors}
+
+
+def seeds_line(press: str, fraction: int, hits: dict[int, int]) -> str:
+    """'CompactorPress at 1/4 over seeds 0-4: 13, 15, ... (mean 14.2)', or '' for fewer than two draws."""
+    if len(hits) < 2:
+        return ""
+    mean = sum(hits.values()) / len(hits)
+    return (f"- {press} at 1/{fraction}, one draw of its random sketch per seed "
+            f"({', '.join(map(str, hits))}): {', '.join(map(str, hits.values()))} hits; mean {mean:.1f}")
+
+
 def merge_presses(saved: dict[str, Any], new: dict[str, Any], presses: list[str]) -> dict[str, Any]:
     """kvpress rows of `presses` from `new`, the saved rows of every other press (the full cache included): case
     order kept, each case's rows in the saved press order, then the new presses."""
@@ -133,17 +182,17 @@ def merge_presses(saved: dict[str, Any], new: dict[str, Any], presses: list[str]
     order = {case: i for i, case in enumerate(dict.fromkeys(r["id"] for r in saved["rows"]))}
     missing = {**{k: v for k, v in saved.get("missing", {}).items() if k not in presses}, **new.get("missing", {})}
     build, seed = dict(saved["build"]), new["build"].get("seed")  # "seed": every random press's rows had it
-    if any(_random(r) for r in rows if r["press"] in presses) and build.get("seed") != seed:
-        if seed is not None and all(r["press"] in presses for r in rows if _random(r)):
+    if any(_random(r["press"]) for r in rows if r["press"] in presses) and build.get("seed") != seed:
+        if seed is not None and all(r["press"] in presses for r in rows if _random(r["press"])):
             build["seed"] = seed
         else:
             build.pop("seed", None)
     return {**saved, "rows": sorted(rows, key=lambda r: order[r["id"]]), "missing": missing, "build": build}
 
 
-def _random(row: dict[str, Any]) -> bool:
-    """A row of a press with a random part: CompactorPress sketches the keys with torch.randn."""
-    return "CompactorPress" in row["press"]
+def _random(press: str) -> bool:
+    """Whether a press has a random part: CompactorPress sketches the keys with torch.randn."""
+    return "CompactorPress" in press
 
 
 def measure(max_tokens: int, policies: list[str], kind: str = "classic",
@@ -235,7 +284,10 @@ def peer_markdown(result: dict[str, Any]) -> str:
              f"of 1/f of the prompt holds the question and the answer too. CompactorPress sketches the keys at "
              f"random: " + (f"seeded with {build['seed']} for every row." if "seed" in build else
                             "unseeded in this run, so its hits are one random draw."))
-    return "\n".join([table, "", notes, *([""] + errors if errors else [])])
+    draws = [line for press in presses if _random(press) for f in fractions
+             if (line := seeds_line(press, f, seed_hits(peer, press, f, result["cases"])))]
+    draws = ["", "Other draws of the presses with a random part (`--peer-seeds`):", *draws] if draws else []
+    return "\n".join([table, "", notes, *draws, *([""] + errors if errors else [])])
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -307,7 +359,21 @@ def pooled(results: list[dict[str, Any]]) -> dict[str, Any]:
         "policies": {p: [sum(sum(_hits(r["rows"], p, f, False)) for r in results) for f in fractions]
                      for p in policies},
         "presses": {press: [sum(sum(_peer_hits(peer, press, f)[0]) for peer in peers) for f in fractions]
-                    for press in presses}}
+                    for press in presses},
+        "seeds": {press: draws for press in presses if _random(press)
+                  if (draws := _pooled_seeds(peers, results, press, fractions))}}
+
+
+def _pooled_seeds(peers: list[dict[str, Any]], results: list[dict[str, Any]], press: str,
+                  fractions: list[int]) -> dict[int, dict[int, int]]:
+    """{fraction: {seed: hits over every run}} for the seeds a random press ran from in every run (two or more)."""
+    out = {}
+    for f in fractions:
+        per_run = [seed_hits(peer, press, f, r["cases"]) for peer, r in zip(peers, results)]
+        shared = sorted(set.intersection(*(set(hits) for hits in per_run)))
+        if len(shared) >= 2:
+            out[f] = {seed: sum(hits[seed] for hits in per_run) for seed in shared}
+    return out
 
 
 def heldout_markdown(result: dict[str, Any]) -> str:
@@ -325,9 +391,13 @@ def heldout_markdown(result: dict[str, Any]) -> str:
         rows.append(["full cache, kvpress", *[str(both["full"][1])] * len(budgets)])
     rows += [[f"kvbound `{p}`, alone", *map(str, hits)] for p, hits in both["policies"].items()]
     rows += [[f"kvpress {press}", *map(str, hits)] for press, hits in both["presses"].items()]
+    draws = [seeds_line(press, f, hits) for press, per_fraction in both["seeds"].items()
+             for f, hits in per_fraction.items()]
     return (f"{text}\n\nBoth held-out draws together ({both['cases']} cases in Pride and Prejudice, "
             f"`--cases heldout` and `--cases heldout2`), hits with recall off:\n\n"
-            f"{common.markdown_table(['', *budgets], rows)}")
+            f"{common.markdown_table(['', *budgets], rows)}"
+            + ("\n\nThe random presses over several seeds, both draws together:\n" + "\n".join(draws)
+               if draws else ""))
 
 
 def merge(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -360,6 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer-presses", nargs="+", metavar="PRESS",
                         help="with --peers-only: run only these kvpress presses and keep the saved rows of the "
                              "others, e.g. 'KeyRerotationPress(CompactorPress)'")
+    parser.add_argument("--peer-seeds", type=int, nargs="+", metavar="SEED",
+                        help="with --peers-only and --peer-presses (presses with a random part, e.g. CompactorPress): "
+                             "run them again from each of these seeds, more draws beside the saved ones; --fractions "
+                             "may then be some of the saved run's")
     parser.add_argument("--peer-jobs", type=int, default=1,
                         help="run kvpress as this many one-thread processes side by side, each on a share of the "
                              "cases (accuracy only: use the machine's cores for a long peer run)")
@@ -368,19 +442,27 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--peer-jobs must be at least 1, got {args.peer_jobs}")
     if args.peer_presses and not args.peers_only:
         parser.error("--peer-presses adds presses to saved results: use it with --peers-only")
+    if args.peer_seeds and not (args.peers_only and args.peer_presses):
+        parser.error("--peer-seeds draws the random presses again: use it with --peers-only and --peer-presses")
     if args.fractions and any(f < 2 for f in args.fractions):
         parser.error(f"--fractions keeps 1/f of the prompt: each f must be at least 2, got {args.fractions}")
     name = SUITE if args.cases == "classic" else f"passkey_{args.cases}"
     keeps_saved = args.update or args.reuse_peers or args.peers_only
     saved = (common.read_result(name) or {}) if keeps_saved else {}
-    if saved and args.fractions and list(dict.fromkeys(args.fractions)) != saved.get("fractions"):
+    if args.peer_seeds and saved and args.fractions and not set(args.fractions) <= set(saved.get("fractions", [])):
+        parser.error(f"benchmarks/results/{name}.json was run at fractions "
+                     f"{' '.join(map(str, saved.get('fractions', [])))}: --peer-seeds draws at some of them")
+    elif saved and args.fractions and not args.peer_seeds and \
+            list(dict.fromkeys(args.fractions)) != saved.get("fractions"):
         kept = " ".join(map(str, saved.get("fractions", [])))
         parser.error(f"benchmarks/results/{name}.json was run at fractions {kept}; --update, --reuse-peers and "
                      f"--peers-only keep them: leave out --fractions or pass --fractions {kept}")
     if args.peers_only:
         if not saved:
             parser.error(f"no benchmarks/results/{name}.json to add the peers to: run the suite first")
-        result = add_peers(saved, args.peer_jobs, args.peer_presses)
+        result = (add_seeds(saved, args.peer_seeds, args.peer_presses, args.peer_jobs,
+                            tuple(dict.fromkeys(args.fractions)) if args.fractions else None)
+                  if args.peer_seeds else add_peers(saved, args.peer_jobs, args.peer_presses))
         common.rewrite_result(name, result)
         print(markdown(result))
         return 0

@@ -92,6 +92,9 @@ def main() -> int:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--fractions", type=int, nargs="+", default=[4, 8], help="keep 1/f of the context")
     parser.add_argument("--presses", nargs="+", default=list(PRESSES))
+    parser.add_argument("--seed", type=int, default=SEED,
+                        help="torch's seed at the start of every row (CompactorPress's random sketch)")
+    parser.add_argument("--skip-full", action="store_true", help="no full-cache row (another seed of the presses)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -112,7 +115,7 @@ def main() -> int:
     version = metadata.version("kvpress")
     missing = {name: f"not in kvpress {version}" for name in args.presses
                if not all(hasattr(kvpress, part) for part in press_classes(name))}
-    runs = [("none", 1)] + [(name, f) for name in args.presses if name not in missing for f in args.fractions]
+    runs = [("none", 1)] * (not args.skip_full) + [(name, f) for name in args.presses if name not in missing for f in args.fractions]
 
     rows = []
     with tempfile.TemporaryDirectory() as workdir, torch.inference_mode(), \
@@ -127,7 +130,7 @@ def main() -> int:
                        "budget": "full" if press is None else f"1/{f}", "compression_ratio": 1.0 - 1.0 / f,
                        "context_tokens": context.shape[1], "press_config": repr(press) if press is not None else None}
                 started = time.perf_counter()
-                torch.manual_seed(SEED)  # CompactorPress sketches the keys with torch.randn: one draw for every row
+                torch.manual_seed(args.seed)  # CompactorPress sketches the keys with torch.randn: one draw for every row
                 try:
                     text, kept = answer(pipe, press, context, question)
                     row.update(kept_context_tokens=round(kept, 1), hit=str(case["answer"]) in text, text=text)
@@ -139,7 +142,7 @@ def main() -> int:
                              f"{row.get('error') or ('hit' if row['hit'] else 'miss')}")
     args.out.write_text(json.dumps({
         "rows": rows, "missing": missing, "new_tokens": NEW_TOKENS,
-        "build": {"kvpress_version": version, "seed": SEED, "transformers_version": transformers.__version__,
+        "build": {"kvpress_version": version, "seed": args.seed, "transformers_version": transformers.__version__,
                   "torch_version": torch.__version__, "attn_implementation": model.config._attn_implementation,
                   "dtype": str(model.dtype), "threads": torch.get_num_threads()}}, indent=2))
     return 0

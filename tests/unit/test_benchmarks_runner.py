@@ -211,13 +211,16 @@ FAKE_PEER = """
 import argparse, json, sys
 p = argparse.ArgumentParser(); p.add_argument("--cases"); p.add_argument("--model"); p.add_argument("--out")
 p.add_argument("--fractions", nargs="+"); p.add_argument("--presses", nargs="+", default=["P"])
+p.add_argument("--seed", type=int, default=0); p.add_argument("--skip-full", action="store_true")
 a = p.parse_args()
 cases = json.load(open(a.cases))
 if any(c["id"] == "bad" for c in cases):
     sys.exit(3)
-rows = [{"id": c["id"], "press": press, "budget": b, "hit": c["answer"] == "1"}
-        for c in cases for press, b in [("none", "full")] + [(p, "1/4") for p in a.presses]]
-json.dump({"rows": rows, "missing": {}, "build": {"threads": 1, "shard": [c["id"] for c in cases]}}, open(a.out, "w"))
+runs = [("none", "full")] * (not a.skip_full) + [(p, f"1/{f}") for p in a.presses for f in a.fractions]
+rows = [{"id": c["id"], "press": press, "budget": b, "hit": c["answer"] == "1" or c["id"] < a.seed}
+        for c in cases for press, b in runs]
+json.dump({"rows": rows, "missing": {}, "build": {"threads": 1, "shard": [c["id"] for c in cases], "seed": a.seed}},
+          open(a.out, "w"))
 """
 
 
@@ -231,14 +234,14 @@ def test_peer_shards_cover_every_case_once_in_case_order(monkeypatch, tmp_path, 
     monkeypatch.setattr(common, "venv_python", lambda name: Path(sys.executable))
     chosen = [{"id": i, "context": [0] * n, "question": [1], "answer": str(i % 2)}
               for i, n in enumerate([30, 10, 50, 20, 40])]
-    result = passkey_after.run_peer(chosen, tmp_path / "m.gguf", jobs)
+    result = passkey_after.run_peer(chosen, tmp_path / "m.gguf", jobs, (4,))
     assert [(r["id"], r["press"]) for r in result["rows"]] == [(i, p) for i in range(5) for p in ("none", "P")]
     assert [r["hit"] for r in result["rows"] if r["press"] == "P"] == [False, True, False, True, False]
     assert result["build"]["jobs"] == min(jobs, 5)
     if jobs == 2:  # longest first, dealt in turn: 50, 30, 10 and 40, 20
         assert result["build"]["shard"] == [2, 0, 1]
     failed = passkey_after.run_peer(chosen + [{"id": "bad", "context": [0], "question": [1], "answer": "1"}],
-                                    tmp_path / "m.gguf", jobs)
+                                    tmp_path / "m.gguf", jobs, (4,))
     assert failed == {"error": "kvpress_passkey.py exited with status 3"}
 
 
@@ -275,3 +278,55 @@ def test_merged_peer_rows_keep_a_seed_only_when_every_random_row_has_it(saved_se
     saved = {"rows": rows(["none", "CompactorPress", "KeyDiffPress"]), "build": {"v": 1, **seeded(saved_seed)}}
     merged = passkey_after.merge_presses(saved, {"rows": rows(presses), "build": {"seed": 0}}, presses)
     assert merged["build"].get("seed") == seed and merged["build"]["v"] == 1
+
+
+def test_peer_seeds_add_draws_of_the_random_presses_beside_the_saved_rows(monkeypatch, tmp_path):
+    """`--peers-only --peer-presses CompactorPress --peer-seeds 1 2`: the random press runs again from each seed
+    (no full-cache rows), its rows marked with their seed and kept apart from the saved ones, which every table
+    still counts; the report gives each seed's hits and their mean, per run and over both held-out draws."""
+    import kvbound
+    import kvbound.loading
+    from benchmarks import passkey_after
+
+    script = tmp_path / "fake_peer.py"
+    script.write_text(FAKE_PEER)
+    monkeypatch.setattr(passkey_after, "PEER", script)
+    monkeypatch.setattr(common, "venv_python", lambda name: Path(sys.executable))
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(kvbound, "load", lambda **kwargs: None)
+    monkeypatch.setattr(kvbound.loading, "resolve_model", lambda: tmp_path / "m.gguf")
+    chosen = [{"id": i, "context": [0] * 3, "question": [1], "answer": "0"} for i in range(4)]
+    monkeypatch.setattr(passkey_after, "cases", lambda llm, max_tokens, kind: chosen)
+    saved = _passkey_run(range(4), [4, 8], {("compactor", 4): 3}, {("CompactorPress", 4): 1, ("CompactorPress", 8): 0,
+                                                                    ("KeyDiffPress", 4): 2, ("KeyDiffPress", 8): 2})
+    saved["peers"]["kvpress"]["build"]["seed"] = 0
+    (tmp_path / "passkey_heldout.json").write_text(json.dumps(saved))
+    args = ["--cases", "heldout", "--max-tokens", "10", "--peers-only", "--peer-presses", "CompactorPress"]
+    assert passkey_after.main([*args, "--peer-seeds", "1", "3", "--fractions", "4"]) == 0
+    result = json.loads((tmp_path / "passkey_heldout.json").read_text())
+    peer = result["peers"]["kvpress"]
+    assert peer["rows"] == saved["peers"]["kvpress"]["rows"]
+    assert sorted({(r["press"], r["seed"], r["budget"]) for r in peer["seed_rows"]}) == [
+        ("CompactorPress", 1, "1/4"), ("CompactorPress", 3, "1/4")]  # case i hits when i < seed
+    assert passkey_after.seed_hits(peer, "CompactorPress", 4, 4) == {0: 1, 1: 1, 3: 3}
+    assert passkey_after.seed_hits(peer, "CompactorPress", 8, 4) == {0: 0}
+    assert "| CompactorPress | 1/4 | 0/4 |" in passkey_after.markdown(result)
+    assert "CompactorPress at 1/4, one draw of its random sketch per seed (0, 1, 3): 1, 1, 3 hits; mean 1.7" in \
+        passkey_after.markdown(result)
+    assert passkey_after.main([*args, "--peer-seeds", "3", "--fractions", "4"]) == 0  # a draw run again: replaced
+    assert len(json.loads((tmp_path / "passkey_heldout.json").read_text())["peers"]["kvpress"]["seed_rows"]) == 8
+    second = _passkey_run(range(2), [4], {("compactor", 4): 1}, {("CompactorPress", 4): 2})
+    second["peers"]["kvpress"]["build"]["seed"] = 0
+    second["peers"]["kvpress"]["seed_rows"] = [{"id": i, "press": "CompactorPress", "budget": "1/4", "hit": True,
+                                                "seed": s} for s in (1, 2) for i in range(2)]
+    both = passkey_after.pooled([result, second])
+    assert both["seeds"] == {"CompactorPress": {4: {0: 3, 1: 3}}}  # the seeds both runs drew from
+    assert "mean 3.0" in passkey_after.heldout_markdown(second)
+    for bad in (["--peer-seeds", "0"], ["--peer-seeds", "1", "--fractions", "2"]):  # the saved seed; no such run
+        with pytest.raises(SystemExit):
+            passkey_after.main([*args, *bad])
+    with pytest.raises(SystemExit):  # KeyDiffPress has nothing random to draw again
+        passkey_after.main([*args[:-1], "KeyDiffPress", "--peer-seeds", "1"])
+    with pytest.raises(SystemExit):  # only beside --peers-only and --peer-presses
+        passkey_after.main(["--cases", "heldout", "--peers-only", "--peer-seeds", "1"])
