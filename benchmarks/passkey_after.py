@@ -333,10 +333,19 @@ def headlines(result: dict[str, Any]) -> list[str]:
         presses = dict.fromkeys(r["press"] for r in peer["rows"] if r["press"] != "none")
         peer_full = sum(r.get("hit", False) for r in peer["rows"] if r["press"] == "none")
         scores = [f"{p} " + " / ".join(str(sum(ran)) if ran else "error" for ran, _ in
-                                       (_peer_hits(peer, p, f) for f in result["fractions"])) for p in presses]
+                                       (_peer_hits(peer, p, f) for f in result["fractions"])) + _draws(peer, p, result)
+                  for p in presses]
         lines.append(f"kvpress {peer['build']['kvpress_version']} on the same cases, KV at {budgets} of the context, "
                      f"question after compression (full cache {peer_full}): " + ", ".join(scores) + ".")
     return lines
+
+
+def _draws(peer: dict[str, Any], press: str, result: dict[str, Any]) -> str:
+    """' (seeds 0, 1, 2 at 1/4: 14, 20, 17)' for a random press drawn from several seeds, else ''."""
+    parts = [f"seeds {', '.join(map(str, hits))} at 1/{f}: {', '.join(map(str, hits.values()))}"
+             for f in result["fractions"] if _random(press)
+             and len(hits := seed_hits(peer, press, f, result["cases"])) >= 2]
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def pooled(results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -314,6 +314,7 @@ def test_peer_seeds_add_draws_of_the_random_presses_beside_the_saved_rows(monkey
     assert "| CompactorPress | 1/4 | 0/4 |" in passkey_after.markdown(result)
     assert "CompactorPress at 1/4, one draw of its random sketch per seed (0, 1, 3): 1, 1, 3 hits; mean 1.7" in \
         passkey_after.markdown(result)
+    assert "CompactorPress 1 / 0 (seeds 0, 1, 3 at 1/4: 1, 1, 3)" in passkey_after.headlines(result)[-1]
     assert passkey_after.main([*args, "--peer-seeds", "3", "--fractions", "4"]) == 0  # a draw run again: replaced
     assert len(json.loads((tmp_path / "passkey_heldout.json").read_text())["peers"]["kvpress"]["seed_rows"]) == 8
     second = _passkey_run(range(2), [4], {("compactor", 4): 1}, {("CompactorPress", 4): 2})
