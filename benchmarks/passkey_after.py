@@ -137,8 +137,9 @@ def add_seeds(result: dict[str, Any], seeds: list[int], presses: list[str], jobs
     from kvbound.loading import resolve_model
 
     peer = result.get("peers", {}).get("kvpress", {})
-    if "rows" not in peer or "seed" not in peer.get("build", {}):
-        raise SystemExit("the saved kvpress rows are not from a seeded run: run --peers-only first")
+    if "rows" not in peer or not peer.get("build", {}).get("per_case_seed"):
+        raise SystemExit("the saved kvpress rows do not draw a sketch per case from a seed: run them again first "
+                         f"(--peers-only --peer-presses {' '.join(presses)})")
     if peer["build"]["seed"] in seeds:
         raise SystemExit(f"seed {peer['build']['seed']} is the saved rows' own: give other seeds")
     if fixed := [p for p in presses if not _random(p)]:
@@ -167,12 +168,12 @@ def seed_hits(peer: dict[str, Any], press: str, fraction: int, cases: int) -> di
 
 
 def seeds_line(press: str, fraction: int, hits: dict[int, int]) -> str:
-    """'CompactorPress at 1/4 over seeds 0-4: 13, 15, ... (mean 14.2)', or '' for fewer than two draws."""
+    """'- CompactorPress at 1/4, seeds 0, 1, 2: 13, 15, 14 hits; mean 14.0', or '' for fewer than two seeds."""
     if len(hits) < 2:
         return ""
     mean = sum(hits.values()) / len(hits)
-    return (f"- {press} at 1/{fraction}, one draw of its random sketch per seed "
-            f"({', '.join(map(str, hits))}): {', '.join(map(str, hits.values()))} hits; mean {mean:.1f}")
+    return (f"- {press} at 1/{fraction}, seeds {', '.join(map(str, hits))}: "
+            f"{', '.join(map(str, hits.values()))} hits; mean {mean:.1f}")
 
 
 def merge_presses(saved: dict[str, Any], new: dict[str, Any], presses: list[str]) -> dict[str, Any]:
@@ -181,13 +182,20 @@ def merge_presses(saved: dict[str, Any], new: dict[str, Any], presses: list[str]
     rows = [r for r in saved["rows"] if r["press"] not in presses] + [r for r in new["rows"] if r["press"] in presses]
     order = {case: i for i, case in enumerate(dict.fromkeys(r["id"] for r in saved["rows"]))}
     missing = {**{k: v for k, v in saved.get("missing", {}).items() if k not in presses}, **new.get("missing", {})}
-    build, seed = dict(saved["build"]), new["build"].get("seed")  # "seed": every random press's rows had it
-    if any(_random(r["press"]) for r in rows if r["press"] in presses) and build.get("seed") != seed:
-        if seed is not None and all(r["press"] in presses for r in rows if _random(r["press"])):
-            build["seed"] = seed
-        else:
-            build.pop("seed", None)
+    build, seeding = dict(saved["build"]), _seeding(new["build"])  # kept: every random press's rows had it
+    if any(_random(r["press"]) for r in rows if r["press"] in presses) and _seeding(build) != seeding:
+        for key in SEEDING:
+            build.pop(key, None)
+        if all(r["press"] in presses for r in rows if _random(r["press"])):
+            build.update(seeding)
     return {**saved, "rows": sorted(rows, key=lambda r: order[r["id"]]), "missing": missing, "build": build}
+
+
+SEEDING = ("seed", "per_case_seed")  # a peer build's seeding: its seed, and whether each case drew its own sketch
+
+
+def _seeding(build: dict[str, Any]) -> dict[str, Any]:
+    return {key: build[key] for key in SEEDING if key in build} if "seed" in build else {}
 
 
 def _random(press: str) -> bool:
@@ -282,11 +290,14 @@ def peer_markdown(result: dict[str, Any]) -> str:
              f"KVzipPress with the tokenizer's chat template off, the context being raw text). kvpress keeps {share} "
              f"of the context per layer and KV head and puts the question and the answer on top; kvbound's budget "
              f"of 1/f of the prompt holds the question and the answer too. CompactorPress sketches the keys at "
-             f"random: " + (f"seeded with {build['seed']} for every row." if "seed" in build else
+             f"random: " + (f"each case draws its own sketch, seeded with {build['seed']} and the case id, so a "
+                            f"run repeats." if build.get("per_case_seed") else
+                            f"seeded with {build['seed']} for every row, so every case had the same sketch and the "
+                            f"run's hits are one random draw." if "seed" in build else
                             "unseeded in this run, so its hits are one random draw."))
     draws = [line for press in presses if _random(press) for f in fractions
              if (line := seeds_line(press, f, seed_hits(peer, press, f, result["cases"])))]
-    draws = ["", "Other draws of the presses with a random part (`--peer-seeds`):", *draws] if draws else []
+    draws = ["", "The presses with a random part from other seeds too (`--peer-seeds`):", *draws] if draws else []
     return "\n".join([table, "", notes, *draws, *([""] + errors if errors else [])])
 
 

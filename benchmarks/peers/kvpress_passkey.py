@@ -5,8 +5,10 @@ Per case, press and kept fraction 1/f (compression_ratio 1 - 1/f): prefill the c
 question-agnostic, then let kvpress's own pipeline (`generate_answer`) feed the question ids at
 positions continuing from the context's length (from the kept length after KeyRerotationPress, as the pipeline
 does) and greedy-decode 8 tokens over the compressed cache. Each press is built as kvpress's evaluation registry
-builds it (evaluation/evaluate_registry.py). CompactorPress sketches the keys with an unseeded torch.randn; every
-row here starts from the same seed, so a run repeats and its split over processes does not change a hit.
+builds it (evaluation/evaluate_registry.py). CompactorPress sketches the keys with an unseeded torch.randn; each
+case's rows start from a seed made of `--seed` and the case id, so a run repeats, its split over processes does not
+change a hit, and every case draws its own sketch (one seed for every row would draw the same sketch for every
+case, and the whole run's hits would hang on that one draw).
 
     benchmarks/.venvs/kvpress/bin/python benchmarks/peers/kvpress_passkey.py --cases C.json --model M.gguf --out O.json
 """
@@ -19,6 +21,7 @@ import json
 import sys
 import tempfile
 import time
+import zlib
 from importlib import metadata
 from pathlib import Path
 
@@ -26,9 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks import common  # noqa: E402
 
 NEW_TOKENS = 8
-SEED = 0  # of kvpress's random parts, per row: a case's hits do not depend on the shards or on the rows before it
+SEED = 0  # of kvpress's random parts, with the case id (row_seed): hits depend on neither the shards nor the rows before
 PRESSES = ("CompactorPress", "KeyDiffPress", "LagKVPress", "KVzipPress", "ExpectedAttentionPress", "TOVAPress",
            "StreamingLLMPress", "KnormPress", "SnapKVPress", "KeyRerotationPress(CompactorPress)")
+
+
+def row_seed(seed: int, case_id) -> int:
+    """torch's seed for a case's rows: its own draw of every random part, the same in every run from `seed`."""
+    return zlib.crc32(f"{seed}/{case_id}".encode())
 
 
 def press_classes(name: str) -> list[str]:
@@ -93,7 +101,7 @@ def main() -> int:
     parser.add_argument("--fractions", type=int, nargs="+", default=[4, 8], help="keep 1/f of the context")
     parser.add_argument("--presses", nargs="+", default=list(PRESSES))
     parser.add_argument("--seed", type=int, default=SEED,
-                        help="torch's seed at the start of every row (CompactorPress's random sketch)")
+                        help="with each case's id, torch's seed at the start of its rows (CompactorPress's sketch)")
     parser.add_argument("--skip-full", action="store_true", help="no full-cache row (another seed of the presses)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -115,7 +123,8 @@ def main() -> int:
     version = metadata.version("kvpress")
     missing = {name: f"not in kvpress {version}" for name in args.presses
                if not all(hasattr(kvpress, part) for part in press_classes(name))}
-    runs = [("none", 1)] * (not args.skip_full) + [(name, f) for name in args.presses if name not in missing for f in args.fractions]
+    runs = [("none", 1)] * (not args.skip_full) + [(name, f) for name in args.presses if name not in missing
+                                                   for f in args.fractions]
 
     rows = []
     with tempfile.TemporaryDirectory() as workdir, torch.inference_mode(), \
@@ -130,7 +139,7 @@ def main() -> int:
                        "budget": "full" if press is None else f"1/{f}", "compression_ratio": 1.0 - 1.0 / f,
                        "context_tokens": context.shape[1], "press_config": repr(press) if press is not None else None}
                 started = time.perf_counter()
-                torch.manual_seed(args.seed)  # CompactorPress sketches the keys with torch.randn: one draw for every row
+                torch.manual_seed(row_seed(args.seed, case["id"]))  # CompactorPress's sketch: each case its own draw
                 try:
                     text, kept = answer(pipe, press, context, question)
                     row.update(kept_context_tokens=round(kept, 1), hit=str(case["answer"]) in text, text=text)
@@ -142,7 +151,8 @@ def main() -> int:
                              f"{row.get('error') or ('hit' if row['hit'] else 'miss')}")
     args.out.write_text(json.dumps({
         "rows": rows, "missing": missing, "new_tokens": NEW_TOKENS,
-        "build": {"kvpress_version": version, "seed": args.seed, "transformers_version": transformers.__version__,
+        "build": {"kvpress_version": version, "seed": args.seed, "per_case_seed": True,
+                  "transformers_version": transformers.__version__,
                   "torch_version": torch.__version__, "attn_implementation": model.config._attn_implementation,
                   "dtype": str(model.dtype), "threads": torch.get_num_threads()}}, indent=2))
     return 0

@@ -219,7 +219,8 @@ if any(c["id"] == "bad" for c in cases):
 runs = [("none", "full")] * (not a.skip_full) + [(p, f"1/{f}") for p in a.presses for f in a.fractions]
 rows = [{"id": c["id"], "press": press, "budget": b, "hit": c["answer"] == "1" or c["id"] < a.seed}
         for c in cases for press, b in runs]
-json.dump({"rows": rows, "missing": {}, "build": {"threads": 1, "shard": [c["id"] for c in cases], "seed": a.seed}},
+json.dump({"rows": rows, "missing": {}, "build": {"threads": 1, "shard": [c["id"] for c in cases], "seed": a.seed,
+                                                  "per_case_seed": True}},
           open(a.out, "w"))
 """
 
@@ -269,15 +270,19 @@ def test_peer_presses_run_alone_and_join_the_saved_rows(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("saved_seed, presses, seed", [(None, ["CompactorPress"], 0), (None, ["KeyDiffPress"], None),
                                                        (0, ["KeyDiffPress"], 0), (1, ["KeyDiffPress"], 1),
-                                                       (1, ["KeyRerotationPress(CompactorPress)"], None)])
+                                                       (1, ["KeyRerotationPress(CompactorPress)"], None),
+                                                       (0, ["CompactorPress"], 0)])
 def test_merged_peer_rows_keep_a_seed_only_when_every_random_row_has_it(saved_seed, presses, seed):
+    """The new rows draw a sketch per case from seed 0; the saved ones drew one sketch for every case."""
     from benchmarks import passkey_after
 
     rows = lambda names: [{"id": 0, "press": n, "budget": "1/4", "hit": True} for n in names]  # noqa: E731
     seeded = lambda s: {} if s is None else {"seed": s}  # noqa: E731
     saved = {"rows": rows(["none", "CompactorPress", "KeyDiffPress"]), "build": {"v": 1, **seeded(saved_seed)}}
-    merged = passkey_after.merge_presses(saved, {"rows": rows(presses), "build": {"seed": 0}}, presses)
+    new = {"rows": rows(presses), "build": {"seed": 0, "per_case_seed": True}}
+    merged = passkey_after.merge_presses(saved, new, presses)
     assert merged["build"].get("seed") == seed and merged["build"]["v"] == 1
+    assert merged["build"].get("per_case_seed", False) == ("CompactorPress" in presses)
 
 
 def test_peer_seeds_add_draws_of_the_random_presses_beside_the_saved_rows(monkeypatch, tmp_path):
@@ -300,9 +305,12 @@ def test_peer_seeds_add_draws_of_the_random_presses_beside_the_saved_rows(monkey
     monkeypatch.setattr(passkey_after, "cases", lambda llm, max_tokens, kind: chosen)
     saved = _passkey_run(range(4), [4, 8], {("compactor", 4): 3}, {("CompactorPress", 4): 1, ("CompactorPress", 8): 0,
                                                                     ("KeyDiffPress", 4): 2, ("KeyDiffPress", 8): 2})
-    saved["peers"]["kvpress"]["build"]["seed"] = 0
     (tmp_path / "passkey_heldout.json").write_text(json.dumps(saved))
     args = ["--cases", "heldout", "--max-tokens", "10", "--peers-only", "--peer-presses", "CompactorPress"]
+    with pytest.raises(SystemExit):  # saved rows with one sketch for every case: not a draw like the others
+        passkey_after.main([*args, "--peer-seeds", "1"])
+    saved["peers"]["kvpress"]["build"].update(seed=0, per_case_seed=True)
+    (tmp_path / "passkey_heldout.json").write_text(json.dumps(saved))
     assert passkey_after.main([*args, "--peer-seeds", "1", "3", "--fractions", "4"]) == 0
     result = json.loads((tmp_path / "passkey_heldout.json").read_text())
     peer = result["peers"]["kvpress"]
@@ -312,13 +320,13 @@ def test_peer_seeds_add_draws_of_the_random_presses_beside_the_saved_rows(monkey
     assert passkey_after.seed_hits(peer, "CompactorPress", 4, 4) == {0: 1, 1: 1, 3: 3}
     assert passkey_after.seed_hits(peer, "CompactorPress", 8, 4) == {0: 0}
     assert "| CompactorPress | 1/4 | 0/4 |" in passkey_after.markdown(result)
-    assert "CompactorPress at 1/4, one draw of its random sketch per seed (0, 1, 3): 1, 1, 3 hits; mean 1.7" in \
+    assert "CompactorPress at 1/4, seeds 0, 1, 3: 1, 1, 3 hits; mean 1.7" in \
         passkey_after.markdown(result)
     assert "CompactorPress 1 / 0 (seeds 0, 1, 3 at 1/4: 1, 1, 3)" in passkey_after.headlines(result)[-1]
     assert passkey_after.main([*args, "--peer-seeds", "3", "--fractions", "4"]) == 0  # a draw run again: replaced
     assert len(json.loads((tmp_path / "passkey_heldout.json").read_text())["peers"]["kvpress"]["seed_rows"]) == 8
     second = _passkey_run(range(2), [4], {("compactor", 4): 1}, {("CompactorPress", 4): 2})
-    second["peers"]["kvpress"]["build"]["seed"] = 0
+    second["peers"]["kvpress"]["build"].update(seed=0, per_case_seed=True)
     second["peers"]["kvpress"]["seed_rows"] = [{"id": i, "press": "CompactorPress", "budget": "1/4", "hit": True,
                                                 "seed": s} for s in (1, 2) for i in range(2)]
     both = passkey_after.pooled([result, second])
@@ -331,3 +339,14 @@ def test_peer_seeds_add_draws_of_the_random_presses_beside_the_saved_rows(monkey
         passkey_after.main([*args[:-1], "KeyDiffPress", "--peer-seeds", "1"])
     with pytest.raises(SystemExit):  # only beside --peers-only and --peer-presses
         passkey_after.main(["--cases", "heldout", "--peers-only", "--peer-seeds", "1"])
+
+
+def test_each_case_draws_its_own_kvpress_sketch_and_a_run_repeats():
+    """The peer seeds torch per case from --seed and the case id: one seed for every row would draw the same
+    CompactorPress sketch for every case, and a run's hits would hang on that one draw."""
+    sys.path.insert(0, str(common.BENCH / "peers"))
+    import kvpress_passkey
+
+    seeds = [kvpress_passkey.row_seed(0, case) for case in range(30)]
+    assert len(set(seeds)) == 30 and seeds == [kvpress_passkey.row_seed(0, case) for case in range(30)]
+    assert kvpress_passkey.row_seed(1, 0) != seeds[0]
