@@ -188,7 +188,10 @@ def merge_presses(saved: dict[str, Any], new: dict[str, Any], presses: list[str]
             build.pop(key, None)
         if all(r["press"] in presses for r in rows if _random(r["press"])):
             build.update(seeding)
-    return {**saved, "rows": sorted(rows, key=lambda r: order[r["id"]]), "missing": missing, "build": build}
+    merged = {**saved, "rows": sorted(rows, key=lambda r: order[r["id"]]), "missing": missing, "build": build}
+    if "seed_rows" in saved and _seeding(saved["build"]) != seeding:  # other seeds of a press drawn another way
+        merged["seed_rows"] = [r for r in saved["seed_rows"] if r["press"] not in presses]
+    return merged
 
 
 SEEDING = ("seed", "per_case_seed")  # a peer build's seeding: its seed, and whether each case drew its own sketch

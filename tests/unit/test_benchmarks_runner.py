@@ -283,6 +283,9 @@ def test_merged_peer_rows_keep_a_seed_only_when_every_random_row_has_it(saved_se
     merged = passkey_after.merge_presses(saved, new, presses)
     assert merged["build"].get("seed") == seed and merged["build"]["v"] == 1
     assert merged["build"].get("per_case_seed", False) == ("CompactorPress" in presses)
+    saved["seed_rows"] = [{**row, "seed": 1} for row in rows(["CompactorPress"])]
+    kept = passkey_after.merge_presses(saved, new, presses)["seed_rows"]  # only a press drawn the same way keeps its
+    assert kept == ([] if "CompactorPress" in presses else saved["seed_rows"])  # other seeds
 
 
 def test_peer_seeds_add_draws_of_the_random_presses_beside_the_saved_rows(monkeypatch, tmp_path):
