@@ -27,7 +27,7 @@ nothing is a span to keep: +4.6% at 1/4 of 3,584 tokens of Pride and Prejudice a
 (benchmarks/compression.py). On the 30 held-out cases it left 1/4 at 15 and took 1/8 from 7 to 8. On a second
 held-out draw of 30 (seed 9, `--cases heldout2`) it finds 18 at 1/4. kvpress's CompactorPress, its random sketch
 drawn per case, finds more: 37 of the 60 held-out keys at 1/4 where compactor finds 33, and 39 with its kept keys
-re-rotated to positions 0..K-1 as kvbound stores them (docs/memory.md).
+re-rotated to positions 0..K-1 as kvbound stores them (40 and 40 from another seed; docs/memory.md).
 
 What decides a case is whether every head keeps the key's two mentions: with the six tokens before each, its
 digits and the token after (about 12 tokens a mention) protected in every head (an oracle: it knows where the key
