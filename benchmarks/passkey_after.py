@@ -109,11 +109,10 @@ def run_peer(chosen: list[dict[str, Any]], model: Path, jobs: int = 1, fractions
     return {**parts[0], "rows": rows, "build": {**parts[0]["build"], "jobs": len(parts)}}
 
 
-def add_peers(result: dict[str, Any], jobs: int = 1, presses: list[str] | None = None) -> dict[str, Any]:
-    """The saved kvbound result with kvpress run on the same cases (token ids from our tokenizer, as `cases()`).
-    `presses`: run only these and put their rows beside the saved ones of the other presses."""
+def saved_cases(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The cases of a saved result, tokenized again (token ids from our tokenizer, as `cases()`); SystemExit when
+    they are no longer the saved ones."""
     import kvbound
-    from kvbound.loading import resolve_model
 
     common.pin_threads()
     chosen = cases(kvbound.load(dtype="fp32"), result["max_tokens"], result.get("case_set", "classic"))
@@ -121,7 +120,15 @@ def add_peers(result: dict[str, Any], jobs: int = 1, presses: list[str] | None =
     if {c["id"] for c in chosen} != ours:
         raise SystemExit(f"the cases up to {result['max_tokens']} tokens ({[c['id'] for c in chosen]}) are not "
                          f"those of the saved result ({sorted(ours)}); re-run the whole suite")
-    peer = run_peer(chosen, resolve_model(), jobs, tuple(result["fractions"]), presses)
+    return chosen
+
+
+def add_peers(result: dict[str, Any], jobs: int = 1, presses: list[str] | None = None) -> dict[str, Any]:
+    """The saved kvbound result with kvpress run on the same cases (token ids from our tokenizer, as `cases()`).
+    `presses`: run only these and put their rows beside the saved ones of the other presses."""
+    from kvbound.loading import resolve_model
+
+    peer = run_peer(saved_cases(result), resolve_model(), jobs, tuple(result["fractions"]), presses)
     saved = result.get("peers", {}).get("kvpress", {})
     if presses and "error" not in peer and "rows" in saved:
         peer = merge_presses(saved, peer, presses)
@@ -133,7 +140,6 @@ def add_seeds(result: dict[str, Any], seeds: list[int], presses: list[str], jobs
     """The saved result with more draws of kvpress's random presses: `presses` run again from each of `seeds`
     (at `fractions`, default the saved ones), their rows, marked with their seed, kept apart from the main rows
     in peers.kvpress.seed_rows (a draw run again replaces its old rows)."""
-    import kvbound
     from kvbound.loading import resolve_model
 
     peer = result.get("peers", {}).get("kvpress", {})
@@ -144,12 +150,11 @@ def add_seeds(result: dict[str, Any], seeds: list[int], presses: list[str], jobs
         raise SystemExit(f"seed {peer['build']['seed']} is the saved rows' own: give other seeds")
     if fixed := [p for p in presses if not _random(p)]:
         raise SystemExit(f"{', '.join(fixed)} has no random part: another seed gives the same hits")
-    common.pin_threads()
-    chosen = cases(kvbound.load(dtype="fp32"), result["max_tokens"], result.get("case_set", "classic"))
+    chosen, model = saved_cases(result), resolve_model()
     fractions = fractions or tuple(result["fractions"])
     new = []
     for seed in seeds:
-        run = run_peer(chosen, resolve_model(), jobs, fractions, presses, seed)
+        run = run_peer(chosen, model, jobs, fractions, presses, seed)
         if "error" in run:
             raise SystemExit(f"kvpress with seed {seed}: {run['error']}")
         new += [{**row, "seed": seed} for row in run["rows"]]
