@@ -112,7 +112,7 @@ def ref_keydiff(count: int) -> set[int]:
 
 
 def compactor_heads() -> torch.Tensor:
-    """Compactor, per layer and head: 0.75 × z(leverage of the key among the held keys, ridge 1% of the mean
+    """Compactor, per layer and head: 0.75 × z(leverage of the key among the held keys, ridge 10% of the mean
     diagonal of XᵀX) + z(the attention the token received when written; unscored: its head's mean)."""
     def z(x):
         return (x - x.mean()) / x.std()
@@ -122,7 +122,7 @@ def compactor_heads() -> torch.Tensor:
         for h, x in enumerate(keys):
             x = x - x.mean(0)
             gram = x.T @ x
-            lev[h] = (x * torch.linalg.solve(gram + 0.01 * gram.diag().mean() * torch.eye(8), x.T).T).sum(-1)
+            lev[h] = (x * torch.linalg.solve(gram + 0.1 * gram.diag().mean() * torch.eye(8), x.T).T).sum(-1)
         filled = torch.where(received.isnan(), received.nanmean(-1, keepdim=True), received)
         rows.append(0.75 * z(lev.clamp_min(0)) + z(filled))
     return keep_window(torch.stack(rows).permute(2, 0, 1), RECENT).permute(1, 2, 0)  # (L, H, S)
@@ -247,10 +247,11 @@ def test_each_head_drops_its_own_lowest_of_each_segment(name, count):
     assert len(differs) > 1, "every head kept the same tokens: the choice is not per head"
 
 
-def test_compactor_judges_keys_against_every_key_written():
+@pytest.mark.parametrize("ridge", [None, 0.01, 1.0])
+def test_compactor_judges_keys_against_every_key_written(ridge):
     """With key moments (every key the sequence wrote, evicted ones too), a key's leverage is measured against
     their mean and covariance, not the held keys': once the text was full of keys like the held outliers, those
-    are typical and go first."""
+    are typical and go first. The ridge is `ridge` (default 0.1) × the mean variance."""
     from kvbound.kvcache.moments import KeyMoments
 
     gen = torch.Generator().manual_seed(3)
@@ -261,7 +262,7 @@ def test_compactor_judges_keys_against_every_key_written():
         everything = torch.cat([keys, evicted], dim=1)
         moments.add(layer, everything)
         written.append(everything)
-    policy = make_policy("compactor", **OPTIONS)
+    policy = make_policy("compactor", **OPTIONS, **({} if ridge is None else {"ridge": ridge}))
     view = observed(policy)
     view = SequenceView(view.positions, view.segments, view.scores, view.pinned, view.key_layers, view.head_scores,
                         moments)
@@ -274,7 +275,8 @@ def test_compactor_judges_keys_against_every_key_written():
         for h in range(2):
             mean, cov = every[h].mean(0), torch.cov(every[h].T, correction=0)
             x = keys[h] - mean
-            lev[h] = (x * torch.linalg.solve(cov + 0.01 * cov.diag().mean() * torch.eye(8), x.T).T).sum(-1)
+            lam = (0.1 if ridge is None else ridge) * cov.diag().mean()
+            lev[h] = (x * torch.linalg.solve(cov + lam * torch.eye(8), x.T).T).sum(-1)
         filled = torch.where(received.isnan(), received.nanmean(-1, keepdim=True), received)
         rows.append(0.75 * z(lev.clamp_min(0)) + z(filled))
     heads = keep_window(torch.stack(rows).permute(2, 0, 1), RECENT).permute(1, 2, 0)
@@ -312,7 +314,10 @@ def test_compactor_ingest_is_tiled_noncausal_attention_averaged_over_neighbours(
     assert raised.all(dim=0).nonzero().flatten().tolist() == list(range(max(0, 5 - half), min(8, 6 + half)))
 
 
-def test_compactor_rejects_an_even_or_empty_window():
+def test_compactor_rejects_an_even_or_empty_window_and_a_ridge_not_above_zero():
     for bad in (0, 2, -3):
         with pytest.raises(ValueError, match="odd number"):
             make_policy("compactor", neighbours=bad)
+    for bad in (0.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="ridge must be > 0"):
+            make_policy("compactor", ridge=bad)

@@ -62,10 +62,13 @@ class CompactorPolicy(Policy):
     recent_tokens: int = 32
     sink_tokens: int = 8
     neighbours: int = 7  # odd: the window the attention signal is averaged over, centred on the token
+    ridge: float = 0.1  # λ of the leverage, as a fraction of the mean key variance
 
     def __post_init__(self) -> None:
         if self.neighbours < 1 or self.neighbours % 2 == 0:
             raise ValueError(f"compactor's neighbours must be an odd number >= 1, got {self.neighbours}")
+        if not self.ridge > 0:
+            raise ValueError(f"compactor's ridge must be > 0 (a fraction of the mean key variance), got {self.ridge}")
 
     def ingest(self, q, k, v):
         return tile_attention(q, k, v, self.tile, self.neighbours)
@@ -73,7 +76,8 @@ class CompactorPolicy(Policy):
     def score_heads(self, view):
         def compute() -> torch.Tensor:
             moments = view.key_moments
-            rows = [self.blending * _zscore(leverage(keys, moments.layer(layer) if moments is not None else None))
+            rows = [self.blending * _zscore(leverage(keys, moments.layer(layer) if moments is not None else None,
+                                                             self.ridge))
                     + _zscore(_unscored_as_mean(received))
                     for layer, (keys, received) in enumerate(zip(view.key_layers(plain=True), view.head_scores))]
             return protect(torch.stack(rows), self.recent_tokens, self.sink_tokens)  # (L, n_kv, n)
@@ -83,10 +87,12 @@ class CompactorPolicy(Policy):
         return self.score_heads(view).mean(dim=(0, 1))
 
 
-def leverage(keys: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def leverage(keys: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor] | None = None,
+             ridge: float = 0.1) -> torch.Tensor:
     """(n_kv, n, D) → (n_kv, n): each key's leverage x̄ᵀ(Σ + λI)⁻¹x̄ against `reference` (mean (n_kv, D),
     covariance (n_kv, D, D)) of the keys it is judged among; None: the given keys themselves, which makes it
-    n × diag(X̄ (X̄ᵀX̄)⁻¹ X̄ᵀ). The ridge λ (1% of the mean variance) lets a rank-deficient set solve."""
+    n × diag(X̄ (X̄ᵀX̄ + nλI)⁻¹ X̄ᵀ). λ is `ridge` × the mean variance: it lets a rank-deficient set solve and keeps
+    the directions the keys barely vary in from dominating the score."""
     keys = keys.float()
     if reference is None:
         mean = keys.mean(dim=1)
@@ -94,8 +100,8 @@ def leverage(keys: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor] | 
         reference = mean, centred.transpose(1, 2) @ centred / keys.shape[1]
     mean, cov = reference
     x = keys - mean[:, None]
-    ridge = 1e-2 * cov.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-6)[:, None, None]
-    chol = torch.linalg.cholesky(cov + ridge * torch.eye(x.shape[-1], device=x.device))
+    lam = ridge * cov.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-6)[:, None, None]
+    chol = torch.linalg.cholesky(cov + lam * torch.eye(x.shape[-1], device=x.device))
     solved = torch.cholesky_solve(x.transpose(1, 2), chol)  # (n_kv, D, n)
     return (x * solved.transpose(1, 2)).sum(-1).clamp_min(0)
 
