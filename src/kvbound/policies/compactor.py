@@ -86,9 +86,10 @@ class CompactorPolicy(Policy):
     def score_heads(self, view):
         def compute() -> torch.Tensor:
             moments = view.key_moments
-            rows = [self.blending * _zscore(leverage(keys, moments.layer(layer) if moments is not None else None,
-                                                             self.ridge))
-                    + _zscore(_unscored_as_mean(received))
+
+            def judged(layer: int, keys: torch.Tensor) -> torch.Tensor:
+                return leverage(keys, moments.layer(layer) if moments is not None else None, self.ridge)
+            rows = [self.blending * _zscore(judged(layer, keys)) + _zscore(_unscored_as_mean(received))
                     for layer, (keys, received) in enumerate(zip(view.key_layers(plain=True), view.head_scores))]
             return protect(torch.stack(rows), self.recent_tokens, self.sink_tokens)  # (L, n_kv, n)
         return view.memo("compactor", compute)  # `score` and the heads' choice read it once per eviction
