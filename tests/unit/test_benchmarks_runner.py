@@ -347,8 +347,7 @@ def test_peer_seeds_add_draws_of_the_random_presses_beside_the_saved_rows(monkey
 def test_each_case_draws_its_own_kvpress_sketch_and_a_run_repeats():
     """The peer seeds torch per case from --seed and the case id: one seed for every row would draw the same
     CompactorPress sketch for every case, and a run's hits would hang on that one draw."""
-    sys.path.insert(0, str(common.BENCH / "peers"))
-    import kvpress_passkey
+    from benchmarks.peers import kvpress_passkey
 
     seeds = [kvpress_passkey.row_seed(0, case) for case in range(30)]
     assert len(set(seeds)) == 30 and seeds == [kvpress_passkey.row_seed(0, case) for case in range(30)]
