@@ -98,8 +98,7 @@ class CompactorPolicy(Policy):
         return self.score_heads(view).mean(dim=(0, 1))
 
 
-def leverage(keys: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor] | None = None,
-             ridge: float = 0.1) -> torch.Tensor:
+def leverage(keys: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor] | None, ridge: float) -> torch.Tensor:
     """(n_kv, n, D) → (n_kv, n): each key's leverage x̄ᵀ(Σ + λI)⁻¹x̄ against `reference` (mean (n_kv, D),
     covariance (n_kv, D, D)) of the keys it is judged among; None: the given keys themselves, which makes it
     n × diag(X̄ (X̄ᵀX̄ + nλI)⁻¹ X̄ᵀ). λ is `ridge` × the mean variance: it lets a rank-deficient set solve and keeps
