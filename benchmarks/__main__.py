@@ -30,12 +30,15 @@ SUITES = {"decode": "benchmarks.decode", "kv_kernel": "benchmarks.kv_kernel", "w
           "passkey_austen": "benchmarks.passkey_after --cases austen --max-tokens 4200",
           "passkey_heldout": "benchmarks.passkey_after --cases heldout --max-tokens 4200 --policies keydiff compactor --peer-jobs 2",
           "passkey_heldout2": "benchmarks.passkey_after --cases heldout2 --max-tokens 4200 --policies compactor "
+                              "--fractions 4 --peer-jobs 2",
+          "passkey_heldout3": "benchmarks.passkey_after --cases heldout3 --max-tokens 4200 --policies compactor "
                               "--fractions 4 --peer-jobs 2"}
 # (a suite is a module and, for a second configuration of a module, its arguments)
 PEERS = {"decode": ("llamacpp",), "weights": ("llamacpp",), "long_chat": ("llamacpp",), "quality": ("llamacpp",),
          "load": ("llamacpp",), "kvpress": ("kvpress",),
          "passkey_after": ("kvpress",), "passkey_austen": ("kvpress",),
-         "passkey_heldout": ("kvpress",), "passkey_heldout2": ("kvpress",)}  # the peer venvs each suite runs
+         "passkey_heldout": ("kvpress",), "passkey_heldout2": ("kvpress",),
+         "passkey_heldout3": ("kvpress",)}  # the peer venvs each suite runs
 BENCH_MODULES = ("matplotlib", "transformers", "accelerate", "optimum")  # the `bench` extra (optimum-quanto)
 
 

@@ -9,9 +9,11 @@ the same book, seed, lengths and depths give the same file.
 
     python -m benchmarks.make_passkey [--book texts/prideprejudice.txt] [--seed 5] [--out PATH]
     python -m benchmarks.make_passkey --book texts/sensesensibility.txt --seed 7 8 --out data/passkey/dev-sense.jsonl
+    python -m benchmarks.make_passkey --seed 13 14 --out data/passkey/heldout3-austen.jsonl
 
 The second makes the 60-case dev set in Sense and Sensibility (one grid per seed, numbered on) on which
-compactor's settings were chosen, in a book apart from the held-out cases'.
+compactor's settings were chosen, in a book apart from the held-out cases'. The third makes the third held-out draw
+(`passkey_after --cases heldout3`), 60 cases made after every setting was fixed.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -34,7 +35,7 @@ QUESTION = "What is the pass key?"
 FRACTIONS = (4, 8)
 CASES = {"classic": "passkey/dev-classic.jsonl", "austen": "passkey/dev-austen.jsonl",
          "sense": "passkey/dev-sense.jsonl", "heldout": "passkey/heldout-austen.jsonl",
-         "heldout2": "passkey/heldout2-austen.jsonl"}
+         "heldout2": "passkey/heldout2-austen.jsonl", "heldout3": "passkey/heldout3-austen.jsonl"}
 PEER = common.BENCH / "peers" / "kvpress_passkey.py"
 
 
@@ -246,9 +247,13 @@ def measure(max_tokens: int, policies: list[str], kind: str = "classic",
                       run_peer(chosen, resolve_model(), peer_jobs, fractions)}}
 
 
-def _hits(rows: list[dict[str, Any]], policy: str, fraction: int, recall: bool) -> list[bool]:
-    return [r["hit"] for r in rows if r["policy"] == policy and r["budget"] == f"1/{fraction}"
+def _hits_rows(rows: list[dict[str, Any]], policy: str, fraction: int, recall: bool = False) -> list[dict[str, Any]]:
+    return [r for r in rows if r["policy"] == policy and r["budget"] == f"1/{fraction}"
             and r.get("recall", False) == recall]
+
+
+def _hits(rows: list[dict[str, Any]], policy: str, fraction: int, recall: bool) -> list[bool]:
+    return [r["hit"] for r in _hits_rows(rows, policy, fraction, recall)]
 
 
 def _peer_hits(peer: dict[str, Any], press: str, fraction: int) -> tuple[list[bool], int]:
@@ -341,7 +346,8 @@ def headlines(result: dict[str, Any]) -> list[str]:
         if any(r.get("recall") for r in rows):
             recalled.append(f"{policy} {' / '.join(map(str, on))}")
     filler = {"austen": " (Austen filler)", "heldout": " (held-out Austen cases)",
-              "heldout2": " (second held-out draw of Austen cases)"}.get(result.get("case_set"), "")
+              "heldout2": " (second held-out draw of Austen cases)",
+              "heldout3": " (third held-out draw of Austen cases)"}.get(result.get("case_set"), "")
     budgets = " / ".join(f"1/{f}" for f in result["fractions"])
     lines = [f"Passkey{filler} with the question after compression, KV at {budgets} of the prompt, "
              f"{result['cases']} cases (full cache {full}): " + ", ".join(parts) + "."]
@@ -404,28 +410,80 @@ def _pooled_seeds(peers: list[dict[str, Any]], results: list[dict[str, Any]], pr
     return out
 
 
+HELDOUT = ("heldout", "heldout2", "heldout3")  # the held-out draws, in the order they were made
+
+
 def heldout_markdown(result: dict[str, Any]) -> str:
-    """The second held-out draw, and both draws together (the first from its saved results)."""
-    first = common.read_result("passkey_heldout")
+    """A later held-out draw, then it and every draw made before it together (those from their saved results),
+    with a case-by-case comparison of each policy and each press."""
     text = markdown(result)
-    if first is None:
+    names = HELDOUT[:HELDOUT.index(result["case_set"])] if result.get("case_set") in HELDOUT else ()
+    earlier = [(name, saved) for name in names if (saved := common.read_result(f"passkey_{name}")) is not None]
+    if not earlier:
         return text
-    both = pooled([first, result])
-    if not both["fractions"]:
+    runs = [saved for _, saved in earlier] + [result]
+    together = pooled(runs)
+    if not together["fractions"]:
         return text
-    budgets = [f"KV 1/{f}" for f in both["fractions"]]
-    rows = [["full cache, kvbound", *[str(both["full"][0])] * len(budgets)]]
-    if both["full"][1] is not None:
-        rows.append(["full cache, kvpress", *[str(both["full"][1])] * len(budgets)])
-    rows += [[f"kvbound `{p}`, alone", *map(str, hits)] for p, hits in both["policies"].items()]
-    rows += [[f"kvpress {press}", *map(str, hits)] for press, hits in both["presses"].items()]
-    draws = [seeds_line(press, f, hits) for press, per_fraction in both["seeds"].items()
+    budgets = [f"KV 1/{f}" for f in together["fractions"]]
+    rows = [["full cache, kvbound", *[str(together["full"][0])] * len(budgets)]]
+    if together["full"][1] is not None:
+        rows.append(["full cache, kvpress", *[str(together["full"][1])] * len(budgets)])
+    rows += [[f"kvbound `{p}`, alone", *map(str, hits)] for p, hits in together["policies"].items()]
+    rows += [[f"kvpress {press}", *map(str, hits)] for press, hits in together["presses"].items()]
+    draws = [seeds_line(press, f, hits) for press, per_fraction in together["seeds"].items()
              for f, hits in per_fraction.items()]
-    return (f"{text}\n\nBoth held-out draws together ({both['cases']} cases in Pride and Prejudice, "
-            f"`--cases heldout` and `--cases heldout2`), hits with recall off:\n\n"
-            f"{common.markdown_table(['', *budgets], rows)}"
-            + ("\n\nThe random presses over several seeds, both draws together:\n" + "\n".join(draws)
-               if draws else ""))
+    flags = " and ".join(f"`--cases {name}`" for name in [*(name for name, _ in earlier), result["case_set"]])
+    which = "Both held-out draws" if len(runs) == 2 else f"All {len(runs)} held-out draws"
+    return (f"{text}\n\n{which} together ({together['cases']} cases in Pride and Prejudice, {flags}), hits with "
+            f"recall off:\n\n{common.markdown_table(['', *budgets], rows)}"
+            + (f"\n\nThe random presses over several seeds, {which.lower()} together:\n" + "\n".join(draws)
+               if draws else "")
+            + "\n\n" + paired_markdown(runs, together))
+
+
+def paired(results: list[dict[str, Any]], policy: str, press: str, fraction: int,
+           seed: int | None = None) -> tuple[int, int]:
+    """(cases `policy` alone finds and `press` misses, cases `press` finds and `policy` alone misses), recall off,
+    over the runs; `seed`: that seed's rows of a random press (None: its main rows)."""
+    mine = theirs = 0
+    for r in results:
+        ours = {row["id"]: row["hit"] for row in _hits_rows(r["rows"], policy, fraction)}
+        peer = r["peers"]["kvpress"]
+        rows = peer["rows"] if seed is None or seed == peer["build"].get("seed") else \
+            [row for row in peer.get("seed_rows", []) if row["seed"] == seed]
+        for row in rows:
+            if row["press"] == press and row["budget"] == f"1/{fraction}" and "error" not in row:
+                mine += ours[row["id"]] and not row["hit"]
+                theirs += row["hit"] and not ours[row["id"]]
+    return mine, theirs
+
+
+def sign_test(a: int, b: int) -> float:
+    """Exact two-sided sign test of a against b discordant cases (the chance of a split at least this uneven
+    if either side were as likely to win each case)."""
+    n = a + b
+    return 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, k) for k in range(min(a, b) + 1)) / 2 ** n)
+
+
+def _p(p: float) -> str:
+    return f"p = {p:.2f}" if p >= 0.01 else "p < 0.01"
+
+
+def paired_markdown(results: list[dict[str, Any]], together: dict[str, Any]) -> str:
+    """Each policy against each press, case by case: the cases only one of them finds, and a sign test."""
+    lines = []
+    for f in together["fractions"]:
+        for policy in together["policies"]:
+            for press in together["presses"]:
+                seeds = list(together["seeds"].get(press, {}).get(f, {})) or [None]
+                for seed in seeds:
+                    mine, theirs = paired(results, policy, press, f, seed)
+                    drawn = f", seed {seed}" if seed is not None else ""
+                    lines.append(f"- `{policy}` against {press}{drawn} at 1/{f}: {mine} keys only `{policy}` "
+                                 f"finds, {theirs} only the press; sign test {_p(sign_test(mine, theirs))}")
+    return "Case by case (recall off; p: exact two-sided sign test on the cases only one side finds):\n" + \
+        "\n".join(lines) if lines else ""
 
 
 def merge(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -444,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the case set: classic filler, austen (Sense and Sensibility as filler; results "
                              "passkey_austen), sense (60 dev cases in Sense and Sensibility, benchmarks/make_passkey.py; "
                              "results passkey_sense), heldout (30 cases in Pride and Prejudice; results "
-                             "passkey_heldout) or heldout2 (30 more in it, another seed; results passkey_heldout2)")
+                             "passkey_heldout), heldout2 (30 more in it, another seed; results passkey_heldout2) or heldout3 (60 "
+                             "more, two other seeds; results passkey_heldout3)")
     parser.add_argument("--fractions", type=int, nargs="+",
                         help="keep 1/f of the prompt for each f given (kvpress runs the same fractions; default 4 8, "
                              "or the saved run's with --update, --reuse-peers and --peers-only, which keep them)")

@@ -61,6 +61,7 @@ SECTIONS = [  # (result name, title, markdown(result))
     ("passkey_austen", "Passkey in book text with the question after compression", passkey_after.markdown),
     ("passkey_heldout", "Passkey in book text, held-out cases", passkey_after.markdown),
     ("passkey_heldout2", "Passkey in book text, a second held-out draw", passkey_after.heldout_markdown),
+    ("passkey_heldout3", "Passkey in book text, a third held-out draw", passkey_after.heldout_markdown),
     ("heldout_ppl", "Perplexity at a quarter of the KV on held-out text", heldout_ppl.markdown),
     ("archive", "The recall archive at 100,000 evicted turns", archive.markdown),
     ("quality", "Quality under a KV budget (perplexity, passkey)", quality.markdown),
@@ -287,7 +288,7 @@ HEADLINES = {"decode": decode_headlines, "kv_kernel": kv_kernel_headlines, "long
              "recall": recall.headlines, "recall_sense": recall.headlines, "recall_heldout": recall.headlines,
              "revisions": revisions.headlines, "passkey_after": passkey_after.headlines,
              "passkey_austen": passkey_after.headlines, "passkey_heldout": passkey_after.headlines,
-             "passkey_heldout2": passkey_after.headlines,
+             "passkey_heldout2": passkey_after.headlines, "passkey_heldout3": passkey_after.headlines,
              "heldout_ppl": heldout_ppl.headlines,
              "archive": archive.headlines}
 

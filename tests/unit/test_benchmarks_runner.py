@@ -76,6 +76,7 @@ def test_the_generated_chats_are_what_make_chat_makes(name, book, seed, facts):
 
 @pytest.mark.parametrize("name, book, seeds", [("heldout-austen", "prideprejudice", [5]),
                                               ("heldout2-austen", "prideprejudice", [9]),
+                                              ("heldout3-austen", "prideprejudice", [13, 14]),
                                               ("dev-sense", "sensesensibility", [7, 8])])
 def test_the_committed_passkeys_are_what_make_passkey_makes(smollm2_tokenizer, name, book, seeds):
     """The committed passkey cases (held-out, and the 60-case dev set) regenerate byte for byte, numbered in
@@ -153,13 +154,30 @@ def test_the_second_heldout_section_pools_both_draws(tmp_path, monkeypatch):
     from benchmarks import passkey_after
 
     monkeypatch.setattr(common, "RESULTS", tmp_path)
-    second = _passkey_run(range(3), [4], {("compactor", 4): 3}, {("A", 4): 1})
+    second = {**_passkey_run(range(3), [4], {("compactor", 4): 3}, {("A", 4): 1}), "case_set": "heldout2"}
     assert "together" not in passkey_after.heldout_markdown(second)  # no first draw saved: only its own tables
     (tmp_path / "passkey_heldout.json").write_text(json.dumps(_passkey_run(range(4), [4, 8], {
         ("compactor", 4): 2, ("compactor", 8): 1}, {("A", 4): 3, ("A", 8): 0})))
     text = passkey_after.heldout_markdown(second)
-    assert "Both held-out draws together (7 cases" in text
+    assert "Both held-out draws together (7 cases" in text and "`--cases heldout` and `--cases heldout2`" in text
     assert "| kvbound `compactor`, alone | 5 |" in text and "| kvpress A | 4 |" in text
+    # compactor finds cases 0, 1 of the first draw and 0-2 of the second; A finds 0-2 and 0: 1 and 2 apart
+    assert "`compactor` against A at 1/4: 2 keys only `compactor` finds, 1 only the press; sign test p = 1.00" in text
+    (tmp_path / "passkey_heldout2.json").write_text(json.dumps(second))
+    third = {**_passkey_run(range(2), [4], {("compactor", 4): 0}, {("A", 4): 2}), "case_set": "heldout3"}
+    text = passkey_after.heldout_markdown(third)  # the third draw pools with both before it
+    assert "All 3 held-out draws together (9 cases" in text and "`--cases heldout3`" in text
+    assert "| kvbound `compactor`, alone | 5 |" in text and "| kvpress A | 6 |" in text
+    assert "2 keys only `compactor` finds, 3 only the press" in text
+    assert "together" not in passkey_after.heldout_markdown({**third, "case_set": "heldout"})  # the first draw
+
+
+@pytest.mark.parametrize("a, b, p", [(0, 0, 1.0), (1, 1, 1.0), (5, 0, 0.0625), (0, 5, 0.0625), (1, 9, 22 / 1024),
+                                     (9, 10, 1.0)])
+def test_sign_test_is_the_exact_two_sided_binomial(a, b, p):
+    from benchmarks import passkey_after
+
+    assert passkey_after.sign_test(a, b) == pytest.approx(p)
 
 
 def test_passkey_fractions_are_checked_before_anything_runs(tmp_path, monkeypatch):
@@ -328,7 +346,7 @@ def test_peer_seeds_add_draws_of_the_random_presses_beside_the_saved_rows(monkey
     assert "CompactorPress 1 / 0 (seeds 0, 1, 3 at 1/4: 1, 1, 3)" in passkey_after.headlines(result)[-1]
     assert passkey_after.main([*args, "--peer-seeds", "3", "--fractions", "4"]) == 0  # a draw run again: replaced
     assert len(json.loads((tmp_path / "passkey_heldout.json").read_text())["peers"]["kvpress"]["seed_rows"]) == 8
-    second = _passkey_run(range(2), [4], {("compactor", 4): 1}, {("CompactorPress", 4): 2})
+    second = {**_passkey_run(range(2), [4], {("compactor", 4): 1}, {("CompactorPress", 4): 2}), "case_set": "heldout2"}
     second["peers"]["kvpress"]["build"].update(seed=0, per_case_seed=True)
     second["peers"]["kvpress"]["seed_rows"] = [{"id": i, "press": "CompactorPress", "budget": "1/4", "hit": True,
                                                 "seed": s} for s in (1, 2) for i in range(2)]
