@@ -159,14 +159,14 @@ def test_the_second_heldout_section_pools_both_draws(tmp_path, monkeypatch):
     (tmp_path / "passkey_heldout.json").write_text(json.dumps(_passkey_run(range(4), [4, 8], {
         ("compactor", 4): 2, ("compactor", 8): 1}, {("A", 4): 3, ("A", 8): 0})))
     text = passkey_after.heldout_markdown(second)
-    assert "Both held-out draws together (7 cases" in text and "`--cases heldout` and `--cases heldout2`" in text
+    assert "Both held-out draws together (7 cases" in text and "`--cases` `heldout` and `heldout2`" in text
     assert "| kvbound `compactor`, alone | 5 |" in text and "| kvpress A | 4 |" in text
     # compactor finds cases 0, 1 of the first draw and 0-2 of the second; A finds 0-2 and 0: 1 and 2 apart
     assert "`compactor` against A at 1/4: 2 keys only `compactor` finds, 1 only the press; sign test p = 1.00" in text
     (tmp_path / "passkey_heldout2.json").write_text(json.dumps(second))
     third = {**_passkey_run(range(2), [4], {("compactor", 4): 0}, {("A", 4): 2}), "case_set": "heldout3"}
     text = passkey_after.heldout_markdown(third)  # the third draw pools with both before it
-    assert "All 3 held-out draws together (9 cases" in text and "`--cases heldout3`" in text
+    assert "All 3 held-out draws together (9 cases" in text and "`--cases` `heldout`, `heldout2` and `heldout3`" in text
     assert "| kvbound `compactor`, alone | 5 |" in text and "| kvpress A | 6 |" in text
     assert "2 keys only `compactor` finds, 3 only the press" in text
     assert "together" not in passkey_after.heldout_markdown({**third, "case_set": "heldout"})  # the first draw
