@@ -433,14 +433,14 @@ def heldout_markdown(result: dict[str, Any]) -> str:
     rows += [[f"kvpress {press}", *map(str, hits)] for press, hits in together["presses"].items()]
     draws = [seeds_line(press, f, hits) for press, per_fraction in together["seeds"].items()
              for f, hits in per_fraction.items()]
-    names = [f"`{name}`" for name in [*(name for name, _ in earlier), result["case_set"]]]
-    flags = f"`--cases` {', '.join(names[:-1])} and {names[-1]}"
+    shown = [f"`{name}`" for name in [*(name for name, _ in earlier), result["case_set"]]]
+    flags = f"`--cases` {', '.join(shown[:-1])} and {shown[-1]}"
     which = "Both held-out draws" if len(runs) == 2 else f"All {len(runs)} held-out draws"
     return (f"{text}\n\n{which} together ({together['cases']} cases in Pride and Prejudice, {flags}), hits with "
             f"recall off:\n\n{common.markdown_table(['', *budgets], rows)}"
             + (f"\n\nThe random presses over several seeds, {which.lower()} together:\n" + "\n".join(draws)
                if draws else "")
-            + "\n\n" + paired_markdown(runs, together))
+            + (f"\n\n{by_case}" if (by_case := paired_markdown(runs, together)) else ""))
 
 
 def paired(results: list[dict[str, Any]], policy: str, press: str, fraction: int,
