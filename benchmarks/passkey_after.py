@@ -169,7 +169,7 @@ def seed_hits(peer: dict[str, Any], press: str, fraction: int, cases: int) -> di
     `cases` cases without an error."""
     draws = {peer["build"]["seed"]: _peer_hits(peer, press, fraction)} if "seed" in peer.get("build", {}) else {}
     for seed in sorted({r["seed"] for r in peer.get("seed_rows", [])}):
-        draws[seed] = _peer_hits({"rows": [r for r in peer["seed_rows"] if r["seed"] == seed]}, press, fraction)
+        draws[seed] = _peer_hits(_drawn(peer, seed), press, fraction)
     return {seed: sum(ran) for seed, (ran, errors) in draws.items() if len(ran) == cases and not errors}
 
 
@@ -256,9 +256,21 @@ def _hits(rows: list[dict[str, Any]], policy: str, fraction: int, recall: bool) 
     return [r["hit"] for r in _hits_rows(rows, policy, fraction, recall)]
 
 
+def _peer_rows(peer: dict[str, Any], press: str, fraction: int) -> list[dict[str, Any]]:
+    return [r for r in peer["rows"] if r["press"] == press and r["budget"] == f"1/{fraction}"]
+
+
+def _drawn(peer: dict[str, Any], seed: int | None) -> dict[str, Any]:
+    """The peer's rows drawn from `seed` ({"rows"}): its main rows for their own seed or None, else that seed's
+    rows among its seed_rows."""
+    if seed is None or seed == peer["build"].get("seed"):
+        return peer
+    return {"rows": [r for r in peer.get("seed_rows", []) if r["seed"] == seed]}
+
+
 def _peer_hits(peer: dict[str, Any], press: str, fraction: int) -> tuple[list[bool], int]:
     """(hits of the cases a press ran at 1/fraction, how many cases it failed on)."""
-    mine = [r for r in peer["rows"] if r["press"] == press and r["budget"] == f"1/{fraction}"]
+    mine = _peer_rows(peer, press, fraction)
     ran = [r["hit"] for r in mine if "error" not in r]
     return ran, len(mine) - len(ran)
 
@@ -410,7 +422,7 @@ def _pooled_seeds(peers: list[dict[str, Any]], results: list[dict[str, Any]], pr
     return out
 
 
-HELDOUT = ("heldout", "heldout2", "heldout3")  # the held-out draws, in the order they were made
+HELDOUT = tuple(kind for kind in CASES if kind.startswith("heldout"))  # the held-out draws, in the order made
 
 
 def heldout_markdown(result: dict[str, Any]) -> str:
@@ -450,11 +462,8 @@ def paired(results: list[dict[str, Any]], policy: str, press: str, fraction: int
     mine = theirs = 0
     for r in results:
         ours = {row["id"]: row["hit"] for row in _hits_rows(r["rows"], policy, fraction)}
-        peer = r["peers"]["kvpress"]
-        rows = peer["rows"] if seed is None or seed == peer["build"].get("seed") else \
-            [row for row in peer.get("seed_rows", []) if row["seed"] == seed]
-        for row in rows:
-            if row["press"] == press and row["budget"] == f"1/{fraction}" and "error" not in row:
+        for row in _peer_rows(_drawn(r["peers"]["kvpress"], seed), press, fraction):
+            if "error" not in row:
                 mine += ours[row["id"]] and not row["hit"]
                 theirs += row["hit"] and not ours[row["id"]]
     return mine, theirs
